@@ -1,0 +1,1 @@
+"""The ``qpeft`` command line (a thin layer over the library)."""

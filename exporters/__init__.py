@@ -1,0 +1,1 @@
+"""Exporters from adapters to other ecosystems (ONNX, LoRA/PEFT)."""

@@ -1,0 +1,288 @@
+"""Real orthogonal "Pauli" circuits Q(θ) of any size N, described once as a gate schedule.
+
+The schedule (plain data, read by every back-end: torch apply here, dense matrices, merge, ONNX)
+-----------------------------------------------------------------------------------------------
+Gate: R(θ) = [[cos θ, -sin θ], [sin θ, cos θ]] (2π-periodic; a physicist's RY(2θ)); CZ = diag(1, 1, 1, -1).
+Qubit 0 is the most significant bit of the row index.
+
+Power of two, N = 2ⁿ (a :class:`PauliBlock`), the simplified two-design ansatz with L layers:
+  stage 0:              R on every qubit 0..n-1                                  (n angles)
+  for l in 1..L:
+    stage 2l-1:         CZ on (0,1),(2,3),...; then R on each qubit of those pairs
+    stage 2l:           CZ on (1,2),(3,4),...; then R on each qubit of those pairs (2(n-1) angles a layer)
+  P(2ⁿ) = (2L+1)·n − 2L angles.  Q = S_{2L} ··· S_1 S_0 with S = R-layer · CZ-layer.
+
+Any other N (a :class:`DirectSum`), construction id ``split2-right-v1``:
+  N = N₁ + N₂ with N₁ the largest power of two below N (the rest, N₂ < N₁, split recursively; P(1) = 0) and
+  Q_N = (Q_{N₁} ⊕ Q_{N₂}) · G(φ), where G rotates by one shared angle φ in every plane (i, N₁ + i), i < N₂.
+  The coupling sits on the right so that U = Q[:, :K] (K ≤ N₁) depends on every angle, Q_{N₂}'s included.
+  P(N) = P(N₁) + P(N₂) + 1, e.g. P(384) = 42, P(768) = 48, P(1000) = 107 at L = 1. Exactly orthogonal:
+  nothing is padded or truncated.
+
+Angle numbering: depth first, the first summand's angles, then the second's, then φ; inside a block, stage by
+stage and qubit by qubit in ascending order.
+
+Applying Q never forms the N×N matrix: the qubits of a block are cut into groups of at most
+``MAX_GROUP_QUBITS`` consecutive qubits; an R layer is one small Kronecker factor per group applied as a GEMM
+on the reshaped activations, a CZ layer is a ±1 sign vector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+CONSTRUCTION_ID = "split2-right-v1"
+MAX_GROUP_QUBITS = 6
+
+
+@dataclass(frozen=True)
+class RotationStage:
+    """CZ on ``cz_pairs`` (a diagonal sign), then R(θ[angle]) on each qubit of ``qubits``."""
+
+    cz_pairs: tuple[tuple[int, int], ...]
+    qubits: tuple[int, ...]
+    angles: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PauliBlock:
+    """A Pauli circuit on ``n_qubits`` qubits (dimension 2ⁿ; n = 0 is the 1×1 identity)."""
+
+    n_qubits: int
+    stages: tuple[RotationStage, ...]
+
+    @property
+    def dim(self) -> int:
+        """Size of the square matrix this block builds."""
+        return 1 << self.n_qubits
+
+
+@dataclass(frozen=True)
+class DirectSum:
+    """Q = (Q_first ⊕ Q_second) · G(φ), G rotating by θ[coupling_angle] in planes (i, first.dim + i)."""
+
+    first: PauliBlock | DirectSum
+    second: PauliBlock | DirectSum
+    coupling_angle: int
+
+    @property
+    def dim(self) -> int:
+        """Size of the square matrix this node builds."""
+        return self.first.dim + self.second.dim
+
+
+Schedule = PauliBlock | DirectSum
+
+
+def pauli_block(n_qubits: int, layers: int, first_angle: int = 0) -> PauliBlock:
+    """The gate schedule of a 2ⁿ Pauli circuit whose angles are numbered from ``first_angle``."""
+    next_angle = first_angle
+    stages = []
+
+    def stage(pairs: list[tuple[int, int]], qubits: list[int]) -> RotationStage:
+        nonlocal next_angle
+        angles = tuple(range(next_angle, next_angle + len(qubits)))
+        next_angle += len(qubits)
+        return RotationStage(tuple(pairs), tuple(qubits), angles)
+
+    if n_qubits > 0:
+        stages.append(stage([], list(range(n_qubits))))
+    for _ in range(layers):
+        for offset in (0, 1):
+            pairs = [(q, q + 1) for q in range(offset, n_qubits - 1, 2)]
+            stages.append(stage(pairs, [q for pair in pairs for q in pair]))
+    return PauliBlock(n_qubits, tuple(stages))
+
+
+def build_schedule(dim: int, layers: int = 1) -> Schedule:
+    """The gate schedule of Q_dim with ``layers`` entangling layers (see the module docstring)."""
+    if not isinstance(dim, int) or dim < 2:
+        raise ConfigError(f"circuit size must be an integer >= 2, got {dim!r}")
+    if not isinstance(layers, int) or layers < 0:
+        raise ConfigError(f"circuit layers must be an integer >= 0, got {layers!r}")
+    return _build(dim, layers, 0)
+
+
+def _build(dim: int, layers: int, first_angle: int) -> Schedule:
+    n_qubits = dim.bit_length() - 1
+    head = pauli_block(n_qubits, layers, first_angle)
+    if head.dim == dim:
+        return head
+    tail = _build(dim - head.dim, layers, first_angle + count_angles(head))
+    return DirectSum(head, tail, first_angle + count_angles(head) + count_angles(tail))
+
+
+def count_angles(schedule: Schedule) -> int:
+    """Number of angles the schedule reads."""
+    if isinstance(schedule, PauliBlock):
+        return sum(len(s.angles) for s in schedule.stages)
+    return count_angles(schedule.first) + count_angles(schedule.second) + 1
+
+
+def parameter_count(dim: int, layers: int = 1) -> int:
+    """P(dim): angles of one circuit factor."""
+    return count_angles(build_schedule(dim, layers))
+
+
+def qubit_groups(n_qubits: int, max_group: int = MAX_GROUP_QUBITS) -> list[tuple[int, ...]]:
+    """Cut qubits 0..n-1 into near-equal runs of consecutive qubits, each at most ``max_group`` long."""
+    if n_qubits == 0:
+        return []
+    count = math.ceil(n_qubits / max_group)
+    sizes = [n_qubits // count + (1 if i < n_qubits % count else 0) for i in range(count)]
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [tuple(range(s, s + size)) for s, size in zip(starts, sizes)]
+
+
+@lru_cache(maxsize=256)
+def _cz_signs_cached(n_qubits: int, pairs: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
+    index = torch.arange(1 << n_qubits)
+    signs = torch.ones(1 << n_qubits)
+    for a, b in pairs:
+        both = ((index >> (n_qubits - 1 - a)) & 1) & ((index >> (n_qubits - 1 - b)) & 1)
+        signs = signs * (1 - 2 * both)
+    return tuple(signs.tolist())
+
+
+def cz_signs(n_qubits: int, pairs: tuple[tuple[int, int], ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The diagonal of the CZ layer on ``pairs`` as a ±1 vector of length 2ⁿ."""
+    return torch.tensor(_cz_signs_cached(n_qubits, pairs), dtype=dtype)
+
+
+def rotation(theta: torch.Tensor) -> torch.Tensor:
+    """R(θ) = [[cos θ, -sin θ], [sin θ, cos θ]] for a scalar tensor θ."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+
+
+def group_factor(stage: RotationStage, group: tuple[int, ...], theta: torch.Tensor) -> torch.Tensor | None:
+    """Kronecker factor of one R layer on one qubit group (None when the layer leaves the group alone)."""
+    angle_of = dict(zip(stage.qubits, stage.angles))
+    if not any(q in angle_of for q in group):
+        return None
+    eye = torch.eye(2, dtype=theta.dtype, device=theta.device)
+    factor = None
+    for q in group:
+        gate = rotation(theta[angle_of[q]]) if q in angle_of else eye
+        factor = gate if factor is None else torch.kron(factor, gate)
+    return factor
+
+
+def _apply_factor(x: torch.Tensor, factor: torch.Tensor, after: int) -> torch.Tensor:
+    """Apply ``factor`` along the axis of x viewed as (-1, factor size, after): one GEMM."""
+    size = factor.shape[0]
+    view = x.reshape(-1, size, after)
+    if after == 1:
+        return (view.squeeze(-1) @ factor.T).reshape(x.shape)
+    return torch.matmul(factor, view).reshape(x.shape)
+
+
+def _rotate_block(block: PauliBlock, theta: torch.Tensor, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    groups = qubit_groups(block.n_qubits)
+    stages = reversed(block.stages) if transpose else block.stages
+    for stage in stages:
+        signs = cz_signs(block.n_qubits, stage.cz_pairs, x.dtype).to(x.device) if stage.cz_pairs else None
+        if signs is not None and not transpose:
+            x = x * signs
+        for group in groups:
+            factor = group_factor(stage, group, theta)
+            if factor is None:
+                continue
+            after = 1 << (block.n_qubits - 1 - group[-1])
+            x = _apply_factor(x, factor.T if transpose else factor, after)
+        if signs is not None and transpose:
+            x = x * signs
+    return x
+
+
+def _couple(x: torch.Tensor, phi: torch.Tensor, split: int, transpose: bool) -> torch.Tensor:
+    """Apply G(φ) (or Gᵀ) to the last axis: rotate each plane (i, split + i)."""
+    tail = x.shape[-1] - split
+    a, middle, b = x[..., :tail], x[..., tail:split], x[..., split:]
+    c, s = torch.cos(phi), torch.sin(phi)
+    if transpose:
+        s = -s
+    return torch.cat([c * a - s * b, middle, s * a + c * b], dim=-1)
+
+
+def rotate(schedule: Schedule, theta: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Map every vector v along the last axis of x to Q v (or Qᵀ v): returns x Qᵀ (or x Q)."""
+    if isinstance(schedule, PauliBlock):
+        return _rotate_block(schedule, theta, x, transpose)
+    split = schedule.first.dim
+    phi = theta[schedule.coupling_angle]
+    if not transpose:
+        x = _couple(x, phi, split, transpose=False)
+    x = torch.cat(
+        [
+            rotate(schedule.first, theta, x[..., :split], transpose),
+            rotate(schedule.second, theta, x[..., split:], transpose),
+        ],
+        dim=-1,
+    )
+    if transpose:
+        x = _couple(x, phi, split, transpose=True)
+    return x
+
+
+def cost_per_vector(schedule: Schedule) -> int:
+    """Multiply-adds to rotate one vector with the grouped-Kronecker apply (for choosing circuit vs dense)."""
+    if isinstance(schedule, DirectSum):
+        return cost_per_vector(schedule.first) + cost_per_vector(schedule.second) + 4 * schedule.second.dim
+    total = 0
+    for stage in schedule.stages:
+        touched = [g for g in qubit_groups(schedule.n_qubits) if any(q in stage.qubits for q in g)]
+        total += sum(schedule.dim * (1 << len(g)) for g in touched) + (schedule.dim if stage.cz_pairs else 0)
+    return total
+
+
+class PauliCircuit(nn.Module):
+    """An orthogonal dim×dim matrix Q(θ) built by a real Pauli circuit; owns its angles θ."""
+
+    def __init__(self, dim: int, layers: int = 1, generator: torch.Generator | None = None):
+        super().__init__()
+        self.dim = dim
+        self.layers = layers
+        self.schedule = build_schedule(dim, layers)
+        angles = torch.rand(count_angles(self.schedule), generator=generator) * (2 * math.pi) - math.pi
+        self.theta = nn.Parameter(angles)
+
+    def rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Q v (or Qᵀ v) for every vector v along the last axis of x."""
+        if x.shape[-1] != self.dim:
+            raise ConfigError(f"circuit of size {self.dim} got vectors of size {x.shape[-1]}")
+        return rotate(self.schedule, self.theta.to(x.dtype), x, transpose)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Q·X for X of shape (dim,) or (dim, *batch)."""
+        return self._columns_op(x, transpose=False)
+
+    def apply_t(self, x: torch.Tensor) -> torch.Tensor:
+        """Qᵀ·X for X of shape (dim,) or (dim, *batch)."""
+        return self._columns_op(x, transpose=True)
+
+    def _columns_op(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        rows = x.reshape(x.shape[0], -1).T
+        return self.rotate(rows, transpose).T.reshape(x.shape)
+
+    def columns(self, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """U = Q[:, :k] (dim×k), built by rotating e₁..e_k."""
+        if not 1 <= k <= self.dim:
+            raise ConfigError(f"cannot take {k} columns of a {self.dim}x{self.dim} circuit")
+        basis = torch.eye(k, self.dim, dtype=dtype, device=self.theta.device)
+        return self.rotate(basis).T
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense Q (for tests and small sizes)."""
+        return self.columns(self.dim, dtype)
+
+    def cost_per_vector(self) -> int:
+        """Multiply-adds to apply Q to one vector."""
+        return cost_per_vector(self.schedule)
