@@ -63,7 +63,7 @@ class QuantumPeftLinear(nn.Module):
         if self.mode == "circuit" and variant != "pauli":
             raise ConfigError("circuit mode needs the pauli variant (Taylor frames are always dense)")
         self.merged = False
-        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._cache: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor] | None = None
 
     def cheapest_mode(self) -> str:
         """'circuit' when rotating activations costs fewer multiply-adds per token than K·(N+M)."""
@@ -77,10 +77,11 @@ class QuantumPeftLinear(nn.Module):
         params = list(self.u.parameters()) + list(self.v.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self.u.columns(self.rank), self.v.columns(self.rank)
-        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.u.columns(self.rank), self.v.columns(self.rank))
+        if self._cache is None or not all(torch.equal(p, c) for p, c in zip(params, self._cache[0])):
+            # A normal (not inference-mode) tensor, so a cache filled under inference_mode serves training too.
+            with torch.inference_mode(False), torch.no_grad():
+                snapshot = tuple(p.detach().clone() for p in params)
+                self._cache = (snapshot, self.u.columns(self.rank), self.v.columns(self.rank))
         return self._cache[1], self._cache[2]
 
     def delta_weight(self) -> torch.Tensor:

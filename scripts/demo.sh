@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install everything (once) and run the end-to-end demo on the shipped MiniLM and data; artefacts in demo-out/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python samples/demo.py "$@"

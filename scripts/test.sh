@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install everything (once) and run the test suite. pytest's exit 5 (no tests collected) is a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then echo "no tests were collected: failing" >&2; exit 1; fi
+exit "$rc"

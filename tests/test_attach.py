@@ -1,0 +1,319 @@
+"""Tests of qpeft_deploy.attach on the real shipped all-MiniLM-L6-v2 task model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qpeft_deploy.attach import (
+    CONFIG_ATTR,
+    adapted_layers,
+    adapter_config,
+    adapter_state,
+    attach,
+    detach,
+    find_target_modules,
+    load_adapter_state,
+    merge_adapter,
+    trainable_parameters,
+    unmerge_adapter,
+)
+from qpeft_deploy.circuit import parameter_count
+from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.layer import QuantumPeftLinear
+from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The tensors here are small: intra-op threads only add synchronisation (badly so on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+LABELS = {0: "neg", 1: "pos"}
+SENTENCES = [
+    "A gripping, beautifully shot film.",
+    "Dull.",
+    "The plot meanders for two hours and the jokes never land, but the lead actor is quietly wonderful.",
+]
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return load_task_model("minilm", LABELS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tok = load_tokenizer("minilm")
+    out = tokenize(tok, SENTENCES)
+    lengths = out["attention_mask"].sum(dim=1).tolist()
+    assert len(set(lengths)) == 3 and min(lengths) < out["input_ids"].shape[1]  # really padded
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_logits(base_model, batch):
+    with torch.no_grad():
+        return base_model(**batch).logits.clone()
+
+
+@pytest.fixture
+def model(base_model):
+    return copy.deepcopy(base_model)
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def randomise_lambdas(model, seed: int = 0, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.spectrum.lam.copy_(torch.randn(layer.rank, generator=g) * scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Target selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_all_linear_selection(model):
+    names = find_target_modules(model, "all-linear")
+    assert len(names) == 37
+    assert "bert.pooler.dense" in names
+    assert "classifier" not in names and not any(n.endswith("classifier") for n in names)
+    assert len(set(names)) == 37
+    attach(model, "all-linear", rank=8)
+    layers = adapted_layers(model)
+    assert len(layers) == 37
+    assert "pooler.dense.weight" in layers and "encoder.layer.0.attention.self.query.weight" in layers
+    assert isinstance(model.classifier, nn.Linear)
+    assert set(adapter_config(model).targets) == set(layers)
+    assert all(k == 8 for k in adapter_config(model).targets.values())
+
+
+def test_targets_by_name_regex_and_key(model):
+    by_name = find_target_modules(model, ["query", "value"])
+    assert len(by_name) == 12
+    assert all(n.endswith((".query", ".value")) for n in by_name)
+    by_regex = find_target_modules(model, r".*\.attention\.self\.(query|key)")
+    assert len(by_regex) == 12
+    assert all(n.endswith((".query", ".key")) for n in by_regex)
+    by_key = find_target_modules(model, ["encoder.layer.0.attention.self.query.weight"])
+    assert by_key == ["bert.encoder.layer.0.attention.self.query"]
+    by_key_no_suffix = find_target_modules(model, ["encoder.layer.0.attention.self.query"])
+    assert by_key_no_suffix == by_key
+    # "dense" matches attention.output.dense, intermediate.dense, output.dense and the pooler
+    assert len(find_target_modules(model, ["dense"])) == 19
+
+
+@pytest.mark.parametrize("targets", [["nonexistent"], r"foo\..*", "query"])  # a bare string is a full-match regex
+def test_no_match_raises(model, targets):
+    with pytest.raises(ConfigError):
+        attach(model, targets, rank=4)
+    assert not hasattr(model, CONFIG_ATTR)
+
+
+def test_bad_rank_and_variant(model):
+    with pytest.raises(ConfigError):
+        attach(model, "all-linear", rank=500)
+    with pytest.raises(ConfigError):
+        attach(model, ["query"], rank=0)
+    with pytest.raises(ConfigError):
+        attach(model, ["query"], rank=4, variant="lora")
+    assert not hasattr(model, CONFIG_ATTR)
+    assert not any(isinstance(m, QuantumPeftLinear) for m in model.modules())
+
+
+def test_full_rank(model):
+    attach(model, "all-linear", rank="full")
+    layers = adapted_layers(model)
+    shapes = {(layer.out_features, layer.in_features) for layer in layers.values()}
+    assert shapes == {(384, 384), (1536, 384), (384, 1536)}
+    for layer in layers.values():
+        assert layer.rank == min(layer.out_features, layer.in_features) == 384
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attached model behaviour
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_unchanged_at_init_and_trainable_set(model, batch, base_logits):
+    attach(model, "all-linear", rank=8, seed=3)
+    assert (logits(model, batch) - base_logits).abs().max() <= 1e-6
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing trainable"
+    for n in trainable:
+        assert n.endswith((".u.theta", ".v.theta", ".spectrum.lam")) or n.startswith("classifier."), n
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    layers = adapted_layers(model)
+    expected = sum(parameter_count(layer.out_features) + parameter_count(layer.in_features) + layer.rank
+                   for layer in layers.values())
+    assert expected == 6 * (4 * (42 + 42 + 8) + 2 * (54 + 42 + 8)) + (42 + 42 + 8) == 3548
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert head == 384 * 2 + 2
+    assert trainable_parameters(model) == expected + head
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == expected + head
+
+
+def test_no_head_training(model):
+    attach(model, ["query"], rank=4, train_head=False)
+    assert not any(p.requires_grad for p in model.classifier.parameters())
+    assert trainable_parameters(model) == 6 * (42 + 42 + 4)
+    assert adapter_config(model).head is None
+
+
+def test_attach_twice_raises(model):
+    attach(model, ["query"], rank=4)
+    with pytest.raises(ConfigError):
+        attach(model, ["value"], rank=4)
+    assert len(adapted_layers(model)) == 6
+
+
+def test_merge_unmerge_and_detach(model, batch, base_logits):
+    attach(model, "all-linear", rank=8)
+    randomise_lambdas(model)
+    originals = {key: layer.base.weight.detach().clone() for key, layer in adapted_layers(model).items()}
+    adapted = logits(model, batch)
+    assert (adapted - base_logits).abs().max() > 1e-3  # λ changes the model
+    merge_adapter(model)
+    assert all(layer.merged for layer in adapted_layers(model).values())
+    assert (logits(model, batch) - adapted).abs().max() <= 1e-5
+    unmerge_adapter(model)
+    for key, layer in adapted_layers(model).items():
+        assert not layer.merged
+        assert (layer.base.weight - originals[key]).abs().max() <= 1e-5
+    assert (logits(model, batch) - adapted).abs().max() <= 1e-5
+    merge_adapter(model)
+    plain = detach(model)  # unmerges, then puts the base layers back
+    assert plain is model and not hasattr(model, CONFIG_ATTR)
+    assert not any(isinstance(m, QuantumPeftLinear) for m in model.modules())
+    assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
+    assert type(model.bert.pooler.dense) is nn.Linear
+    assert (logits(model, batch) - base_logits).abs().max() <= 1e-5
+    # the restored model can be adapted again
+    attach(model, ["query"], rank=2)
+    assert len(adapted_layers(model)) == 6
+
+
+def test_detach_exact_when_never_merged(model, batch, base_logits):
+    attach(model, "all-linear", rank=8)
+    randomise_lambdas(model)
+    detach(model)
+    assert not any(isinstance(m, QuantumPeftLinear) for m in model.modules())
+    assert torch.equal(logits(model, batch), base_logits)
+
+
+def test_detach_with_merge_keeps_the_update(model, batch):
+    attach(model, ["query", "value", "intermediate.dense"], rank=8)
+    randomise_lambdas(model, seed=2)
+    adapted = logits(model, batch)
+    detach(model, merge=True)
+    assert not any(isinstance(m, QuantumPeftLinear) for m in model.modules())
+    assert (logits(model, batch) - adapted).abs().max() <= 1e-5
+
+
+def test_adapter_state_round_trip(base_model, batch):
+    a = attach(copy.deepcopy(base_model), "all-linear", rank=8, seed=1)
+    randomise_lambdas(a, seed=5)
+    with torch.no_grad():
+        a.classifier.weight.add_(0.1)
+    a.bert.encoder.layer[0].attention.self.query.spectrum.prune_to(3)
+    state = adapter_state(a)
+    assert all(not k.startswith(("bert.", "base.")) and ".base." not in k for k in state)
+    assert "encoder.layer.0.attention.self.query.u.theta" in state
+    assert "encoder.layer.0.attention.self.query.spectrum.mask" in state
+    assert "classifier.weight" in state
+    expected = logits(a, batch)
+
+    b = attach(copy.deepcopy(base_model), "all-linear", rank=8, seed=2)
+    assert not torch.equal(b.bert.encoder.layer[0].attention.self.query.u.theta, state[
+        "encoder.layer.0.attention.self.query.u.theta"])
+    assert (logits(b, batch) - expected).abs().max() > 1e-3
+    load_adapter_state(b, state)
+    assert (logits(b, batch) - expected).abs().max() <= 1e-6
+    assert b.bert.encoder.layer[0].attention.self.query.spectrum.active_rank() == 3
+    # the state is a copy: changing it afterwards does not touch the model
+    state["classifier.bias"].add_(1.0)
+    assert (logits(b, batch) - expected).abs().max() <= 1e-6
+
+
+def test_load_adapter_state_rejects_bad_tensors(base_model):
+    model = attach(copy.deepcopy(base_model), ["query", "value"], rank=4)
+    good = adapter_state(model)
+    key = "encoder.layer.1.attention.self.value.u.theta"
+
+    wrong_shape = dict(good)
+    wrong_shape[key] = torch.zeros(good[key].numel() + 1)
+    with pytest.raises(ConfigError):
+        load_adapter_state(model, wrong_shape)
+
+    nan = dict(good)
+    nan[key] = good[key].clone()
+    nan[key][0] = float("nan")
+    with pytest.raises(ConfigError):
+        load_adapter_state(model, nan)
+
+    inf = dict(good)
+    inf["classifier.weight"] = good["classifier.weight"].clone()
+    inf["classifier.weight"][0, 0] = float("inf")
+    with pytest.raises(ConfigError):
+        load_adapter_state(model, inf)
+
+    missing = dict(good)
+    del missing[key]
+    with pytest.raises(ConfigError):
+        load_adapter_state(model, missing)
+
+    extra = dict(good)
+    extra["encoder.layer.0.attention.self.key.u.theta"] = good[key].clone()
+    with pytest.raises(ConfigError):
+        load_adapter_state(model, extra)
+
+    # a model with other ranks does not accept it either
+    other = attach(copy.deepcopy(base_model), ["query", "value"], rank=5)
+    with pytest.raises(ConfigError):
+        load_adapter_state(other, good)
+
+
+def test_trainer_two_steps(model, batch, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    attach(model, "all-linear", rank=4)
+    tok = load_tokenizer("minilm")
+    texts = SENTENCES + ["Terrible acting.", "I loved it.", "Not worth it.", "A masterpiece.", "Boring."]
+    enc = tok(texts, padding="max_length", truncation=True, max_length=24)
+    data = [
+        {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": i % 2}
+        for i in range(len(texts))
+    ]
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    theta_before = {k: layer.u.theta.detach().clone() for k, layer in adapted_layers(model).items()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    assert result.global_step == 2
+    layers = adapted_layers(model)
+    for key, layer in layers.items():
+        lam = layer.spectrum.lam.detach()
+        assert torch.isfinite(lam).all()
+        assert (lam != 0).any(), f"{key}: λ did not move"
+    # λ ≠ 0 after step 1, so step 2 moves the angles too
+    assert any(not torch.equal(layer.u.theta.detach(), theta_before[k]) for k, layer in layers.items())
+    # the base stays frozen
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p.detach(), frozen_before[n]), n
+    model.eval()
+    assert torch.isfinite(logits(model, batch)).all()

