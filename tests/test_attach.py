@@ -317,3 +317,30 @@ def test_trainer_two_steps(model, batch, tmp_path):
             assert torch.equal(p.detach(), frozen_before[n]), n
     model.eval()
     assert torch.isfinite(logits(model, batch)).all()
+
+
+def test_failed_attach_leaves_the_model_untouched(model):
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError):
+        attach(model, ["query"], rank=4, mode="fast")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not adapted_layers(model)
+
+
+def test_the_head_cannot_be_a_target(model):
+    with pytest.raises(ConfigError, match="head"):
+        attach(model, ["classifier"], rank=2)
+
+
+def test_load_adapter_state_is_all_or_nothing(model):
+    attach(model, ["query"], rank=4)
+    randomise_lambdas(model)
+    state = adapter_state(model)
+    bad = {k: v.clone() for k, v in state.items()}
+    last = [k for k in bad if k.endswith("spectrum.lam")][-1]
+    bad[last][0] = float("nan")
+    fresh = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    load_adapter_state(model, fresh)
+    with pytest.raises(ConfigError, match="NaN"):
+        load_adapter_state(model, bad)
+    assert all(torch.equal(v, fresh[k]) for k, v in adapter_state(model).items())

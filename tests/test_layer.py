@@ -345,3 +345,26 @@ def test_gpt2_conv1d_attach_merge(tiny_gpt2_dir):
             conv = original.get_submodule("transformer." + key.removesuffix(".weight"))
             conv.weight.add_(delta.T)
         assert (original(ids).logits - adapted).abs().max() <= 1e-5
+
+
+def test_dense_cache_sees_in_place_edits_through_data():
+    layer = QuantumPeftLinear(nn.Linear(16, 24), 4, mode="dense")
+    layer.spectrum.lam.data.fill_(1.0)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.u.theta.data.add_(1.0)
+        after = layer(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, layer.base(x) + x @ layer.delta_weight().T, atol=1e-5)
+
+
+def test_cache_filled_under_inference_mode_serves_training():
+    layer = QuantumPeftLinear(nn.Linear(16, 24), 4, mode="dense")
+    for p in (*layer.u.parameters(), *layer.v.parameters()):
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        layer(torch.randn(2, 16))
+    x = torch.randn(2, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.spectrum.lam.grad is not None
