@@ -22,9 +22,11 @@ Any other N (a :class:`DirectSum`), construction id ``split2-right-v1``:
 Angle numbering: depth first, the first summand's angles, then the second's, then φ; inside a block, stage by
 stage and qubit by qubit in ascending order.
 
-Applying Q never forms the N×N matrix: the qubits of a block are cut into groups of at most
-``MAX_GROUP_QUBITS`` consecutive qubits; an R layer is one small Kronecker factor per group applied as a GEMM
-on the reshaped activations, a CZ layer is a ±1 sign vector.
+Applying Q never forms the N×N matrix. A block's stages are merged into passes: consecutive stages whose CZ
+pairs all fit inside groups of at most ``MAX_GROUP_QUBITS`` consecutive qubits (e.g. stages 0 and 1 on
+even-aligned groups) form one Kronecker product of one small dense factor per group, each applied as one GEMM
+on the reshaped activations; the CZ signs live inside the factors. Groups and merges are chosen once per block
+by a small cost model (multiply-adds plus per-GEMM overhead).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import nn
 from .errors import ConfigError
 
 CONSTRUCTION_ID = "split2-right-v1"
-MAX_GROUP_QUBITS = 6
+MAX_GROUP_QUBITS = 6  # largest qubit group of one Kronecker factor (2^6 = 64); at least 2 (a CZ pair)
 
 
 @dataclass(frozen=True)
@@ -175,30 +177,105 @@ def group_factor(stage: RotationStage, group: tuple[int, ...], theta: torch.Tens
     return factor
 
 
+def _group_cost(dim: int, size: int, after: int) -> int:
+    """Planner's cost of one 2^size factor on one vector, in multiply-adds: the GEMM's, a memory pass (~8 per
+    value) and a fixed per-GEMM overhead (for batches of ~hundreds of tokens); a short trailing axis
+    (1 < after < 16) makes the batched GEMM ~10× slower."""
+    return (dim << size) * (10 if 1 < after < 16 else 1) + 8 * dim + 2048
+
+
+def _cover(n_qubits: int, touched: frozenset[int], no_cut_after: frozenset[int], max_group: int):
+    """Cheapest cut of qubits 0..n-1 into runs, never between q and q + 1 for q in ``no_cut_after``: runs of
+    untouched qubits are skipped, the others (at most ``max_group`` qubits) get one factor each.
+    Returns (cost, runs that get a factor), or None when no cut exists."""
+    dim, best = 1 << n_qubits, [(0, ())] + [None] * n_qubits  # best[i]: cheapest cover of qubits 0..i-1
+    for start in range(n_qubits):
+        if best[start] is None:
+            continue
+        for end in range(start, n_qubits):
+            run = tuple(range(start, end + 1))
+            idle = touched.isdisjoint(run)
+            if not idle and len(run) > max_group:
+                break
+            if end < n_qubits - 1 and end in no_cut_after:
+                continue
+            cost, runs = best[start]
+            if not idle:
+                cost, runs = cost + _group_cost(dim, len(run), 1 << (n_qubits - 1 - end)), runs + (run,)
+            if best[end + 1] is None or cost < best[end + 1][0]:
+                best[end + 1] = (cost, runs)
+    return best[n_qubits]
+
+
+_Pass = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (stage indices, qubit groups)
+
+
+@lru_cache(maxsize=256)
+def _plan(block: PauliBlock, max_group: int) -> tuple[_Pass, ...]:
+    """The block as passes: consecutive stages merged while every CZ pair stays inside a group (so the pass is
+    ⊗ one dense factor per group) and one merged pass costs no more than two separate ones."""
+    passes, current = [], None  # current: (cost, groups, stages, touched qubits, no-cut positions)
+    for i, stage in enumerate(block.stages):
+        touched = frozenset(stage.qubits) | {q for pair in stage.cz_pairs for q in pair}
+        no_cut = frozenset(a for a, _ in stage.cz_pairs)
+        if not touched:
+            continue
+        alone = _cover(block.n_qubits, touched, no_cut, max_group)
+        if current is not None:
+            cost, groups, stages, seen, cuts = current
+            merged = _cover(block.n_qubits, seen | touched, cuts | no_cut, max_group)
+            if merged is not None and merged[0] <= cost + alone[0]:
+                current = (*merged, stages + (i,), seen | touched, cuts | no_cut)
+                continue
+            passes.append((stages, groups))
+        current = (*alone, (i,), touched, no_cut)
+    if current is not None:
+        passes.append((current[2], current[1]))
+    return tuple(passes)
+
+
+@lru_cache(maxsize=256)
+def _steps(block: PauliBlock, max_group: int, device: torch.device) -> tuple[tuple[torch.Tensor, int], ...]:
+    """The plan as (index, after) per pass and group, in order: index (stages, qubits + 1, 2^g, 2^g) picks
+    the gate-table entries whose product over axis 1 is each stage's factor, (⊗ R gates) · diag(CZ signs)."""
+    steps = []
+    for stages, groups in _plan(block, max_group):
+        for group in groups:
+            bits = (torch.arange(1 << len(group))[:, None] >> torch.arange(len(group) - 1, -1, -1)) & 1
+            rows, cols = bits.T[:, :, None], bits.T[:, None, :]  # bit of each qubit in the row / column index
+            index = []
+            for stage in (block.stages[s] for s in stages):
+                angle_of = dict(zip(stage.qubits, stage.angles))
+                gate = torch.tensor([5 + 4 * angle_of[q] if q in angle_of else 0 for q in group])
+                gate = gate[:, None, None]
+                pairs = tuple((a - group[0], b - group[0]) for a, b in stage.cz_pairs if a in group)
+                sign = 4 * (torch.tensor(_cz_signs_cached(len(group), pairs)) < 0).long()
+                index.append(torch.cat([gate + 2 * rows + cols, sign.expand(1, 1 << len(group), -1)]))
+            steps.append((torch.stack(index).to(device), 1 << (block.n_qubits - 1 - group[-1])))
+    return tuple(steps)
+
+
 def _apply_factor(x: torch.Tensor, factor: torch.Tensor, after: int) -> torch.Tensor:
-    """Apply ``factor`` along the axis of x viewed as (-1, factor size, after): one GEMM."""
+    """Apply ``factor`` along the axis of x viewed as (-1, factor size, after): one (batched) GEMM."""
     size = factor.shape[0]
-    view = x.reshape(-1, size, after)
     if after == 1:
-        return (view.squeeze(-1) @ factor.T).reshape(x.shape)
-    return torch.matmul(factor, view).reshape(x.shape)
+        return (x.reshape(-1, size) @ factor.T).reshape(x.shape)
+    return torch.matmul(factor, x.reshape(-1, size, after)).reshape(x.shape)
 
 
 def _rotate_block(block: PauliBlock, theta: torch.Tensor, x: torch.Tensor, transpose: bool) -> torch.Tensor:
-    groups = qubit_groups(block.n_qubits)
-    stages = reversed(block.stages) if transpose else block.stages
-    for stage in stages:
-        signs = cz_signs(block.n_qubits, stage.cz_pairs, x.dtype).to(x.device) if stage.cz_pairs else None
-        if signs is not None and not transpose:
-            x = x * signs
-        for group in groups:
-            factor = group_factor(stage, group, theta)
-            if factor is None:
-                continue
-            after = 1 << (block.n_qubits - 1 - group[-1])
-            x = _apply_factor(x, factor.T if transpose else factor, after)
-        if signs is not None and transpose:
-            x = x * signs
+    if block.n_qubits == 0:
+        return x
+    c, s = torch.cos(theta), torch.sin(theta)
+    head = torch.tensor([1.0, 0.0, 0.0, 1.0, -1.0]).to(theta)  # the identity gate, then a CZ sign flip
+    table = torch.cat([head, torch.stack([c, -s, s, c], dim=-1).flatten()])  # gate a's entries at 5 + 4a
+    steps = _steps(block, MAX_GROUP_QUBITS, theta.device)
+    for index, after in reversed(steps) if transpose else steps:
+        stage_factors = table[index].prod(dim=1)
+        factor = stage_factors[0]
+        for later in stage_factors[1:]:
+            factor = later @ factor
+        x = _apply_factor(x, factor.T if transpose else factor, after)
     return x
 
 
@@ -233,14 +310,13 @@ def rotate(schedule: Schedule, theta: torch.Tensor, x: torch.Tensor, transpose: 
 
 
 def cost_per_vector(schedule: Schedule) -> int:
-    """Multiply-adds to rotate one vector with the grouped-Kronecker apply (for choosing circuit vs dense)."""
+    """Multiply-add equivalents to rotate one vector (for choosing circuit vs dense): the grouped-Kronecker
+    apply's multiply-adds plus its memory passes and per-GEMM overhead, as the planner counts them."""
     if isinstance(schedule, DirectSum):
         return cost_per_vector(schedule.first) + cost_per_vector(schedule.second) + 4 * schedule.second.dim
-    total = 0
-    for stage in schedule.stages:
-        touched = [g for g in qubit_groups(schedule.n_qubits) if any(q in stage.qubits for q in g)]
-        total += sum(schedule.dim * (1 << len(g)) for g in touched) + (schedule.dim if stage.cz_pairs else 0)
-    return total
+    n = schedule.n_qubits
+    plan = _plan(schedule, MAX_GROUP_QUBITS) if n else ()
+    return sum(_group_cost(schedule.dim, len(g), 1 << (n - 1 - g[-1])) for _, groups in plan for g in groups)
 
 
 class PauliCircuit(nn.Module):

@@ -1,0 +1,1 @@
+"""Micro-benchmarks for qpeft_deploy (run each as ``python -m benchmarks.<name>``)."""

@@ -1,0 +1,43 @@
+"""The ``qpeft`` command group: parses arguments, calls one library function per command, prints.
+
+Any ``QpeftError`` (bad input) becomes one line on stderr and exit code 2; anything else is a bug (exit 1).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from qpeft_deploy import __version__
+from qpeft_deploy.errors import QpeftError
+
+from .files import inspect_command, pack_command, verify_command
+from .serve import serve_command
+from .train import eval_command, train_command
+
+
+class QpeftGroup(click.Group):
+    """A click group that reports bad input as one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QpeftError as error:
+            click.echo(f"qpeft: error: {error}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=QpeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qpeft")
+def cli() -> None:
+    """Quantum-PEFT adapters: train, pack, inspect, merge, export and serve kilobyte-sized fine-tunes."""
+
+
+for command in (train_command, eval_command, pack_command, inspect_command, verify_command, serve_command):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(cli.main(prog_name="qpeft", standalone_mode=True))

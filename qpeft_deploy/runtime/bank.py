@@ -1,0 +1,571 @@
+"""AdapterBank: one base task model serving many .qpeft adapters, chosen per request or per row.
+
+The bank owns one task model (encoder, pooler) whose adaptable linear layers (PEFT's all-linear set) are
+wrapped once in :class:`BankLinear` and whose classification head is replaced by :class:`BankHead`. Neither
+holds adapter state. A call resolves each row's adapter, builds a :class:`CallPlan` and publishes it through a
+ContextVar for the duration of that one forward, so concurrent calls (threads) each see only their own plan:
+there is no global "active adapter". Loading or unloading never touches the model.
+
+For row r with adapter a, every wrapped layer computes y = W x + U_a (α λ_a ⊙ (V_aᵀ x)) (METHOD.md). A batch
+that names one adapter uses one GEMM per factor; a mixed batch gathers each row's Vᵀ, α·λ and Uᵀ and runs one
+batched matmul per factor (never a loop of forwards). A row whose adapter does not target a layer gets no
+delta there.
+
+Memory per loaded adapter: its factor parameters (angles), α·λ with the mask applied, and its head, as four
+flat tensors (~20 KB for MiniLM all-linear K = 8). U and V are materialised from the angles on first use (all
+targets of one size in one vmapped circuit apply) into an LRU cache with a byte budget.
+
+Heads: each adapter has its own nn.Linear head with any label count. :class:`BankOutput` holds the logits as
+one (rows × most labels) tensor padded with -inf, and each row's labels. A row naming ``None`` (or a call with
+``adapter=None``) uses the bank's default adapter; without a default that is a ConfigError, because a row
+without an adapter has no head to classify with.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+from ..adapter_file import AdapterFile, read_adapter, target_params
+from ..attach import ALL_LINEAR, CONFIG_ATTR, find_head, find_target_modules
+from ..circuit import build_schedule, rotate
+from ..errors import BaseMismatchError, ConfigError
+from ..fingerprint import check_fingerprint
+from ..layer import linear_shape
+from ..models import base_key, load_task_model, load_tokenizer, resolve_base, tokenize
+from ..taylor import stiefel_exp
+
+DEFAULT_CACHE_BYTES = 256 << 20
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+Names = str | Sequence[str | None] | None  # one adapter for every row, or one per row (None: the default)
+
+_PLAN: ContextVar[CallPlan | None] = ContextVar("qpeft_bank_plan", default=None)
+
+
+def check_name(name: object) -> str:
+    """An adapter name: 1-128 characters of letters, digits, '.', '_', '-', not starting with a symbol."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"invalid adapter name {str(name)[:60]!r}: use 1-128 letters, digits, '.', '_' "
+                          "or '-', starting with a letter or digit")
+    return name
+
+
+# ------------------------------------------------------------------------------------ adapters in memory
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One adapted layer: shape, and where its parameters and λ sit in the adapter's flat tensors."""
+
+    key: str
+    n: int
+    m: int
+    k: int
+    u: tuple[tuple[int, tuple[int, ...]], ...]  # (offset, shape) of each of U's parameter tensors
+    v: tuple[tuple[int, tuple[int, ...]], ...]
+    lam: int  # offset of this target's K values in the flat scale vector
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How an adapter's flat tensors split into targets; built once, shared by every adapter of that shape."""
+
+    variant: str
+    layers: int
+    targets: tuple[_Target, ...]
+    param_keys: tuple[str, ...]  # state keys of the factor parameters, in flat order
+    lam_keys: tuple[str, ...]
+    mask_keys: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class _Adapter:
+    """A loaded adapter: four flat tensors and its labels (hashed by identity; the LRU cache keys on it)."""
+
+    name: str
+    layout: _Layout
+    params: torch.Tensor  # every factor parameter, fp32, in the layout's order
+    scale: torch.Tensor  # α·λ·mask, fp32
+    head_weight: torch.Tensor  # (labels, hidden)
+    head_bias: torch.Tensor  # (labels,)
+    labels: tuple[str, ...]
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data this adapter keeps resident."""
+        return sum(t.nbytes for t in (self.params, self.scale, self.head_weight, self.head_bias))
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One target's materialised factors: Vᵀ (K×M), α·λ (K) and Uᵀ (K×N), fp32."""
+
+    vt: torch.Tensor
+    scale: torch.Tensor
+    ut: torch.Tensor
+
+
+def _signature(file: AdapterFile) -> tuple:
+    """What determines an adapter's layout: variant, circuit layers and every target's (key, N, M, K)."""
+    config, shapes = file.config, file.info.get("shapes", {})
+    return (config.variant, config.layers, tuple((key, *shapes[key], k) for key, k in config.targets.items()))
+
+
+def _layout(signature: tuple) -> _Layout:
+    variant, layers, dims = signature
+    targets, param_keys, lam_keys, mask_keys, offset, lam = [], [], [], [], 0, 0
+    for key, n, m, k in dims:
+        params, lam_key, mask_key = target_params(variant, key, (n, m, k), layers)
+        spans = []
+        for name, shape in params:
+            spans.append((offset, tuple(shape)))
+            param_keys.append(name)
+            offset += math.prod(shape)
+        half = len(spans) // 2  # U's parameter tensors, then V's
+        targets.append(_Target(key, n, m, k, tuple(spans[:half]), tuple(spans[half:]), lam))
+        lam_keys.append(lam_key)
+        mask_keys.append(mask_key)
+        lam += k
+    return _Layout(variant, layers, tuple(targets), tuple(param_keys), tuple(lam_keys), tuple(mask_keys))
+
+
+def _flat(file: AdapterFile, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor parameters, α·λ·mask) of a file as two flat fp32 tensors in the layout's order."""
+    state = file.state
+    params = torch.cat([state[k].reshape(-1) for k in layout.param_keys]).float()
+    lam = torch.cat([state[k] for k in layout.lam_keys]).float()
+    mask = torch.cat([state[k] for k in layout.mask_keys]).float()
+    return params, file.config.alpha * lam * mask
+
+
+# ------------------------------------------------------------------------------------ materialising U, V
+
+
+@lru_cache(maxsize=64)
+def _frame_fn(variant: str, dim: int, k: int, layers: int) -> Callable[..., torch.Tensor]:
+    """One factor's parameters -> its frameᵀ (k×dim), Q[:, :k]ᵀ or exp(S)[:, :k]ᵀ, vmapped over factors."""
+    if variant == "pauli":
+        schedule, basis = build_schedule(dim, layers), torch.eye(k, dim)
+        return vmap(lambda theta: rotate(schedule, theta, basis))
+    return vmap(lambda a, b: stiefel_exp(a, b).T)
+
+
+def _views(params: torch.Tensor, spans: tuple[tuple[int, tuple[int, ...]], ...]) -> list[torch.Tensor]:
+    return [params[o : o + math.prod(s)].reshape(s) for o, s in spans]
+
+
+@torch.no_grad()
+def materialise(adapter: _Adapter) -> dict[str, Frame]:
+    """Every target's (Vᵀ, α·λ, Uᵀ): all factors of one (size, rank) built by one vmapped call."""
+    layout, jobs = adapter.layout, {}
+    for t in layout.targets:
+        for side, dim, spans in (("u", t.n, t.u), ("v", t.m, t.v)):
+            jobs.setdefault((dim, t.k), []).append(((t.key, side), _views(adapter.params, spans)))
+    built = {}
+    for (dim, k), items in jobs.items():
+        stacked = [torch.stack(parts) for parts in zip(*(params for _, params in items))]
+        frames = _frame_fn(layout.variant, dim, k, layout.layers)(*stacked)
+        built.update({name: frame for (name, _), frame in zip(items, frames)})
+    return {t.key: Frame(built[t.key, "v"], adapter.scale[t.lam : t.lam + t.k], built[t.key, "u"])
+            for t in layout.targets}
+
+
+class FactorCache:
+    """LRU of materialised factors per adapter, holding at most ``budget`` bytes (0 turns it off)."""
+
+    def __init__(self, budget: int):
+        if not isinstance(budget, int) or budget < 0:
+            raise ConfigError(f"cache budget must be a number of bytes >= 0, got {budget!r}")
+        self.budget, self.nbytes = budget, 0
+        self._entries: OrderedDict[_Adapter, tuple[dict[str, Frame], int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def frames(self, adapter: _Adapter) -> dict[str, Frame]:
+        """The adapter's frames, materialised (and cached, evicting the least recently used) on a miss."""
+        with self._lock:
+            if adapter in self._entries:
+                self._entries.move_to_end(adapter)
+                return self._entries[adapter][0]
+        frames = materialise(adapter)
+        size = sum(f.vt.nbytes + f.ut.nbytes for f in frames.values())
+        with self._lock:
+            if size <= self.budget and adapter not in self._entries:
+                self._entries[adapter] = (frames, size)
+                self.nbytes += size
+                while self.nbytes > self.budget:
+                    self.nbytes -= self._entries.popitem(last=False)[1][1]
+        return frames
+
+    def drop(self, adapter: _Adapter) -> None:
+        """Forget an adapter's frames (after unload or replacement)."""
+        with self._lock:
+            entry = self._entries.pop(adapter, None)
+            self.nbytes -= entry[1] if entry else 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ------------------------------------------------------------------------------------------- per-call plan
+
+
+def _pad(t: torch.Tensor, k: int, value: float = 0.0) -> torch.Tensor:
+    """Pad the first axis of ``t`` to length k (zero rank directions, or -inf logits for missing labels)."""
+    if t.shape[0] == k:
+        return t
+    return nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, k - t.shape[0]), value=value)
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """ΔW x for the rows of one call: one frame shared by all rows, or one per row; rows=None means all rows.
+
+    Per-row frames are stacked in :meth:`add_to`, layer by layer, so a mixed batch never holds more than one
+    layer's stacked copy (and that copy is still in cache when the batched matmul reads it)."""
+
+    rows: torch.Tensor | None
+    frames: tuple[Frame, ...]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Vᵀ, α·λ, Uᵀ): shared (K×M, K, K×N) or per row (R×K×M, R×1×K, R×K×N), K padded to the max."""
+        if len(self.frames) == 1:
+            return self.frames[0].vt, self.frames[0].scale, self.frames[0].ut
+        k = max(f.vt.shape[0] for f in self.frames)
+        return (torch.stack([_pad(f.vt, k) for f in self.frames]),
+                torch.stack([_pad(f.scale, k) for f in self.frames]).unsqueeze(1),
+                torch.stack([_pad(f.ut, k) for f in self.frames]))
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + ΔW x, computed in fp32 on (rows, tokens, features) views of x and y."""
+        batch = x.shape[0]
+        h = x.float().reshape(batch, -1, x.shape[-1])
+        if self.rows is not None:
+            h = h[self.rows]
+        vt, scale, ut = self.factors()
+        delta = (((h @ vt.mT) * scale) @ ut).to(y.dtype)
+        if self.rows is None:
+            return y + delta.reshape(y.shape)
+        return y.reshape(batch, -1, y.shape[-1]).index_add(0, self.rows, delta).reshape(y.shape)
+
+
+def layer_delta(frames: Sequence[Frame | None]) -> LayerDelta | None:
+    """The delta of one layer for rows whose frames are given (None: that row's adapter skips the layer)."""
+    present = [i for i, f in enumerate(frames) if f is not None]
+    if not present:
+        return None
+    chosen = tuple(frames[i] for i in present)
+    rows = None if len(present) == len(frames) else torch.tensor(present)
+    return LayerDelta(rows, chosen[:1] if all(f is chosen[0] for f in chosen) else chosen)
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """Each row's head: shared (C×H, C) or per row (R×C×H, R×C), padded to the most labels (bias -inf)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 2:
+            return x.float() @ self.weight.T + self.bias
+        return (self.weight @ x.float().unsqueeze(-1)).squeeze(-1) + self.bias
+
+
+def head_plan(rows: Sequence[_Adapter]) -> HeadPlan:
+    """Stack (or share) the rows' heads, padding each to the largest label count."""
+    if all(a is rows[0] for a in rows):
+        return HeadPlan(rows[0].head_weight, rows[0].head_bias)
+    c = max(len(a.labels) for a in rows)
+    return HeadPlan(torch.stack([_pad(a.head_weight, c) for a in rows]),
+                    torch.stack([_pad(a.head_bias, c, float("-inf")) for a in rows]))
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """Everything one forward needs: the delta of each wrapped layer (absent: none) and the rows' heads."""
+
+    layers: dict[nn.Module, LayerDelta]
+    head: HeadPlan
+
+
+class BankLinear(nn.Module):
+    """A frozen nn.Linear / Conv1D plus the delta the current call's plan gives it (none outside a call)."""
+
+    def __init__(self, base: nn.Module, key: str):
+        super().__init__()
+        self.base, self.key = base, key
+        self.out_features, self.in_features = linear_shape(base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        plan = _PLAN.get()
+        delta = plan.layers.get(self) if plan is not None else None
+        return y if delta is None else delta.add_to(x, y)
+
+    def extra_repr(self) -> str:
+        return f"key={self.key}"
+
+
+class BankHead(nn.Module):
+    """Stands in for the task head: applies each row's own head from the current call's plan."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = _PLAN.get()
+        if plan is None:
+            raise ConfigError("a bank's model classifies only when called through its AdapterBank")
+        return plan.head(x)
+
+
+# ------------------------------------------------------------------------------------------- the bank
+
+
+@dataclass
+class Prediction:
+    """One row's answer: the adapter used, the top label and a probability per label."""
+
+    adapter: str
+    label: str
+    scores: dict[str, float]
+
+
+@dataclass
+class BankOutput:
+    """Logits of a call (rows × most labels, -inf past each row's labels), each row's adapter and labels."""
+
+    logits: torch.Tensor
+    adapters: list[str]
+    labels: list[tuple[str, ...]]
+
+    def row(self, i: int) -> torch.Tensor:
+        """Row i's logits over its own adapter's labels."""
+        return self.logits[i, : len(self.labels[i])]
+
+    def predictions(self) -> list[Prediction]:
+        """Top label and softmax scores per row."""
+        probs = torch.softmax(self.logits, dim=-1).tolist()
+        return [Prediction(name, labels[max(range(len(labels)), key=p.__getitem__)], dict(zip(labels, p)))
+                for name, labels, p in zip(self.adapters, self.labels, probs)]
+
+
+class AdapterBank:
+    """One base task model, many adapters: ``load``/``unload``/``names``, and ``bank(inputs, adapter=...)``.
+
+    Takes ownership of ``model`` (its linear layers are wrapped and its head replaced in place). ``base``
+    (an HF folder or 'minilm') enables the fingerprint check on load; ``tokenizer`` enables :meth:`classify`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, base: str | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_length: int = 128):
+        if hasattr(model, CONFIG_ATTR):
+            raise ConfigError("the model has a Quantum-PEFT adapter attached; detach() it before banking it")
+        head = find_head(model)
+        if head is None or not isinstance(model.get_submodule(head), nn.Linear):
+            raise ConfigError(f"{type(model).__name__}: the bank needs a task model with an nn.Linear head")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.head_name, self.hidden = head, model.get_submodule(head).in_features
+        self.base_dir = resolve_base(base) if base is not None else None
+        self.cache = FactorCache(cache_bytes)
+        self._layers = self._wrap_layers()
+        setattr(model, head, BankHead(self.hidden))
+        self._adapters: dict[str, _Adapter] = {}
+        self._layouts: dict[tuple, _Layout] = {}
+        self._digests: dict[str, bytes] = {}  # base digests that matched an adapter's
+        self._default: str | None = None
+        self._lock, self._tokenizer_lock = threading.Lock(), threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, base: str, **kwargs) -> AdapterBank:
+        """A bank on the task model and tokenizer of ``base`` (an HF folder or 'minilm')."""
+        model = load_task_model(base, {0: "unused"})
+        return cls(model, load_tokenizer(base), base=base, **kwargs)
+
+    def _wrap_layers(self) -> dict[str, BankLinear]:
+        layers = {}
+        for name in find_target_modules(self.model, ALL_LINEAR):
+            key = base_key(self.model, name) + ".weight"
+            parent, _, child = name.rpartition(".")
+            layers[key] = BankLinear(self.model.get_submodule(name), key)
+            setattr(self.model.get_submodule(parent), child, layers[key])
+        return layers
+
+    # ------------------------------------------------------------------------------- load, unload, names
+
+    def load(self, name: str, path: str | Path, *, force: bool = False) -> None:
+        """Load (or atomically replace) adapter ``name`` from a .qpeft file; the base is never reloaded."""
+        check_name(name)
+        file = read_adapter(path)
+        self._check_base(file, path, force)
+        adapter = self._adapter(name, file, path)
+        with self._lock:
+            old = self._adapters.get(name)
+            self._adapters[name] = adapter
+        if old is not None:
+            self.cache.drop(old)
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name`` (calls already running keep using it); clears the default if it was."""
+        with self._lock:
+            adapter = self._adapters.pop(name, None)
+            if adapter is not None and self._default == name:
+                self._default = None
+        if adapter is None:
+            raise ConfigError(f"no adapter named {str(name)[:60]!r} is loaded")
+        self.cache.drop(adapter)
+
+    def names(self) -> list[str]:
+        """Names of the loaded adapters, in load order."""
+        with self._lock:
+            return list(self._adapters)
+
+    def labels(self, name: str) -> list[str]:
+        """The label names of adapter ``name``."""
+        with self._lock:
+            return list(self._get(name).labels)
+
+    def warm(self, name: str) -> None:
+        """Materialise adapter ``name``'s U and V now (into the cache) instead of on its first call."""
+        with self._lock:
+            adapter = self._get(name)
+        self.cache.frames(adapter)
+
+    @property
+    def default(self) -> str | None:
+        """The adapter that rows naming None use (None: such rows are refused)."""
+        return self._default
+
+    @default.setter
+    def default(self, name: str | None) -> None:
+        with self._lock:
+            if name is not None:
+                self._get(name)
+            self._default = name
+
+    def memory(self) -> dict[str, int]:
+        """Loaded adapters, their resident tensor bytes, and the U/V cache's entries and bytes."""
+        with self._lock:
+            adapters = list(self._adapters.values())
+        return {"adapters": len(adapters), "adapter_bytes": sum(a.nbytes() for a in adapters),
+                "cached_adapters": len(self.cache), "cache_bytes": self.cache.nbytes}
+
+    def _get(self, name: object) -> _Adapter:
+        if name is None:
+            if self._default is None:
+                raise ConfigError("a row names no adapter and the bank has no default adapter")
+            name = self._default
+        adapter = self._adapters.get(name) if isinstance(name, str) else None
+        if adapter is None:
+            raise ConfigError(f"no adapter named {str(name)[:60]!r} is loaded")
+        return adapter
+
+    def _check_base(self, file: AdapterFile, path: str | Path, force: bool) -> None:
+        """Check the file's base digests against this bank's base (digests that matched are remembered)."""
+        if self.base_dir is None or file.fingerprint is None:
+            return
+        unseen = {k: d for k, d in file.fingerprint.items() if self._digests.get(k) != d}
+        if not unseen:
+            return
+        try:
+            check_fingerprint(unseen, self.base_dir)
+        except BaseMismatchError as error:
+            if not force:
+                raise BaseMismatchError(f"{path}: {error}") from None
+            warnings.warn(f"{path}: loading despite a base mismatch (force): {error}", stacklevel=3)
+            return
+        self._digests.update(unseen)
+
+    def _adapter(self, name: str, file: AdapterFile, path: str | Path) -> _Adapter:
+        """Check the file against this bank's model and pack it into flat tensors."""
+        config, shapes = file.config, file.info.get("shapes", {})
+        for key in config.targets:
+            layer = self._layers.get(key)
+            if layer is None:
+                raise ConfigError(f"{path}: targets {key}, not an adaptable linear layer of the base")
+            if tuple(shapes.get(key, ())) != (layer.out_features, layer.in_features):
+                raise ConfigError(f"{path}: {key} is {shapes.get(key)} in the adapter, "
+                                  f"{(layer.out_features, layer.in_features)} in the base")
+        weight, bias, labels = self._head(file, path)
+        signature = _signature(file)
+        if signature not in self._layouts:
+            self._layouts[signature] = _layout(signature)
+        layout = self._layouts[signature]
+        params, scale = _flat(file, layout)
+        for what, tensor in (("factor parameters", params), ("λ", scale), ("head", weight), ("head", bias)):
+            if not torch.isfinite(tensor).all():
+                raise ConfigError(f"{path}: {what} contain NaN or Inf")
+        return _Adapter(name, layout, params, scale, weight, bias, labels)
+
+    def _head(self, file: AdapterFile, path: str | Path
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+        config, prefix = file.config, f"{self.head_name}."
+        if config.head != self.head_name or not config.id2label:
+            raise ConfigError(f"{path}: has no classification head named {self.head_name!r} "
+                              "(the bank serves classifiers; re-save the adapter with its head)")
+        head = {k[len(prefix):]: t for k, t in file.state.items() if k.startswith(prefix)}
+        labels = tuple(config.id2label[i] for i in range(len(config.id2label)))
+        expected = {"weight": (len(labels), self.hidden), "bias": (len(labels),)}
+        if {k: tuple(t.shape) for k, t in head.items()} != expected:
+            raise ConfigError(f"{path}: head tensors {sorted(head)} do not fit {len(labels)} labels on "
+                              f"{self.hidden} features")
+        return head["weight"].float().contiguous(), head["bias"].float().contiguous(), labels
+
+    # ------------------------------------------------------------------------------- calling
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor], adapter: Names = None) -> BankOutput:
+        """Classify tokenized ``inputs``; ``adapter``: one name for all rows, or a name (or None) per row."""
+        ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0:
+            raise ConfigError("inputs must be tokenized tensors with a non-empty 2-D input_ids")
+        rows = self._resolve(adapter, ids.shape[0])
+        plan = self._plan(rows)
+        token = _PLAN.set(plan)
+        try:
+            with torch.inference_mode():
+                logits = self.model(**inputs).logits
+        finally:
+            _PLAN.reset(token)
+        return BankOutput(logits, [a.name for a in rows], [a.labels for a in rows])
+
+    def classify(self, texts: Sequence[str], adapter: Names = None) -> list[Prediction]:
+        """Top label and scores for each text (texts are truncated to ``max_length`` tokens)."""
+        if self.tokenizer is None:
+            raise ConfigError("this bank has no tokenizer; pass one to AdapterBank(...) or call it on inputs")
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise ConfigError("texts must be a non-empty list of strings")
+        if not all(isinstance(t, str) for t in texts):
+            raise ConfigError("every text must be a string")
+        with self._tokenizer_lock:  # a fast tokenizer must not be used by two threads at once
+            inputs = tokenize(self.tokenizer, list(texts), self.max_length)
+        return self(inputs, adapter).predictions()
+
+    def _resolve(self, adapter: Names, rows: int) -> list[_Adapter]:
+        names = [adapter] * rows if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(names) != rows:
+            raise ConfigError(f"{len(names)} adapter names for a batch of {rows} rows")
+        with self._lock:
+            return [self._get(name) for name in names]
+
+    def _plan(self, rows: list[_Adapter]) -> CallPlan:
+        frames = {a: self.cache.frames(a) for a in dict.fromkeys(rows)}
+        layers = {}
+        for key, layer in self._layers.items():
+            delta = layer_delta([frames[a].get(key) for a in rows])
+            if delta is not None:
+                layers[layer] = delta
+        return CallPlan(layers, head_plan(rows))

@@ -1,0 +1,202 @@
+"""Train and evaluate adapters (and the task head) on text classification with a plain torch loop.
+
+``fit`` optimises whatever is trainable in the model (after ``attach``: angles, λ and the head; with no adapter:
+the head alone, which is the head-only baseline), so both run through the same code on the same budget.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapter_file import load_adapted_model, save_adapter
+from .attach import (adapted_layers, adapter_config, attach, lora_parameter_count, prune_to_rank,
+                     train_head_only, trainable_parameters)
+from .data import load_task
+from .errors import ConfigError
+from .models import load_task_model, load_tokenizer, tokenize
+from .spectrum import scheduled_rank
+
+Example = tuple[str, int]
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: per-step losses, steps and wall time."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def batches(examples: Sequence[Example], batch_size: int, rng: random.Random | None = None) -> list[list[Example]]:
+    """Split examples into batches (shuffled with ``rng`` when given)."""
+    order = list(examples)
+    if rng is not None:
+        rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _encode(tokenizer, batch: Sequence[Example], max_length: int) -> tuple[dict, torch.Tensor]:
+    inputs = tokenize(tokenizer, [text for text, _ in batch], max_length=max_length)
+    return inputs, torch.tensor([label for _, label in batch])
+
+
+def _param_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict]:
+    adapter_ids = {id(p) for layer in adapted_layers(model).values() for p in layer.parameters() if p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) in adapter_ids], "lr": lr},
+        {"params": [p for p in trainable if id(p) not in adapter_ids], "lr": head_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def fit(model: nn.Module, tokenizer, train: Sequence[Example], *, epochs: int = 1, lr: float = 1e-2,
+        head_lr: float = 2e-3, batch_size: int = 32, max_length: int = 128, seed: int = 0,
+        prune_to: int | None = None, quiet: bool = False) -> TrainResult:
+    """Train the trainable parameters of ``model`` with AdamW and cross-entropy; returns the loss history."""
+    if not train:
+        raise ConfigError("no training examples")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs and batch size must be >= 1, got {epochs} and {batch_size}")
+    groups = _param_groups(model, lr, head_lr)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    rng = random.Random(seed)
+    total = epochs * math.ceil(len(train) / batch_size)
+    initial_rank = max((layer.rank for layer in adapted_layers(model).values()), default=0)
+    result, start = TrainResult(), time.perf_counter()
+    model.train()
+    with tqdm(total=total, desc="train", disable=quiet, unit="step") as bar:
+        for _ in range(epochs):
+            for batch in batches(train, batch_size, rng):
+                inputs, labels = _encode(tokenizer, batch, max_length)
+                loss = nn.functional.cross_entropy(model(**inputs).logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                result.steps += 1
+                result.losses.append(loss.item())
+                if prune_to is not None:
+                    prune_to_rank(model, scheduled_rank(result.steps, total, initial_rank, prune_to))
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 64,
+            max_length: int = 128, quiet: bool = True) -> torch.Tensor:
+    """Logits (len(texts) × labels) of the model in eval mode."""
+    model.eval()
+    outputs = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="predict", disable=quiet, unit="batch"):
+        outputs.append(model(**tokenize(tokenizer, list(texts[i : i + batch_size]), max_length)).logits)
+    return torch.cat(outputs)
+
+
+def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 64,
+             max_length: int = 128, quiet: bool = True) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the model on labelled examples."""
+    if not examples:
+        raise ConfigError("no evaluation examples")
+    logits = predict(model, tokenizer, [t for t, _ in examples], batch_size=batch_size,
+                     max_length=max_length, quiet=quiet)
+    labels = torch.tensor([label for _, label in examples])
+    return {
+        "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+        "loss": nn.functional.cross_entropy(logits, labels).item(),
+        "examples": len(examples),
+    }
+
+
+@dataclass
+class TrainSpec:
+    """One training run: base, task, adapter shape and optimisation budget (the CLI's ``qpeft train``)."""
+
+    base: str = "minilm"
+    task: str = "rt"
+    targets: str | list[str] = "all-linear"
+    rank: int | str = 8
+    layers: int = 1
+    alpha: float = 1.0
+    variant: str = "pauli"
+    epochs: int = 2
+    lr: float = 2e-2
+    head_lr: float = 2e-2
+    batch_size: int = 32
+    max_examples: int | None = None
+    max_test: int | None = None
+    max_length: int = 128
+    prune_to: int | None = None
+    seed: int = 0
+    bits: int | None = None
+
+
+def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True) -> nn.Module:
+    """The task model of ``spec`` with an adapter attached (or head-only when ``adapter`` is False)."""
+    model = load_task_model(spec.base, id2label, seed=spec.seed)
+    if not adapter:
+        return train_head_only(model)
+    return attach(model, spec.targets, rank=spec.rank, layers=spec.layers, alpha=spec.alpha,
+                  variant=spec.variant, seed=spec.seed)
+
+
+def run_spec(spec: TrainSpec, adapter: bool = True, evaluate_test: bool = True,
+             quiet: bool = False) -> tuple[nn.Module, dict]:
+    """Train (adapter or head-only) as ``spec`` says; returns the model and a report with accuracy and counts."""
+    data = load_task(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=spec.seed)
+    tokenizer = load_tokenizer(spec.base)
+    model = build_model(spec, data.id2label, adapter)
+    result = fit(model, tokenizer, data.train, epochs=spec.epochs, lr=spec.lr, head_lr=spec.head_lr,
+                 batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+                 prune_to=spec.prune_to if adapter else None, quiet=quiet)
+    report = {
+        "task": spec.task,
+        "method": "qpeft" if adapter else "head-only",
+        "trainable_parameters": trainable_parameters(model),
+        "train_examples": len(data.train),
+        "train_seconds": round(result.seconds, 1),
+        "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+    }
+    if adapter:
+        report["lora_r8_parameters"] = lora_parameter_count(model, 8)
+    if evaluate_test:
+        metrics = evaluate(model, tokenizer, data.test, max_length=spec.max_length, quiet=quiet)
+        report.update(test_accuracy=metrics["accuracy"], test_examples=len(data.test))
+    return model, report
+
+
+def train_adapter(spec: TrainSpec, output: str | Path, evaluate: bool = True, quiet: bool = False) -> dict:
+    """Train an adapter as ``spec`` says and save it to ``output``; returns the report."""
+    model, report = run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet)
+    path = save_adapter(model, output, bits=spec.bits, base=spec.base)
+    report.update(adapter=str(path), file_bytes=path.stat().st_size)
+    return report
+
+
+def evaluate_adapter(base: str, adapter: str | Path, task: str, *, max_examples: int | None = None,
+                     max_length: int = 128, force: bool = False, quiet: bool = False) -> dict:
+    """Accuracy of an adapter file on a task's test split."""
+    model = load_adapted_model(base, adapter, force=force)
+    data = load_task(task, max_test=max_examples)
+    labels = adapter_config(model).id2label
+    if labels is not None and [labels[i] for i in sorted(labels)] != data.labels:
+        raise ConfigError(f"{adapter}: adapter labels {list(labels.values())} do not match task {task} "
+                          f"labels {data.labels}")
+    metrics = evaluate(model, load_tokenizer(base), data.test, max_length=max_length, quiet=quiet)
+    return {"adapter": str(adapter), "task": task, "test_accuracy": metrics["accuracy"],
+            "test_loss": metrics["loss"], "test_examples": len(data.test)}

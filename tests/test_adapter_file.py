@@ -1,0 +1,758 @@
+"""Tests of qpeft_deploy.adapter_file: the .qpeft format on the real MiniLM, real files, and hostile input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import time
+import tracemalloc
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qpeft_deploy.adapter_file import (
+    FORMAT_VERSION,
+    MAX_HEADER,
+    SUFFIX,
+    AdapterFile,
+    compress_names,
+    encode_adapter,
+    expand_pattern,
+    inspect_adapter,
+    load_adapted_model,
+    load_adapter,
+    pack_adapter,
+    read_adapter,
+    save_adapter,
+    target_params,
+    verify_adapter,
+    write_adapter,
+)
+from qpeft_deploy.attach import (
+    AdapterConfig,
+    adapted_layers,
+    adapter_config,
+    adapter_state,
+    attach,
+    prune_to_rank,
+)
+from qpeft_deploy.circuit import parameter_count
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
+from qpeft_deploy.quantize import angle_step
+
+LABELS = {0: "neg", 1: "pos"}
+TEXTS = ["a gorgeous, moving film", "dull and far too long", "not bad at all", "the worst plot of the year"]
+LORA_R8_BYTES = (
+    1_365_072  # PEFT LoRA r=8, all-linear, SEQ_CLS on MiniLM (re-measured in test_size_vs_peft_lora)
+)
+
+
+def randomize(model: nn.Module, seed: int = 1, scale: float = 0.3) -> nn.Module:
+    """Give λ and the head non-trivial values (λ starts at 0, which would make every check vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("spectrum.lam") or name.startswith("classifier."):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def adapted_minilm(**kwargs) -> nn.Module:
+    model = load_task_model("minilm", LABELS)
+    attach(model, **({"targets": "all-linear", "rank": 8} | kwargs))
+    return randomize(model)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return adapted_minilm()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return tokenize(load_tokenizer("minilm"), TEXTS)
+
+
+def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def fresh_loaded(path, **kwargs) -> nn.Module:
+    return load_adapter(load_task_model("minilm", LABELS), path, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ target patterns
+
+
+def test_minilm_targets_compress_to_five_patterns(model):
+    names = list(adapter_config(model).targets)
+    assert len(names) == 37
+    dims = {k: (m.out_features, m.in_features) for k, m in adapted_layers(model).items()}
+    by_shape = {}
+    for k in names:
+        by_shape.setdefault(dims[k], []).append(k)
+    patterns = [p for group in by_shape.values() for p in compress_names(group)]
+    assert "encoder.layer.{0-5}.attention.self.{key,query,value}.weight" in patterns
+    assert len(patterns) == 5
+    assert sorted(n for p in patterns for n in expand_pattern(p)) == sorted(names)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(["a", "b", "dense", "0", "1", "2", "3", "10", "07", "x_y", "4-5"]),
+            min_size=1,
+            max_size=4,
+        ).map(".".join),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_compress_then_expand_is_exact(names):
+    patterns = compress_names(names)
+    expanded = [n for p in patterns for n in expand_pattern(p)]
+    assert sorted(expanded) == sorted(set(names))
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "a.{0-99999999999}.w",
+        "{0-9}{0-9}{0-9}{0-9}{0-9}.x",
+        "a.{}.w",
+        "a.{x,x}.w",
+        "a.{5-2}.w",
+        "a}b",
+        "",
+        "a.{0-3,2}.w",
+        "a b",
+    ],
+)
+def test_bad_patterns_are_refused_cheaply(pattern):
+    from qpeft_deploy.adapter_file import _Invalid
+
+    with pytest.raises(_Invalid):
+        expand_pattern(pattern, limit=1000)
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+
+def test_fp32_round_trip_is_exact(model, inputs, tmp_path):
+    path = save_adapter(model, tmp_path / f"a{SUFFIX}")
+    adapter = read_adapter(path)
+    expected = adapter_state(model)
+    assert adapter.state.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert adapter.state[key].dtype == tensor.dtype and torch.equal(adapter.state[key], tensor), key
+    config = adapter_config(model)
+    assert adapter.config.targets == config.targets and adapter.config.id2label == config.id2label
+    assert (adapter.config.layers, adapter.config.alpha, adapter.config.variant, adapter.config.head) == (
+        config.layers,
+        config.alpha,
+        config.variant,
+        config.head,
+    )
+    assert adapter.fingerprint is None and adapter.info["bits"] is None
+    assert torch.equal(logits(fresh_loaded(path), inputs), logits(model, inputs))
+
+
+def test_stock_safetensors_reads_the_file_and_metadata_is_strings(model, tmp_path):
+    path = save_adapter(model, tmp_path / "a.qpeft", bits=4, lambda_dtype="fp16", base="minilm")
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["a", "f", "h", "l", "m"]
+        meta = f.metadata()
+    assert meta["format"] == "qpeft" and meta["format_version"] == str(FORMAT_VERSION)
+    assert (
+        meta["construction"] == "split2-right-v1" and meta["bits"] == "4" and meta["lambda_dtype"] == "fp16"
+    )
+    assert all(isinstance(v, str) for v in meta.values())
+    assert "{" not in meta["targets"].replace("{0-5}", "").replace("{key,query,value}", "")
+    assert load_file(str(path))["f"].shape == (37, 8)
+
+
+def ranks_and_values(adapter_state_: dict, key: str) -> torch.Tensor:
+    prefix = key.removesuffix(".weight")
+    return adapter_state_[f"{prefix}.spectrum.lam"] * adapter_state_[f"{prefix}.spectrum.mask"]
+
+
+def delta_error(a: nn.Module, b: nn.Module) -> float:
+    """‖ΔW_a − ΔW_b‖₂ from the factors: ΔW_a − ΔW_b = [αUΛ, −αÛΛ̂]·[V, V̂]ᵀ has rank ≤ 2K (no big SVD)."""
+    with torch.no_grad():
+        (ua, va), (ub, vb) = a.factors(), b.factors()
+        left = torch.cat(
+            [ua * (a.alpha * a.spectrum.values()), -ub * (b.alpha * b.spectrum.values())], 1
+        ).double()
+        right = torch.cat([va, vb], 1).double()
+        r_left, r_right = torch.linalg.qr(left)[1], torch.linalg.qr(right)[1]
+        return float(torch.linalg.matrix_norm(r_left @ r_right.T, 2))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_quantised_file_is_within_the_documented_error(model, inputs, tmp_path, bits):
+    path = save_adapter(model, tmp_path / "q.qpeft", bits=bits, lambda_dtype="fp16")
+    adapter, original = read_adapter(path), adapter_state(model)
+    step = angle_step(bits)
+    for key, tensor in original.items():
+        got = adapter.state[key]
+        assert got.shape == tensor.shape and got.dtype == tensor.dtype
+        if key.endswith("theta"):  # circular distance ≤ Δ/2
+            d = torch.remainder(got.double() - tensor.double(), 2 * math.pi)
+            assert float(torch.minimum(d, 2 * math.pi - d).max()) <= step / 2 + 1e-6, key
+        elif tensor.is_floating_point():  # fp16: relative error ≤ 2^-11
+            assert torch.allclose(got, tensor, rtol=2**-11, atol=1e-7), key
+        else:
+            assert torch.equal(got, tensor), key
+    loaded = fresh_loaded(path)
+    # documented bound: ‖ΔW − ΔŴ‖₂ ≤ |α|·(max|λ|·P_U·Δ/2 + max|λ − λ̂| + max|λ̂|·P_V·Δ/2)
+    live = adapted_layers(loaded)
+    for key, layer in adapted_layers(model).items():
+        lam, lam_hat = ranks_and_values(original, key), ranks_and_values(adapter.state, key)
+        p_u, p_v = parameter_count(layer.out_features), parameter_count(layer.in_features)
+        bound = abs(layer.alpha) * (
+            float(lam.abs().max()) * p_u * step / 2
+            + float((lam - lam_hat).abs().max())
+            + float(lam_hat.abs().max()) * p_v * step / 2
+        )
+        assert delta_error(layer, live[key]) <= bound * (1 + 1e-4) + 1e-6, key
+    # the file is the only loss: loading the dequantised state in memory gives the same logits
+    reference = load_task_model("minilm", LABELS)
+    attach(reference, "all-linear", rank=8)
+    from qpeft_deploy.attach import load_adapter_state
+
+    load_adapter_state(reference, adapter.state)
+    assert torch.allclose(logits(loaded, inputs), logits(reference, inputs), atol=1e-5)
+    if bits == 16:
+        assert torch.allclose(logits(loaded, inputs), logits(model, inputs), atol=1e-2)
+
+
+def test_size_vs_peft_lora(model, tmp_path):
+    """The issue's budget: ≥ 100× smaller than PEFT LoRA r=8 on the same targets; header ≤ 20% of the file."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        load_task_model("minilm", LABELS), LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS")
+    )
+    lora.save_pretrained(str(tmp_path / "lora"))
+    lora_bytes = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size
+    assert lora_bytes == LORA_R8_BYTES
+    path = save_adapter(model, tmp_path / "a.qpeft", bits=4, lambda_dtype="fp16", base="minilm")
+    info = read_adapter(path).info
+    size = path.stat().st_size
+    assert info["bytes"]["total"] == size
+    assert size * 100 <= lora_bytes, size
+    assert info["bytes"]["header"] <= 0.2 * size, info["bytes"]
+    assert sum(v for k, v in info["bytes"].items() if k != "total") == size  # the parts add up to the file
+
+
+def test_mask_and_per_target_ranks_round_trip(inputs, tmp_path):
+    model = adapted_minilm(
+        targets=r"encoder\.layer\.[01]\.(attention\.self\.query|intermediate\.dense)",
+        rank="full",
+        variant="taylor",
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".u.b", ".v.b", ".u.a", ".v.a")):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.01)
+    prune_to_rank(model, 5)
+    path = save_adapter(model, tmp_path / "t.qpeft", lambda_dtype="fp32")
+    adapter = read_adapter(path)
+    assert sorted(set(adapter.config.targets.values())) == [384]
+    for key, tensor in adapter_state(model).items():
+        assert torch.equal(adapter.state[key], tensor), key
+    assert sum(int(v.sum()) for k, v in adapter.state.items() if k.endswith("mask")) == 5 * len(
+        adapter.config.targets
+    )
+    reloaded = load_adapter(load_task_model("minilm", LABELS), path)
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+    with pytest.raises(ConfigError, match="Taylor"):
+        save_adapter(model, tmp_path / "t4.qpeft", bits=4)
+
+
+class Tiny(nn.Module):
+    """Layers of different shapes: 'full' rank then gives a different K per target."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_any_torch_model_with_different_ranks(tmp_path):
+    torch.manual_seed(0)
+    model = attach(Tiny(), "all-linear", rank="full", layers=2, alpha=0.5)
+    randomize(model)
+    path = save_adapter(model, tmp_path / "tiny.qpeft", bits=8)
+    adapter = read_adapter(path)
+    assert adapter.config.targets == {"blocks.0.weight": 6, "blocks.1.weight": 8, "blocks.2.weight": 3}
+    assert adapter.config.head is None and adapter.config.layers == 2 and adapter.config.alpha == 0.5
+    loaded = load_adapter(Tiny(), path)
+    loaded.load_state_dict({k: v for k, v in model.state_dict().items() if ".base." in k}, strict=False)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=0.05)
+
+
+def test_drop_head_and_headless_loading(model, inputs, tmp_path):
+    path = save_adapter(model, tmp_path / "nohead.qpeft", drop_head=True, bits=6)
+    adapter = read_adapter(path)
+    assert adapter.config.head is None and adapter.config.id2label is None
+    assert not any(k.startswith("classifier.") for k in adapter.state)
+    plain = load_adapted_model("minilm", path)
+    assert type(plain).__name__ == "BertModel" and len(adapted_layers(plain)) == 37
+    with torch.no_grad():
+        hidden = plain(**inputs).last_hidden_state
+    assert torch.isfinite(hidden).all()
+    with_head = load_adapter(load_task_model("minilm", LABELS), path)
+    assert len(adapted_layers(with_head)) == 37
+
+
+def test_load_adapted_model_reproduces_logits(model, inputs, tmp_path):
+    path = save_adapter(model, tmp_path / "a.qpeft", base="minilm")
+    loaded = load_adapted_model("minilm", path)
+    assert loaded.config.id2label == LABELS
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+
+
+def test_extra_config_round_trips(tmp_path):
+    model = attach(Tiny(), "all-linear", rank=2)
+    adapter_config(model).extra = {"task": "rt", "steps": 3, "acc": 0.81}
+    assert read_adapter(save_adapter(model, tmp_path / "x.qpeft")).config.extra == adapter_config(model).extra
+
+
+# ------------------------------------------------------------------------------------------------- base
+
+
+@pytest.fixture(scope="module")
+def altered_base(tmp_path_factory, key="encoder.layer.2.intermediate.dense.weight"):
+    """A copy of MiniLM with one target weight changed by 1e-4."""
+    base = tmp_path_factory.mktemp("base")
+    minilm = resolve_base("minilm")
+    (base / "config.json").write_bytes((minilm / "config.json").read_bytes())
+    weights = load_file(str(minilm / "model.safetensors"))
+    weights[key] = weights[key] + 1e-4
+    save_file(weights, str(base / "model.safetensors"))
+    return base
+
+
+def test_fingerprint_refuses_another_base_unless_forced(model, altered_base, tmp_path):
+    path = save_adapter(model, tmp_path / "a.qpeft", base="minilm")
+    assert len(read_adapter(path).fingerprint) == 37
+    fresh_loaded(path, base="minilm")
+    base = altered_base
+    with pytest.raises(BaseMismatchError, match=r"encoder\.layer\.2\.intermediate\.dense\.weight"):
+        load_adapted_model(str(base), path)
+    with pytest.raises(BaseMismatchError, match="intermediate"):
+        verify_adapter(path, base=str(base))
+    with pytest.warns(UserWarning, match="loading despite"):
+        forced = load_adapted_model(str(base), path, force=True)
+    assert len(adapted_layers(forced)) == 37
+    with pytest.raises(FormatError, match="no base fingerprint"):
+        verify_adapter(save_adapter(model, tmp_path / "nofp.qpeft"), base="minilm")
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def test_atomic_write_respects_umask_and_leaves_no_temp(model, tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = save_adapter(model, tmp_path / "a.qpeft")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+    before = path.read_bytes()
+    bad = AdapterFile(adapter_config(model), {**adapter_state(model)}, None, {"shapes": {}})
+    with pytest.raises(ConfigError, match="shapes"):
+        write_adapter(path, bad)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.qpeft"]
+    with pytest.raises(ConfigError, match="folder"):
+        save_adapter(model, tmp_path)
+    with pytest.raises(ConfigError, match="cannot write"):
+        save_adapter(model, tmp_path / "missing" / "a.qpeft")
+
+
+def test_writer_refuses_bad_state(model, tmp_path):
+    good = read_adapter(save_adapter(model, tmp_path / "a.qpeft"))
+    key = next(k for k in good.state if k.endswith("spectrum.lam"))
+    for value, match in ((float("nan"), "NaN"), (1e6, "fp16 range")):
+        state = dict(good.state)
+        state[key] = state[key].clone()
+        state[key][0] = value
+        with pytest.raises(ConfigError, match=match):
+            encode_adapter(AdapterFile(good.config, state, None, good.info), lambda_dtype="fp16")
+    state = dict(good.state)
+    state["encoder.layer.0.attention.self.query.extra"] = torch.zeros(1)
+    with pytest.raises(ConfigError, match="does not describe"):
+        encode_adapter(AdapterFile(good.config, state, None, good.info))
+    for bits in (1, 9, 33, True):
+        with pytest.raises(ConfigError, match="bits"):
+            encode_adapter(good, bits=bits)
+    with pytest.raises(ConfigError, match="lambda"):
+        encode_adapter(good, lambda_dtype="bf16")
+
+
+def test_repacking(model, tmp_path):
+    src = save_adapter(model, tmp_path / "a.qpeft", base="minilm")
+    four = pack_adapter(src, tmp_path / "four.qpeft", bits=4, lambda_dtype="fp16")
+    eight = pack_adapter(four, tmp_path / "eight.qpeft", bits=8)
+    a4, a8 = read_adapter(four), read_adapter(eight)
+    assert a8.info["bits"] == 8 and a8.info["lambda_dtype"] == "fp16" and a8.fingerprint == a4.fingerprint
+    assert all(
+        torch.equal(a4.state[k], a8.state[k]) for k in a4.state
+    )  # the 4-bit grid lies on the 8-bit grid
+    kept = read_adapter(pack_adapter(four, tmp_path / "kept.qpeft", drop_head=True))
+    assert kept.info["bits"] == 4 and kept.config.head is None
+    assert four.stat().st_size < src.stat().st_size / 3
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+
+
+def small_adapter(variant: str = "pauli") -> AdapterFile:
+    """A hand-built adapter without a model (3 targets, head, fingerprint): small files for fuzzing."""
+    dims = {"enc.0.q.weight": (8, 6, 2), "enc.1.q.weight": (8, 6, 2), "pool.weight": (5, 5, 1)}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, (n, m, k) in dims.items():
+        params, lam, mask = target_params(variant, key, (n, m, k), 1)
+        state.update({name: torch.randn(shape, generator=g) for name, shape in params})
+        state[lam], state[mask] = torch.randn(k, generator=g), torch.tensor([True] * (k - 1) + [False])
+    state["classifier.weight"], state["classifier.bias"] = torch.randn(2, 5, generator=g), torch.randn(2)
+    config = AdapterConfig(
+        {k: d[2] for k, d in dims.items()}, 1, 2.0, variant, "classifier", {0: "a", 1: "b"}, 3
+    )
+    fingerprint = {k: bytes(range(i, i + 8)) for i, k in enumerate(dims)}
+    return AdapterFile(config, state, fingerprint, {"shapes": {k: d[:2] for k, d in dims.items()}})
+
+
+SMALL = {
+    "pauli4": encode_adapter(small_adapter(), bits=4, lambda_dtype="fp16"),
+    "pauli32": encode_adapter(small_adapter(), lambda_dtype="fp32"),
+    "taylor16": encode_adapter(small_adapter("taylor"), lambda_dtype="fp16"),
+}
+
+
+def write(tmp_path, data: bytes, name: str = "x.qpeft"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def join(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def edited(data: bytes, edit) -> bytes:
+    header, body = split(data)
+    result = edit(header, body)
+    return join(header, result if isinstance(result, bytes) else body)
+
+
+def test_small_files_read_back(tmp_path):
+    for name, data in SMALL.items():
+        adapter = read_adapter(write(tmp_path, data, name))
+        assert adapter.config.alpha == 2.0 and adapter.config.seed == 3 and len(adapter.fingerprint) == 3
+
+
+def set_mask_padding_bit(data: bytes) -> bytes:
+    """The mask holds 5 bits in one byte: set its top (padding) bit."""
+    header, body = split(data)
+    end = header["m"]["data_offsets"][1]
+    return join(header, body[: end - 1] + bytes([body[end - 1] | 0x80]) + body[end:])
+
+
+def nan_lambda(header, body):
+    begin = header["l"]["data_offsets"][0]
+    return body[:begin] + b"\x00\x7e" + body[begin + 2 :]  # fp16 NaN
+
+
+BAD = {
+    "empty": (lambda d: b"", "too short"),
+    "truncated": (lambda d: d[: len(d) - 3], "data"),
+    "cut in header": (lambda d: d[:40], "past the end"),
+    "header past end": (lambda d: struct.pack("<Q", len(d)) + d[8:], "past the end"),
+    "not json": (lambda d: d[:8] + b"!" + d[9:], "JSON"),
+    "newer version": (
+        lambda d: edited(d, lambda h, b: h["__metadata__"].update(format_version="2")),
+        "newer than this reader",
+    ),
+    "bad version": (
+        lambda d: edited(d, lambda h, b: h["__metadata__"].update(format_version="1.0")),
+        "version",
+    ),
+    "no metadata": (lambda d: edited(d, lambda h, b: h.pop("__metadata__")), "not a .qpeft"),
+    "wrong dtype": (lambda d: edited(d, lambda h, b: h["l"].update(dtype="F32")), "implies"),
+    "wrong K": (
+        lambda d: edited(
+            d, lambda h, b: h["__metadata__"].update(targets=h["__metadata__"]["targets"].replace(":1", ":2"))
+        ),
+        "implies",
+    ),
+    "wrong bits": (lambda d: edited(d, lambda h, b: h["__metadata__"].update(bits="5")), "implies"),
+    "unknown key": (lambda d: edited(d, lambda h, b: h["__metadata__"].update(colour="red")), "unknown"),
+    "missing tensor": (lambda d: edited(d, lambda h, b: h.pop("f")), "match the config"),
+    "overlap": (
+        lambda d: edited(
+            d,
+            lambda h, b: h["m"].update(
+                data_offsets=[0, h["m"]["data_offsets"][1] - h["m"]["data_offsets"][0]]
+            ),
+        ),
+        "gaps or overlap",
+    ),
+    "nan": (lambda d: edited(d, nan_lambda), "NaN"),
+    "construction": (
+        lambda d: edited(d, lambda h, b: h["__metadata__"].update(construction="split2-left-v1")),
+        "construction",
+    ),
+    "labels": (lambda d: edited(d, lambda h, b: h["__metadata__"].update(labels='["a","a"]')), "labels"),
+    "huge range": (
+        lambda d: edited(d, lambda h, b: h["__metadata__"].update(targets="x.{0-999999999}.w:8x6:2")),
+        "more than",
+    ),
+    "padding": (lambda d: set_mask_padding_bit(d), "padding"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_files_raise_one_clear_format_error(case, tmp_path):
+    mutate, match = BAD[case]
+    data = SMALL["pauli4"]
+    path = write(tmp_path, mutate(data))
+    with pytest.raises(FormatError, match=match) as error:
+        read_adapter(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+def test_hundred_megabyte_header_claim_fails_fast_without_allocating(tmp_path):
+    path = tmp_path / "big.qpeft"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 100 << 20) + b"{")
+        f.truncate(8 + (100 << 20) + 16)  # sparse: the claim is consistent with the file size
+    small = write(tmp_path, struct.pack("<Q", 100 << 20) + b"{}", "small.qpeft")
+    for target, match in ((path, "limit"), (small, "past the end")):
+        tracemalloc.start()
+        start = time.perf_counter()
+        with pytest.raises(FormatError, match=match):
+            read_adapter(target)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert elapsed < 0.5 and peak < 1 << 20, (elapsed, peak)
+    assert MAX_HEADER == 1 << 20
+
+
+def test_other_safetensors_files_are_named(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(load_task_model("minilm", LABELS), LoraConfig(r=2, target_modules=["query"]))
+    lora.save_pretrained(str(tmp_path / "lora"))
+    with pytest.raises(FormatError, match="PEFT LoRA"):
+        read_adapter(tmp_path / "lora" / "adapter_model.safetensors")
+    with pytest.raises(FormatError, match="not a .qpeft file"):
+        read_adapter(resolve_base("minilm") / "model.safetensors")
+    with pytest.raises(FormatError, match="cannot read"):
+        read_adapter(tmp_path / "missing.qpeft")
+    with pytest.raises(FormatError, match="cannot read"):
+        read_adapter(tmp_path)
+
+
+def check_consistent(adapter: AdapterFile, path) -> None:
+    """A successful read must be finite, match its config exactly and write back to the same state."""
+    config = adapter.config
+    expected = set()
+    for key, k in config.targets.items():
+        n, m = adapter.info["shapes"][key]
+        params, lam, mask = target_params(config.variant, key, (n, m, k), config.layers)
+        for name, shape in params:
+            assert adapter.state[name].shape == shape and adapter.state[name].dtype == torch.float32
+        assert adapter.state[lam].shape == (k,) and adapter.state[mask].dtype == torch.bool
+        expected.update([name for name, _ in params] + [lam, mask])
+    head = {k for k in adapter.state if config.head and k.startswith(config.head + ".")}
+    assert set(adapter.state) == expected | head
+    assert all(torch.isfinite(t).all() for t in adapter.state.values() if t.is_floating_point())
+    assert adapter.fingerprint is None or set(adapter.fingerprint) == set(config.targets)
+    write_adapter(path, adapter, bits=adapter.info["bits"], lambda_dtype=adapter.info["lambda_dtype"])
+    again = read_adapter(path)
+    assert again.state.keys() == adapter.state.keys()
+    assert all(torch.equal(again.state[k], t) for k, t in adapter.state.items())
+    assert again.config == adapter.config and again.fingerprint == adapter.fingerprint
+
+
+KINDS = ["header"] * 4 + ["body"] * 3 + ["flip", "truncate", "insert", "delete", "length"]
+
+
+@st.composite
+def mutated(draw):
+    """A small valid file with 1-3 mutations: structured header edits, flips in the data, raw byte damage."""
+    name = draw(st.sampled_from(sorted(SMALL)))
+    data = bytearray(SMALL[name])
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
+        kind = draw(st.sampled_from(KINDS))
+        start = 8 + struct.unpack("<Q", data[:8])[0] if kind == "body" and len(data) >= 8 else 0
+        if kind in ("flip", "body") and start < len(data):
+            for _ in range(draw(st.integers(1, 4))):
+                data[draw(st.integers(start, len(data) - 1))] ^= draw(st.integers(1, 255))
+        elif kind == "truncate":
+            data = data[: draw(st.integers(0, max(len(data) - 1, 0)))]
+        elif kind == "insert":
+            at = draw(st.integers(0, len(data)))
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete" and data:
+            at = draw(st.integers(0, len(data) - 1))
+            del data[at : at + draw(st.integers(1, 16))]
+        elif kind == "length" and len(data) >= 8:
+            data[:8] = struct.pack("<Q", draw(st.one_of(st.integers(0, 4096), st.integers(0, 2**64 - 1))))
+        elif kind == "header":
+            data = bytearray(edit_header(draw, bytes(data)))
+    return bytes(data)
+
+
+def edit_header(draw, data: bytes) -> bytes:
+    try:
+        header, body = split(data)
+    except (ValueError, struct.error, UnicodeDecodeError):
+        return data
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        return data
+    meta = header["__metadata__"]
+    values = st.one_of(
+        st.text(max_size=12),
+        st.integers(-3, 2**40).map(str),
+        st.sampled_from(
+            [
+                "0",
+                "1",
+                "2",
+                "3",
+                "4",
+                "8",
+                "16",
+                "32",
+                "fp16",
+                "fp32",
+                "pauli",
+                "taylor",
+                "",
+                "nan",
+                "inf",
+                "1e999",
+                "-0.5",
+                "x.{0-3}.w:8x6:2",
+                "enc.{0-1}.q.weight",
+                '["a"]',
+                '["a","b","c"]',
+                "[]",
+                "{}",
+                '{"k":[1]}',
+                "weight:2x5;bias:2",
+                "weight:5x2;bias:2",
+                "blake2b-8",
+                "split2-right-v1",
+                "stiefel-exp-v1",
+            ]
+        ),
+    )
+    what = draw(
+        st.sampled_from(["meta", "meta", "meta", "drop", "swap", "dtype", "shape", "offsets", "tensor"])
+    )
+    tensors = sorted(k for k in header if k != "__metadata__" and isinstance(header[k], dict))
+    if what == "meta":
+        meta[draw(st.sampled_from(sorted(meta) + ["extra", "head", "bits", "labels", "fingerprint"]))] = draw(
+            values
+        )
+    elif what == "drop" and meta:
+        meta.pop(draw(st.sampled_from(sorted(meta))))
+    elif what == "swap" and len(meta) >= 2:
+        a, b = draw(st.lists(st.sampled_from(sorted(meta)), min_size=2, max_size=2, unique=True))
+        meta[a], meta[b] = meta[b], meta[a]
+    elif tensors and what in ("dtype", "shape", "offsets"):
+        entry = header[draw(st.sampled_from(tensors))]
+        if what == "dtype":
+            entry["dtype"] = draw(st.sampled_from(["F16", "F32", "F64", "U8", "I64", "BOOL", "BF16"]))
+        elif what == "shape" and isinstance(entry.get("shape"), list):
+            entry["shape"] = draw(
+                st.one_of(
+                    st.lists(st.integers(-1, 2**33), max_size=3),
+                    st.just([d + draw(st.integers(-1, 1)) for d in entry["shape"]]),
+                )
+            )
+        elif isinstance(entry.get("data_offsets"), list):
+            entry["data_offsets"] = [o + draw(st.integers(-2, 2)) for o in entry["data_offsets"]]
+    elif what == "tensor":
+        header["z"] = {"dtype": "U8", "shape": [1], "data_offsets": [len(body), len(body) + 1]}
+        body += b"\0"
+    return join(header, body)
+
+
+@settings(
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(data=mutated())
+def test_mutated_files_read_cleanly_or_raise_format_error(data, tmp_path):
+    path = write(tmp_path, data, "m.qpeft")
+    try:
+        adapter = read_adapter(path)
+    except FormatError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+        event("refused: " + re.sub(r"\d+", "#", str(e).removeprefix(f"{path}: "))[:24])
+        return
+    event("read")
+    check_consistent(adapter, tmp_path / "again.qpeft")
+
+
+def test_verify_and_inspect(model, tmp_path):
+    path = save_adapter(model, tmp_path / "a.qpeft", bits=4, lambda_dtype="fp16", base="minilm")
+    report = verify_adapter(path, base="minilm")
+    assert report["targets"] == 37 and report["max_orthogonality_error"] < 1e-10
+    summary = inspect_adapter(path)
+    assert summary["targets"] == 37 and summary["ranks"] == [8] and summary["bits"] == 4
+    assert summary["parameters"]["lambda"] == 37 * 8 and summary["parameters"]["head"] == 2 * 384 + 2
+    assert set(summary["bytes"]) == {"header", "angles", "lambda", "mask", "head", "fingerprint", "total"}
+    json.dumps(summary)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verify_adapter(write(tmp_path, SMALL["taylor16"], "t.qpeft"))
+
+
+def test_adapter_that_does_not_fit_leaves_the_model_untouched(model, tmp_path):
+    path = save_adapter(model, tmp_path / "a.qpeft")
+    other = load_task_model("minilm", {0: "a", 1: "b", 2: "c"})  # 3 labels: the head does not fit
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match="classifier"):
+        load_adapter(other, path)
+    assert not adapted_layers(other) and other.state_dict().keys() == before.keys()
+    tiny = Tiny()
+    with pytest.raises(ConfigError, match="encoder"):
+        load_adapter(tiny, path)
+    assert not adapted_layers(tiny)
+    loaded = load_adapter(load_task_model("minilm", LABELS), path)
+    with pytest.raises(ConfigError, match="already"):
+        load_adapter(loaded, path)

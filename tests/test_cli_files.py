@@ -1,0 +1,159 @@
+"""Tests of ``qpeft pack | inspect | verify`` (cli/files.py) through click's CliRunner and real files."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+from qpeft_deploy.cli.files import inspect_command, pack_command, verify_command
+from safetensors.torch import load_file, save_file
+
+from qpeft_deploy.adapter_file import read_adapter, save_adapter
+from qpeft_deploy.attach import attach
+from qpeft_deploy.errors import QpeftError
+from qpeft_deploy.models import load_task_model, resolve_base
+
+
+class Group(click.Group):
+    """What the main ``qpeft`` group does with library errors: one line on stderr, exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QpeftError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@pytest.fixture(scope="module")
+def qpeft():
+    group = Group("qpeft")
+    for command in (pack_command, inspect_command, verify_command):
+        group.add_command(command)
+    return group
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    model = load_task_model("minilm", {0: "neg", 1: "pos"})
+    attach(model, "all-linear", rank=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("spectrum.lam"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    return save_adapter(model, tmp_path_factory.mktemp("a") / "fp32.qpeft", base="minilm")
+
+
+def run(qpeft, *args):
+    return CliRunner().invoke(qpeft, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_pack_requantises_and_keeps_what_is_not_asked(qpeft, adapter, tmp_path):
+    out = tmp_path / "four.qpeft"
+    result = run(qpeft, "pack", adapter, "-o", out, "--bits", "4", "--lambda-dtype", "fp16")
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and f"{out.stat().st_size:,} bytes" in result.output
+    packed = read_adapter(out)
+    assert (
+        packed.info["bits"] == 4 and packed.info["lambda_dtype"] == "fp16" and len(packed.fingerprint) == 37
+    )
+    again = tmp_path / "nohead.qpeft"
+    result = run(qpeft, "pack", out, "-o", again, "--drop-head", "--quiet")
+    assert result.exit_code == 0 and result.output == ""
+    dropped = read_adapter(again)
+    assert dropped.info["bits"] == 4 and dropped.config.head is None
+    assert again.stat().st_size < out.stat().st_size < adapter.stat().st_size / 3
+    back = tmp_path / "fp32.qpeft"
+    assert run(qpeft, "pack", out, "-o", back, "--bits", "32", "--quiet").exit_code == 0
+    assert read_adapter(back).info["bits"] is None
+
+
+def test_pack_errors(qpeft, adapter, tmp_path):
+    assert_one_line_error(
+        run(qpeft, "pack", tmp_path / "missing.qpeft", "-o", tmp_path / "x.qpeft"),
+        "missing.qpeft",
+        "cannot read",
+    )
+    result = run(qpeft, "pack", adapter, "-o", tmp_path / "x.qpeft", "--bits", "9")
+    assert result.exit_code == 2 and "9" in result.stderr  # click's own usage error
+    assert_one_line_error(run(qpeft, "pack", adapter, "-o", tmp_path / "no" / "x.qpeft"), "cannot write")
+    assert not (tmp_path / "x.qpeft").exists()
+
+
+def test_inspect_text_and_json(qpeft, adapter, tmp_path):
+    out = tmp_path / "four.qpeft"
+    assert run(qpeft, "pack", adapter, "-o", out, "--bits", "4", "--lambda-dtype", "fp16").exit_code == 0
+    result = run(qpeft, "inspect", out)
+    assert result.exit_code == 0, result.output
+    for text in (
+        "qpeft version 1",
+        "pauli (split2-right-v1), L=1",
+        "targets       37, K=8",
+        "encoder.layer.{0-5}.attention.self.{key,query,value}.weight:384x384:8",
+        "angles 4-bit",
+        "header",
+        "lambda 592",
+        "head 1,540",
+        "blake2b-8 over 37",
+    ):
+        assert text in result.output, text
+    data = json.loads(run(qpeft, "inspect", out, "--json").output)
+    assert data["targets"] == 37 and data["bits"] == 4 and data["format_version"] == 1
+    assert data["bytes"]["total"] == out.stat().st_size
+    assert data["bytes"]["header"] <= 0.2 * data["bytes"]["total"]
+    assert data["parameters"] == {"angles": 3252, "lambda": 296, "head": 770, "total": 4318}
+
+
+def test_verify_ok_and_fingerprint_mismatch(qpeft, adapter, tmp_path):
+    result = run(qpeft, "verify", adapter, "--base", "minilm")
+    assert result.exit_code == 0 and result.output.startswith("ok: ") and "matches minilm" in result.output
+    assert run(qpeft, "verify", adapter, "--quiet").output == ""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_bytes((resolve_base("minilm") / "config.json").read_bytes())
+    weights = load_file(str(resolve_base("minilm") / "model.safetensors"))
+    weights = {k: v for k, v in weights.items() if k.startswith(("encoder.", "pooler."))}
+    weights["encoder.layer.4.attention.self.value.weight"] *= 1.001  # fingerprints need no other tensor
+    save_file(weights, str(base / "model.safetensors"))
+    assert_one_line_error(
+        run(qpeft, "verify", adapter, "--base", base), "encoder.layer.4.attention.self.value.weight"
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: b"", ["too short"]),
+        (lambda d: d[: len(d) // 2], ["data"]),
+        (lambda d: struct.pack("<Q", 100 << 20) + d[8:], ["past the end"]),
+        (lambda d: d[:20] + bytes([d[20] ^ 0xFF]) + d[21:], ["JSON"]),
+    ],
+)
+def test_bad_files_exit_2_with_one_line(qpeft, adapter, tmp_path, damage, words):
+    bad = tmp_path / "bad.qpeft"
+    bad.write_bytes(damage(adapter.read_bytes()))
+    for command in (["inspect"], ["verify"], ["inspect", "--json"], ["pack", "-o", tmp_path / "o.qpeft"]):
+        result = run(qpeft, command[0], bad, *command[1:])
+        assert_one_line_error(result, str(bad), *words)
+
+
+def test_lora_file_passed_by_mistake(qpeft, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        load_task_model("minilm", {0: "a", 1: "b"}), LoraConfig(r=2, target_modules=["key"])
+    )
+    lora.save_pretrained(str(tmp_path))
+    assert_one_line_error(run(qpeft, "inspect", tmp_path / "adapter_model.safetensors"), "PEFT LoRA")

@@ -1,0 +1,56 @@
+"""`qpeft train` and `qpeft eval` end to end on real MiniLM and real SMS messages (tiny budget)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qpeft_deploy.cli.main import cli
+
+TINY = ["--task", "sms", "--targets", "query,value", "--rank", "4", "--epochs", "1", "--max-examples", "24",
+        "--max-test", "16", "--max-length", "24", "--batch-size", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "sms.qpeft"
+    result = CliRunner().invoke(cli, ["train", "--base", "minilm", *TINY, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.output)
+
+
+def test_train_writes_an_adapter_and_reports(trained):
+    path, report = trained
+    assert path.is_file() and report["file_bytes"] == path.stat().st_size
+    assert report["trainable_parameters"] == 12 * (42 + 42 + 4) + 2 * 384 + 2
+    assert 0.0 <= report["test_accuracy"] <= 1.0 and report["test_examples"] == 16
+
+
+def test_eval_reproduces_the_training_accuracy(trained):
+    path, report = trained
+    result = CliRunner().invoke(cli, ["eval", "--adapter", str(path), "--task", "sms", "--max-examples", "16",
+                                      "--max-length", "24", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["test_accuracy"] == pytest.approx(report["test_accuracy"])
+
+
+def test_eval_refuses_a_task_with_other_labels(trained):
+    path, _ = trained
+    result = CliRunner().invoke(cli, ["eval", "--adapter", str(path), "--task", "trec6", "--quiet"])
+    assert result.exit_code == 2
+    assert "do not match" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--task", "imdb", "-o", "x.qpeft"], "imdb"),
+    (["train", "--task", "sms", "--targets", "nothing_like_this", "-o", "x.qpeft"], "matches"),
+    (["train", "--task", "sms", "--rank", "999", "-o", "x.qpeft"], "rank"),
+    (["eval", "--adapter", "missing.qpeft", "--task", "sms"], "missing.qpeft"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "x.qpeft").exists()

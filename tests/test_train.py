@@ -1,0 +1,95 @@
+"""Training on real MiniLM and real Rotten Tomatoes reviews (small subsets)."""
+
+import pytest
+import torch
+
+from qpeft_deploy.attach import adapted_layers
+from qpeft_deploy.data import load_task
+from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.models import load_tokenizer
+from qpeft_deploy.train import TrainSpec, batches, build_model, evaluate, fit, run_spec
+
+SPEC = TrainSpec(task="rt", rank=8, epochs=3, batch_size=16, max_examples=96, max_test=64, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_task("rt", max_train=SPEC.max_examples, max_test=SPEC.max_test)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("minilm")
+
+
+def _train(data, tokenizer, adapter: bool):
+    model = build_model(SPEC, data.id2label, adapter=adapter)
+    result = fit(model, tokenizer, data.train, epochs=SPEC.epochs, lr=SPEC.lr, head_lr=SPEC.head_lr,
+                 batch_size=SPEC.batch_size, max_length=SPEC.max_length, quiet=True)
+    return model, result
+
+
+@pytest.fixture(scope="module")
+def trained(data, tokenizer):
+    torch.set_num_threads(2)
+    return {"adapter": _train(data, tokenizer, True), "head-only": _train(data, tokenizer, False)}
+
+
+def test_training_moves_lambda_off_zero(trained):
+    model, result = trained["adapter"]
+    assert result.steps == 3 * 6
+    lams = torch.cat([layer.spectrum.lam.detach() for layer in adapted_layers(model).values()])
+    assert lams.abs().max() > 1e-3
+
+
+def test_adapter_ends_with_lower_training_loss_than_head_only(trained, data, tokenizer):
+    losses = {name: evaluate(model, tokenizer, data.train, max_length=SPEC.max_length)["loss"]
+              for name, (model, _) in trained.items()}
+    assert losses["adapter"] < losses["head-only"], losses
+
+
+def test_head_only_trains_only_the_head(trained):
+    model, _ = trained["head-only"]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names == ["classifier.weight", "classifier.bias"]
+
+
+def test_evaluate_reports_accuracy_and_loss(trained, data, tokenizer):
+    model, _ = trained["adapter"]
+    metrics = evaluate(model, tokenizer, data.test, max_length=SPEC.max_length)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0 and metrics["examples"] == 64
+
+
+def test_run_spec_report_counts_parameters():
+    spec = TrainSpec(task="sms", rank=2, targets=["query"], epochs=1, max_examples=16, max_test=8,
+                     max_length=16, batch_size=8)
+    _, report = run_spec(spec, quiet=True)
+    # 6 query layers, 384x384: 2 circuits of 42 angles + K=2 lambdas each; head 2x384 + 2.
+    assert report["trainable_parameters"] == 6 * (42 + 42 + 2) + 2 * 384 + 2
+    assert report["lora_r8_parameters"] == 6 * 8 * (384 + 384)
+    assert report["test_examples"] == 8
+
+
+def test_batches_cover_every_example_once():
+    examples = [(str(i), i % 2) for i in range(10)]
+    import random
+    chunks = batches(examples, 4, random.Random(0))
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert sorted(x for c in chunks for x in c) == sorted(examples)
+
+
+@pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"batch_size": 0}])
+def test_bad_budget_is_refused(data, tokenizer, kwargs):
+    model = build_model(SPEC, data.id2label)
+    with pytest.raises(ConfigError):
+        fit(model, tokenizer, data.train[:4], quiet=True, **kwargs)
+
+
+def test_no_examples_is_refused(data, tokenizer):
+    with pytest.raises(ConfigError, match="no training examples"):
+        fit(build_model(SPEC, data.id2label), tokenizer, [], quiet=True)
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ConfigError):
+        run_spec(TrainSpec(task="imdb"), quiet=True)
