@@ -13,6 +13,7 @@ from qpeft_deploy import __version__
 from qpeft_deploy.errors import QpeftError
 
 from .files import inspect_command, pack_command, verify_command
+from .merge import merge_command, unmerge_command
 from .serve import serve_command
 from .train import eval_command, train_command
 
@@ -34,7 +35,8 @@ def cli() -> None:
     """Quantum-PEFT adapters: train, pack, inspect, merge, export and serve kilobyte-sized fine-tunes."""
 
 
-for command in (train_command, eval_command, pack_command, inspect_command, verify_command, serve_command):
+for command in (train_command, eval_command, pack_command, inspect_command, verify_command, merge_command,
+                unmerge_command, serve_command):
     cli.add_command(command)
 
 
