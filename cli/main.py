@@ -14,6 +14,7 @@ from qpeft_deploy.errors import QpeftError
 
 from .files import inspect_command, pack_command, verify_command
 from .merge import merge_command, unmerge_command
+from .onnx import export_onnx_adapter_command, export_onnx_command
 from .serve import serve_command
 from .train import eval_command, train_command
 
@@ -35,9 +36,16 @@ def cli() -> None:
     """Quantum-PEFT adapters: train, pack, inspect, merge, export and serve kilobyte-sized fine-tunes."""
 
 
+@cli.group("export")
+def export_group() -> None:
+    """Export an adapter (or a base model with adapters) to another format."""
+
+
 for command in (train_command, eval_command, pack_command, inspect_command, verify_command, merge_command,
                 unmerge_command, serve_command):
     cli.add_command(command)
+for command in (export_onnx_command, export_onnx_adapter_command):
+    export_group.add_command(command)
 
 
 def main() -> None:

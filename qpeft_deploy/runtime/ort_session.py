@@ -1,0 +1,225 @@
+"""OrtAdapterSession: the runtime API of CONVENTIONS.md over onnxruntime, for swappable ONNX exports.
+
+``load(name, path)`` takes an onnxruntime adapter file (``qpeft export onnx-adapter``) or a .qpeft file
+(converted in memory) and checks it against the model before any run: the parameter names and shapes (the
+head's ``num_labels`` axis may differ, so adapters with 2, 6, ... labels share one session), finite values,
+the structure id and the base id. A call names its adapter per request (``adapter="a"``) or per row
+(``adapter=["a", None, "b"]``): a mixed batch is split per adapter, each part runs with its own
+``RunOptions.add_active_adapter`` and the rows are merged back in order. ``None`` runs the exported default.
+There is no hidden active adapter, so one session may serve many threads.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qpeft_deploy.adapter_file import SUFFIX, read_adapter
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.exporters.onnx import (
+    PARAM_PREFIX,
+    base_id,
+    ort_errors,
+    read_onnx_adapter,
+    session_options,
+    structure_id,
+    swap_parameters,
+    write_ort_adapter,
+)
+
+_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """A loaded adapter: onnxruntime's handle (kept alive here: RunOptions does not own it) and its labels."""
+
+    handle: ort.LoraAdapter
+    labels: list[str] | None
+
+
+class OrtAdapterSession:
+    """One onnxruntime session over a swappable ONNX model, serving named adapters per call."""
+
+    def __init__(self, model_path: str | Path, *, threads: int | None = None):
+        self.path = Path(model_path)
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except ort_errors() as e:
+            raise FormatError(
+                f"{self.path}: cannot load the ONNX model ({str(e).splitlines()[0][:160]})"
+            ) from None
+        meta = self._session.get_modelmeta().custom_metadata_map
+        self._swap = meta.get("qpeft.swap")
+        self._structure, self._base = int(meta.get("qpeft.structure", 0)), int(meta.get("qpeft.base", 0))
+        self._params = {
+            i.name: i.shape
+            for i in self._session.get_overridable_initializers()
+            if i.name.startswith(PARAM_PREFIX)
+        }
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._output = self._session.get_outputs()[0].name
+        self._default_labels = json.loads(meta.get("qpeft.labels", "[]")) or None
+        self._adapters: dict[str, _Adapter] = {}
+        self._lock = threading.Lock()
+        self.default_adapter: str | None = None
+
+    # ------------------------------------------------------------------------------------------- adapters
+
+    def load(self, name: str, path: str | Path) -> None:
+        """Load (or replace) adapter ``name`` from an onnxruntime adapter file or a .qpeft file."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
+        path = Path(path)
+        if self._swap is None:
+            raise ConfigError(f"{self.path}: not a swappable model (export it with --mode swappable)")
+        structure, base, params, labels = self._read(path)
+        self._check(path, structure, base, params)
+        handle = ort.LoraAdapter()
+        if path.suffix == SUFFIX:
+            with tempfile.TemporaryDirectory() as folder:
+                converted = Path(folder) / "adapter.onnx_adapter"
+                write_ort_adapter(converted, params, structure, base)
+                handle.Load(str(converted))
+        else:
+            handle.Load(str(path))
+        with self._lock:
+            self._adapters[name] = _Adapter(handle, labels)
+
+    def _read(self, path: Path) -> tuple[int, int, dict[str, np.ndarray], list[str] | None]:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such adapter file")
+        if path.suffix != SUFFIX:
+            return (*read_onnx_adapter(path), None)
+        info = read_adapter(path)
+        labels = (
+            [info.config.id2label[i] for i in sorted(info.config.id2label)] if info.config.id2label else None
+        )
+        try:
+            params = swap_parameters(info, self._swap)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        return structure_id(info, self._swap), base_id(info.fingerprint), params, labels
+
+    def _check(self, path: Path, structure: int, base: int, params: dict[str, np.ndarray]) -> None:
+        """Refuse an adapter that does not fit this model (before any run)."""
+        missing, unknown = (
+            sorted(self._params.keys() - params.keys()),
+            sorted(params.keys() - self._params.keys()),
+        )
+        if missing or unknown:
+            raise ConfigError(
+                f"{path}: adapter does not fit {self.path} (other targets, ranks or head): "
+                f"missing {missing[:2]}, unknown {unknown[:2]}"
+            )
+        labels = set()
+        for name, value in params.items():
+            expected = self._params[name]
+            if (
+                value.dtype != np.float32
+                or value.ndim != len(expected)
+                or any(isinstance(e, int) and e != d for e, d in zip(expected, value.shape))
+            ):
+                raise ConfigError(
+                    f"{path}: {name} is {value.dtype}{list(value.shape)}, the model takes float32{expected}"
+                )
+            labels.update(d for e, d in zip(expected, value.shape) if not isinstance(e, int))
+            if not np.isfinite(value).all():
+                raise FormatError(f"{path}: {name} contains NaN or Inf")
+        if len(labels) > 1:
+            raise ConfigError(f"{path}: head tensors disagree on the number of labels ({sorted(labels)})")
+        if structure != self._structure:
+            raise ConfigError(f"{path}: adapter was made for another model structure than {self.path}")
+        if base and self._base and base != self._base:
+            raise BaseMismatchError(f"{path}: adapter was trained on another base model than {self.path}'s")
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name``."""
+        with self._lock:
+            if self._adapters.pop(name, None) is None:
+                raise ConfigError(f"unknown adapter {name!r}; loaded: {sorted(self._adapters)}")
+        if self.default_adapter == name:
+            self.default_adapter = None
+
+    def names(self) -> list[str]:
+        """Names of the loaded adapters, sorted."""
+        with self._lock:
+            return sorted(self._adapters)
+
+    def labels(self, name: str | None = None) -> list[str] | None:
+        """Label names of adapter ``name`` (None: the exported default), when known."""
+        return self._default_labels if name is None else self._lookup([name])[name].labels
+
+    def _lookup(self, names: Sequence[str]) -> dict[str, _Adapter]:
+        with self._lock:
+            unknown = sorted(set(names) - self._adapters.keys())
+            if unknown:
+                raise ConfigError(f"unknown adapter {unknown[0]!r}; loaded: {sorted(self._adapters)}")
+            return {name: self._adapters[name] for name in names}
+
+    # ----------------------------------------------------------------------------------------------- runs
+
+    def __call__(self, inputs: Mapping, adapter: str | Sequence[str | None] | None = _DEFAULT):
+        """The model's first output for ``inputs`` (input_ids, attention_mask, ...), with ``adapter`` (a name,
+        None for the exported default, or one entry per row). Returns an array, or for a mixed batch whose
+        adapters have different label counts a list of per-row arrays."""
+        feeds = self._feeds(inputs)
+        rows = len(next(iter(feeds.values())))
+        if adapter is _DEFAULT:
+            adapter = self.default_adapter
+        if adapter is None or isinstance(adapter, str):
+            return self._run(feeds, self._lookup([adapter])[adapter] if adapter else None)
+        if len(adapter) != rows:
+            raise ConfigError(f"{len(adapter)} adapter names for a batch of {rows} rows")
+        loaded = self._lookup([a for a in dict.fromkeys(adapter) if a is not None])
+        parts = {}
+        for name in dict.fromkeys(adapter):
+            index = np.array([i for i, a in enumerate(adapter) if a == name])
+            parts[name] = (index, self._run({k: v[index] for k, v in feeds.items()}, loaded.get(name)))
+        return _merge_rows(parts.values(), rows)
+
+    def _feeds(self, inputs: Mapping) -> dict[str, np.ndarray]:
+        """The model's inputs as arrays (token ids int64, pixel values float32); token_type_ids default to 0."""
+        feeds = {
+            k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+            for k, v in inputs.items()
+            if k in self._inputs
+        }
+        if "token_type_ids" in self._inputs and "token_type_ids" not in feeds and "input_ids" in feeds:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        missing = [name for name in self._inputs if name not in feeds]
+        if missing:
+            raise ConfigError(f"inputs lack {missing}; the model takes {self._inputs}")
+        return {
+            k: v.astype(np.float32 if v.dtype.kind == "f" else np.int64, copy=False) for k, v in feeds.items()
+        }
+
+    def _run(self, feeds: dict[str, np.ndarray], adapter: _Adapter | None) -> np.ndarray:
+        options = ort.RunOptions()
+        if adapter is not None:
+            options.add_active_adapter(adapter.handle)
+        return self._session.run([self._output], feeds, options)[0]
+
+
+def _merge_rows(parts, rows: int) -> np.ndarray | list[np.ndarray]:
+    """Rows of per-adapter outputs back in batch order: one array, or a list when the row shapes differ."""
+    parts = list(parts)
+    if len({out.shape[1:] for _, out in parts}) == 1:
+        merged = np.empty((rows, *parts[0][1].shape[1:]), parts[0][1].dtype)
+        for index, out in parts:
+            merged[index] = out
+        return merged
+    merged_rows: list = [None] * rows
+    for index, out in parts:
+        for i, row in zip(index, out):
+            merged_rows[i] = row
+    return merged_rows

@@ -1,0 +1,332 @@
+"""Tests of qpeft_deploy.serve and ``qpeft serve``: real uvicorn on loopback, real adapters and HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from click.testing import CliRunner
+from qpeft_deploy.cli.main import QpeftGroup
+from qpeft_deploy.cli.serve import serve_command
+from qpeft_deploy.exporters.onnx import export_onnx
+
+from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
+from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
+from qpeft_deploy.runtime.bank import AdapterBank
+from qpeft_deploy.serve import MicroBatcher, ServeSettings, create_app, load_folder, make_backend
+
+TWO = {0: "ham", 1: "spam"}
+SIX = {i: name for i, name in enumerate(["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])}
+TEXTS = ["a gorgeous, moving film", "dull and far too long", "who wrote hamlet?", "how far is the moon?",
+         "call now to win a prize", "see you at 8", "not bad at all", "what does NASA stand for?"]
+SPECS = {"sentiment": (TWO, {"seed": 11}), "topic": (SIX, {"seed": 12, "rank": 4}),
+         "spam": (TWO, {"seed": 13, "targets": ["query", "value", "dense"]})}
+SETTINGS = ServeSettings(max_texts=4, max_text_chars=300, max_batch_rows=16, batch_window_s=0.01,
+                         max_body_bytes=64 << 10, max_upload_bytes=1 << 20)
+
+
+def make_adapter(path, labels: dict[int, str], seed: int, **options):
+    """A saved adapter with random λ and head (λ = 0 would make every adapter the base model)."""
+    model = attach(load_task_model("minilm", labels, seed=seed), seed=seed, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.spectrum.lam.copy_(torch.randn(layer.rank, generator=g) * 0.5)
+        for p in model.classifier.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_adapter(model, path, base="minilm")
+
+
+class RecordingBank(AdapterBank):
+    """The real bank, also noting the adapters each backend call mixed (to see the server batch requests)."""
+
+    batches: list[list[str]]
+
+    def classify(self, texts, adapter=None):
+        self.batches.append(list(adapter))
+        return super().classify(texts, adapter)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread (see tests/test_bank.py): the shared 2-core machine is oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    for name, (labels, options) in SPECS.items():
+        make_adapter(folder / f"{name}.qpeft", labels, **options)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(folder):
+    """(label, scores) of every adapter on every text, from each adapter's own model (no bank involved)."""
+    inputs = tokenize(load_tokenizer("minilm"), TEXTS)
+    out = {}
+    for name in SPECS:
+        model = load_adapted_model("minilm", folder / f"{name}.qpeft")
+        labels = list(model.config.id2label.values())
+        with torch.no_grad():
+            probs = torch.softmax(model(**inputs).logits, -1)
+        out[name] = [(labels[int(p.argmax())], dict(zip(labels, p.tolist()))) for p in probs]
+    return out
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def running(app):
+    """A real uvicorn server for ``app`` on 127.0.0.1 (a free port) in a thread, as an httpx client."""
+    sock = free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert server.started
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    """The torch backend (a real bank, recording its batches) served over loopback HTTP."""
+    backend = RecordingBank.from_pretrained("minilm")
+    backend.batches = []
+    assert load_folder(backend, folder) == sorted(SPECS)
+    with running(create_app(backend, folder, SETTINGS)) as client:
+        yield client, backend
+
+
+def check(response, name, texts_idx, expected):
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["adapter"] == name and len(body["predictions"]) == len(texts_idx)
+    for p, i in zip(body["predictions"], texts_idx):
+        label, scores = expected[name][i]
+        if p["label"] != label or p["scores"].keys() != scores.keys():
+            return False
+        if any(abs(p["scores"][k] - v) > 1e-4 for k, v in scores.items()):
+            return False
+    return True
+
+
+def test_health_and_listing(server):
+    client, _ = server
+    assert client.get("/healthz").json() == {"status": "ok", "adapters": 3}
+    listing = client.get("/v1/adapters").json()["adapters"]
+    assert {a["name"]: a["labels"] for a in listing} == {n: list(s[0].values()) for n, s in SPECS.items()}
+
+
+def test_classify_matches_each_adapters_own_model(server, expected):
+    client, _ = server
+    for name in SPECS:
+        response = client.post("/v1/classify", json={"adapter": name, "texts": TEXTS[:4]})
+        assert check(response, name, range(4), expected)
+
+
+def test_8_threads_x_50_requests_across_3_adapters_all_correct(server, expected):
+    client, backend = server
+    backend.batches.clear()
+    names = list(SPECS)
+
+    def run(thread: int) -> int:
+        wrong = 0
+        for r in range(50):
+            name = names[(thread + r) % 3]
+            idx = [(thread * 7 + r) % len(TEXTS), (thread + 3 * r) % len(TEXTS)][: 1 + (r % 2)]
+            response = client.post("/v1/classify", json={"adapter": name, "texts": [TEXTS[i] for i in idx]})
+            wrong += not check(response, name, idx, expected)
+        return wrong
+
+    with ThreadPoolExecutor(8) as pool:
+        wrong = sum(pool.map(run, range(8)))
+    assert wrong == 0
+    assert sum(len(b) for b in backend.batches) == 8 * 50 * 1.5
+    assert any(len(set(b)) > 1 for b in backend.batches), "concurrent requests were never batched together"
+
+
+def test_micro_batcher_splits_at_max_rows_and_stops(server, expected):
+    _, backend = server
+    batcher = MicroBatcher(backend, window_s=0.2, max_rows=4)
+    batcher.start()
+    backend.batches.clear()
+    jobs = [("topic", [0, 1]), ("spam", [2, 3]), ("sentiment", [4, 5]), ("nope", [6])]
+    futures = [batcher.submit(name, [TEXTS[i] for i in idx]) for name, idx in jobs]
+    batcher.close()  # finishes the queued work first
+    # 2 + 2 rows, then 2 + 1 (and then the bad job retried alone)
+    assert [len(b) for b in backend.batches][:2] == [4, 3]
+    for (name, idx), future in zip(jobs[:3], futures[:3]):
+        assert [p.label for p in future.result(timeout=0)] == [expected[name][i][0] for i in idx]
+    with pytest.raises(ConfigError, match="no adapter named 'nope'"):
+        futures[3].result(timeout=0)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"adapter": "nope", "texts": ["hi"]}, 404, "no adapter named 'nope'"),
+    ({"adapter": "topic", "texts": []}, 422, "1 to 4 strings"),
+    ({"adapter": "topic", "texts": ["hi"] * 5}, 422, "1 to 4 strings"),
+    ({"adapter": "topic", "texts": ["x" * 301]}, 422, "texts[0] has 301 characters"),
+    ({"adapter": "topic", "texts": ["ok", 7]}, 422, "texts[1] is a int"),
+    ({"adapter": "topic", "texts": "hi"}, 422, "list of 1 to 4"),
+    ({"adapter": 3, "texts": ["hi"]}, 422, "adapter must be a string"),
+    ({"texts": ["hi"]}, 422, "JSON object"),
+    ([1, 2], 422, "JSON object"),
+])
+def test_bad_classify_requests_are_json_4xx(server, body, status, message):
+    client, _ = server
+    response = client.post("/v1/classify", json=body)
+    assert response.status_code == status and message in response.json()["error"]
+
+
+def test_malformed_oversized_and_untyped_bodies(server, expected):
+    client, _ = server
+    json_type = {"content-type": "application/json"}
+    for raw, status in ((b'{"adapter": "topic", "texts": [', 400), (b"\xff\xfe", 400), (b"NaN", 400),
+                        (b'{"adapter": "topic", "adapter": "spam", "texts": ["a"]}', 400),
+                        (b"x" * (65 << 10), 413)):
+        response = client.post("/v1/classify", content=raw, headers=json_type)
+        assert response.status_code == status and response.json()["error"]
+    response = client.post("/v1/classify", content=b"adapter=topic", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert check(client.post("/v1/classify", json={"adapter": "topic", "texts": TEXTS[:2]}), "topic", [0, 1],
+                 expected)
+
+
+def test_loading_from_the_folder_only(server, folder, expected, tmp_path):
+    client, backend = server
+    (folder / "topic2.qpeft").write_bytes((folder / "topic.qpeft").read_bytes())
+    outside = tmp_path / "outside.qpeft"
+    outside.write_bytes((folder / "spam.qpeft").read_bytes())
+    (folder / "escape.qpeft").symlink_to(outside)
+    try:
+        with pytest.raises(ConfigError, match="escape.qpeft: no adapter file"):
+            load_folder(backend, folder)  # at start-up too, a link out of the folder is refused
+        check_folder_loading(client, outside, expected)
+    finally:
+        (folder / "topic2.qpeft").unlink()
+        (folder / "escape.qpeft").unlink()
+
+
+def check_folder_loading(client, outside, expected):
+    response = client.post("/v1/adapters", json={"name": "topic2"})
+    assert response.status_code == 201 and response.json()["labels"] == list(SIX.values())
+    response = client.post("/v1/classify", json={"adapter": "topic2", "texts": TEXTS[:3]})
+    assert check(response, "topic2", range(3), {"topic2": expected["topic"]})
+    assert client.post("/v1/adapters", json={"name": "escape"}).status_code == 404
+    assert client.post("/v1/adapters", json={"name": "missing"}).status_code == 404
+    for name in ("../spam", str(outside), "/etc/passwd", "a/b", ""):
+        response = client.post("/v1/adapters", json={"name": name})
+        assert response.status_code == 422 and "invalid adapter name" in response.json()["error"]
+    assert client.post("/v1/adapters", json={"path": str(outside)}).status_code == 422
+    assert client.delete("/v1/adapters/topic2").json() == {"unloaded": "topic2"}
+    assert client.delete("/v1/adapters/topic2").status_code == 404
+
+
+def test_uploads_are_verified_like_files(server, folder, expected):
+    client, _ = server
+    good = (folder / "spam.qpeft").read_bytes()
+    octet = {"content-type": "application/octet-stream"}
+    for data in (good[:-5], b"\x08" + b"\x00" * 15, b"not a safetensors file at all"):
+        response = client.post("/v1/adapters", params={"name": "up"}, content=data, headers=octet)
+        assert response.status_code == 400 and "upload up" in response.json()["error"]
+        assert "/tmp" not in response.json()["error"]
+    too_big = client.post("/v1/adapters", params={"name": "up"}, content=bytes((1 << 20) + 1), headers=octet)
+    assert too_big.status_code == 413
+    bad_name = client.post("/v1/adapters", params={"name": "../up"}, content=good, headers=octet)
+    assert bad_name.status_code == 422
+    response = client.post("/v1/adapters", params={"name": "up"}, content=good, headers=octet)
+    assert response.status_code == 201 and not (folder / "up.qpeft").exists()
+    assert check(client.post("/v1/classify", json={"adapter": "up", "texts": TEXTS[4:6]}), "up", [4, 5],
+                 {"up": expected["spam"]})
+    client.delete("/v1/adapters/up")
+    assert client.get("/healthz").json()["adapters"] == 3
+
+
+def test_cli_errors_are_one_line():
+    group = QpeftGroup("qpeft")
+    group.add_command(serve_command)
+    result = CliRunner().invoke(group, ["serve", "--adapters", "/no/such/folder"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
+    assert "/no/such/folder: adapters folder not found" in result.output
+    result = CliRunner().invoke(group, ["serve", "--adapters", "/", "--backend", "onnx"])
+    assert result.exit_code == 2 and "--onnx-model" in result.output
+
+
+def test_qpeft_serve_command_answers_http(folder, expected):
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()  # the child binds it again (SO_REUSEADDR); a clash would show as a failed start below
+    code = ("import sys; from qpeft_deploy.cli.main import QpeftGroup; from qpeft_deploy.cli.serve import "
+            "serve_command; g = QpeftGroup('qpeft'); g.add_command(serve_command); g(sys.argv[1:])")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = ["serve", "--base", "minilm", "--adapters", str(folder), "--port", str(port), "--quiet"]
+    child = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for _ in range(600):
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert child.poll() is None, child.stderr.read().decode()
+                    time.sleep(0.1)
+            response = client.post("/v1/classify", json={"adapter": "topic", "texts": TEXTS[2:4]})
+            assert check(response, "topic", [2, 3], expected)
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+
+
+def test_onnx_backend_serves_the_same_answers(tmp_path):
+    """The onnx backend (OrtAdapterSession, swappable export) behind the same HTTP API, checked against the
+    torch bank on the same adapters (small ones: one target, so the export stays quick)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for name, labels, seed in (("two", TWO, 21), ("six", SIX, 22)):
+        make_adapter(served / f"{name}.qpeft", labels, seed, targets=["query"], rank=4)
+    export_onnx("minilm", served / "two.qpeft", tmp_path / "export", mode="swappable", quiet=True)
+    backend = make_backend("onnx", "minilm", onnx_model=tmp_path / "export")
+    bank = AdapterBank.from_pretrained("minilm")
+    assert load_folder(backend, served) == load_folder(bank, served) == ["six", "two"]
+    names = ["two", "six", "six", "two"]
+    reference = bank.classify(TEXTS[:4], adapter=names)
+    with running(create_app(backend, served, SETTINGS)) as client:
+        listing = client.get("/v1/adapters").json()["adapters"]
+        assert listing[0] == {"name": "six", "labels": list(SIX.values())}
+        for i, (name, want) in enumerate(zip(names, reference)):
+            response = client.post("/v1/classify", json={"adapter": name, "texts": [TEXTS[i]]})
+            got = response.json()["predictions"]
+            assert got[0]["label"] == want.label
+            assert all(abs(got[0]["scores"][k] - v) < 1e-4 for k, v in want.scores.items())
+        assert client.post("/v1/classify", json={"adapter": "nope", "texts": ["x"]}).status_code == 404
