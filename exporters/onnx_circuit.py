@@ -7,8 +7,8 @@ stock onnxruntime runs them as model-local functions, no custom kernel needed.
 
 Layout: a circuit acts on a 2-D tensor in column layout, (dim, T), every column one vector; the activations
 are transposed once on the way in and once on the way out. A PauliBlock runs as passes: consecutive stages
-merged while every CZ pair stays inside a qubit group (:func:`plan_block`, tuned for onnxruntime's per-node
-overhead). Each group of a pass is one dense 2^g×2^g factor F: a Gather of gate entries from a table
+merged while every CZ pair stays inside a qubit group (:func:`plan_onnx_block`: the planner shared with the
+torch back-end, with onnxruntime's per-node overhead). Each group of a pass is one dense 2^g×2^g factor F: a Gather of gate entries from a table
 [1, 0, -1, cos θ, sin θ, -sin θ] and a ReduceProd over the group's qubits and the CZ sign (the Kronecker
 product without kron), times the pass's later stages. It is applied as one MatMul(F, X viewed as
 (2^before, 2^g, -1)): a GEMM batched over the qubits before the group. A DirectSum splits the rows, runs its
@@ -35,12 +35,14 @@ from onnx import FunctionProto, helper, numpy_helper
 from qpeft_deploy.circuit import (
     MAX_GROUP_QUBITS,
     DirectSum,
+    Pass,
     PauliBlock,
     RotationStage,
     Schedule,
     build_schedule,
     count_angles,
     cz_signs,
+    plan_block,
 )
 
 DOMAIN = "qpeft"
@@ -51,8 +53,6 @@ GEMM_OVERHEAD = (
     2048  # planner: fixed cost of one MatMul node, in multiply-adds per vector (~hundreds of tokens)
 )
 _ONE, _ZERO, _MINUS_ONE, _TABLE_HEAD = 0, 1, 2, 3  # gate table: [1, 0, -1, cos θ..., sin θ..., -sin θ...]
-
-Pass = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (stage indices, qubit groups)
 
 
 class Body:
@@ -77,55 +77,15 @@ class Body:
 # ------------------------------------------------------------------------------------------------ planning
 
 
-def _cut_blocked(pairs: frozenset[tuple[int, int]]) -> frozenset[int]:
-    """Positions q where a cut between qubits q and q + 1 would split a CZ pair."""
-    return frozenset(q for a, b in pairs for q in range(min(a, b), max(a, b)))
+def onnx_group_cost(dim: int, size: int, after: int) -> int:
+    """Cost of one 2^size factor on one vector in onnxruntime: the GEMM, a memory pass and a MatMul node's
+    fixed overhead (higher than torch's, so passes favour fewer, larger groups)."""
+    return (dim << size) + 8 * dim + GEMM_OVERHEAD
 
 
-def _cover(n_qubits: int, touched: frozenset[int], pairs: frozenset, max_group: int):
-    """Cheapest cut of qubits 0..n-1 into runs (never splitting a CZ pair; runs of untouched qubits idle, the
-    others at most ``max_group`` long, one factor each): (cost per vector, groups), or None."""
-    dim, blocked = 1 << n_qubits, _cut_blocked(pairs)
-    best: list = [(0, ())] + [None] * n_qubits  # best[i]: cheapest cover of qubits 0..i-1
-    for start in range(n_qubits):
-        if best[start] is None:
-            continue
-        for end in range(start, n_qubits):
-            run = tuple(range(start, end + 1))
-            idle = touched.isdisjoint(run)
-            if not idle and len(run) > max_group:
-                break
-            if end < n_qubits - 1 and end in blocked:
-                continue
-            cost, groups = best[start]
-            if not idle:
-                cost, groups = cost + (dim << len(run)) + 8 * dim + GEMM_OVERHEAD, groups + (run,)
-            if best[end + 1] is None or cost < best[end + 1][0]:
-                best[end + 1] = (cost, groups)
-    return best[n_qubits]
-
-
-def _stage_support(stage: RotationStage) -> tuple[frozenset[int], frozenset]:
-    return frozenset(stage.qubits) | {q for pair in stage.cz_pairs for q in pair}, frozenset(stage.cz_pairs)
-
-
-def plan_block(block: PauliBlock, max_group: int = MAX_GROUP_QUBITS) -> list[Pass]:
-    """The block's stages as passes (stage indices, qubit groups): consecutive stages merge while one cover
-    keeps every CZ pair inside a group and the merged pass costs no more than the two apart."""
-    passes: list = []  # (stages, groups, cost, touched, pairs)
-    for i, stage in enumerate(block.stages):
-        touched, pairs = _stage_support(stage)
-        if not touched:
-            continue
-        alone = _cover(block.n_qubits, touched, pairs, max_group)
-        if passes:
-            stages, _, cost, seen, seen_pairs = passes[-1]
-            merged = _cover(block.n_qubits, seen | touched, seen_pairs | pairs, max_group)
-            if merged is not None and merged[0] <= cost + alone[0]:
-                passes[-1] = (stages + (i,), merged[1], merged[0], seen | touched, seen_pairs | pairs)
-                continue
-        passes.append(((i,), alone[1], alone[0], touched, pairs))
-    return [(stages, groups) for stages, groups, *_ in passes]
+def plan_onnx_block(block: PauliBlock, max_group: int = MAX_GROUP_QUBITS) -> tuple[Pass, ...]:
+    """The block's passes under onnxruntime's cost model (the shared planner of qpeft_deploy.circuit)."""
+    return plan_block(block, max_group, onnx_group_cost)
 
 
 def cost_per_vector(schedule: Schedule, max_group: int = MAX_GROUP_QUBITS) -> int:
@@ -137,12 +97,8 @@ def cost_per_vector(schedule: Schedule, max_group: int = MAX_GROUP_QUBITS) -> in
             + 4 * schedule.second.dim
             + GEMM_OVERHEAD
         )
-    dim = schedule.dim
-    return sum(
-        (dim << len(g)) + 8 * dim + GEMM_OVERHEAD
-        for _, groups in plan_block(schedule, max_group)
-        for g in groups
-    )
+    return sum(onnx_group_cost(schedule.dim, len(g), 0)
+               for _, groups in plan_onnx_block(schedule, max_group) for g in groups)
 
 
 # ------------------------------------------------------------------------------------------ building factors
@@ -223,7 +179,7 @@ def as_view(body: Body, x: Rows, *view: int) -> Rows:
 
 def _apply_block(body: Body, table: str, block: PauliBlock, x: Rows, n_angles: int, transpose: bool) -> Rows:
     """Q x (or Qᵀ x) for x holding (2ⁿ, T)."""
-    plan = plan_block(block)
+    plan = plan_onnx_block(block)
     for stages, groups in reversed(plan) if transpose else plan:
         for group in groups:
             factor = _group_factor(body, table, block, stages, group, n_angles, transpose)

@@ -32,6 +32,7 @@ by a small cost model (multiply-adds plus per-GEMM overhead).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -133,16 +134,6 @@ def parameter_count(dim: int, layers: int = 1) -> int:
     return count_angles(build_schedule(dim, layers))
 
 
-def qubit_groups(n_qubits: int, max_group: int = MAX_GROUP_QUBITS) -> list[tuple[int, ...]]:
-    """Cut qubits 0..n-1 into near-equal runs of consecutive qubits, each at most ``max_group`` long."""
-    if n_qubits == 0:
-        return []
-    count = math.ceil(n_qubits / max_group)
-    sizes = [n_qubits // count + (1 if i < n_qubits % count else 0) for i in range(count)]
-    starts = [sum(sizes[:i]) for i in range(count)]
-    return [tuple(range(s, s + size)) for s, size in zip(starts, sizes)]
-
-
 @lru_cache(maxsize=256)
 def _cz_signs_cached(n_qubits: int, pairs: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
     index = torch.arange(1 << n_qubits)
@@ -158,37 +149,23 @@ def cz_signs(n_qubits: int, pairs: tuple[tuple[int, int], ...], dtype: torch.dty
     return torch.tensor(_cz_signs_cached(n_qubits, pairs), dtype=dtype)
 
 
-def rotation(theta: torch.Tensor) -> torch.Tensor:
-    """R(θ) = [[cos θ, -sin θ], [sin θ, cos θ]] for a scalar tensor θ."""
-    c, s = torch.cos(theta), torch.sin(theta)
-    return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+GroupCost = Callable[[int, int, int], int]  # (dim, qubits in the group, size of the axes after it) -> cost
+Pass = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (stage indices, qubit groups)
 
 
-def group_factor(stage: RotationStage, group: tuple[int, ...], theta: torch.Tensor) -> torch.Tensor | None:
-    """Kronecker factor of one R layer on one qubit group (None when the layer leaves the group alone)."""
-    angle_of = dict(zip(stage.qubits, stage.angles))
-    if not any(q in angle_of for q in group):
-        return None
-    eye = torch.eye(2, dtype=theta.dtype, device=theta.device)
-    factor = None
-    for q in group:
-        gate = rotation(theta[angle_of[q]]) if q in angle_of else eye
-        factor = gate if factor is None else torch.kron(factor, gate)
-    return factor
-
-
-def _group_cost(dim: int, size: int, after: int) -> int:
-    """Planner's cost of one 2^size factor on one vector, in multiply-adds: the GEMM's, a memory pass (~8 per
+def torch_group_cost(dim: int, size: int, after: int) -> int:
+    """Cost of one 2^size factor on one vector in torch, in multiply-adds: the GEMM's, a memory pass (~8 per
     value) and a fixed per-GEMM overhead (for batches of ~hundreds of tokens); a short trailing axis
     (1 < after < 16) makes the batched GEMM ~10× slower."""
     return (dim << size) * (10 if 1 < after < 16 else 1) + 8 * dim + 2048
 
 
-def _cover(n_qubits: int, touched: frozenset[int], no_cut_after: frozenset[int], max_group: int):
-    """Cheapest cut of qubits 0..n-1 into runs, never between q and q + 1 for q in ``no_cut_after``: runs of
-    untouched qubits are skipped, the others (at most ``max_group`` qubits) get one factor each.
-    Returns (cost, runs that get a factor), or None when no cut exists."""
+def cover_qubits(n_qubits: int, touched: frozenset[int], pairs: frozenset[tuple[int, int]], max_group: int,
+                 group_cost: GroupCost) -> tuple[int, tuple[tuple[int, ...], ...]] | None:
+    """Cheapest cut of qubits 0..n-1 into runs that never split a CZ pair: runs of untouched qubits are
+    skipped, the others (at most ``max_group`` qubits) get one factor each. (cost, runs), or None."""
     dim, best = 1 << n_qubits, [(0, ())] + [None] * n_qubits  # best[i]: cheapest cover of qubits 0..i-1
+    blocked = {q for a, b in pairs for q in range(min(a, b), max(a, b))}  # no cut between q and q + 1
     for start in range(n_qubits):
         if best[start] is None:
             continue
@@ -197,41 +174,37 @@ def _cover(n_qubits: int, touched: frozenset[int], no_cut_after: frozenset[int],
             idle = touched.isdisjoint(run)
             if not idle and len(run) > max_group:
                 break
-            if end < n_qubits - 1 and end in no_cut_after:
+            if end < n_qubits - 1 and end in blocked:
                 continue
             cost, runs = best[start]
             if not idle:
-                cost, runs = cost + _group_cost(dim, len(run), 1 << (n_qubits - 1 - end)), runs + (run,)
+                cost, runs = cost + group_cost(dim, len(run), 1 << (n_qubits - 1 - end)), runs + (run,)
             if best[end + 1] is None or cost < best[end + 1][0]:
                 best[end + 1] = (cost, runs)
     return best[n_qubits]
 
 
-_Pass = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]  # (stage indices, qubit groups)
-
-
 @lru_cache(maxsize=256)
-def _plan(block: PauliBlock, max_group: int) -> tuple[_Pass, ...]:
-    """The block as passes: consecutive stages merged while every CZ pair stays inside a group (so the pass is
-    ⊗ one dense factor per group) and one merged pass costs no more than two separate ones."""
-    passes, current = [], None  # current: (cost, groups, stages, touched qubits, no-cut positions)
+def plan_block(block: PauliBlock, max_group: int = MAX_GROUP_QUBITS,
+               group_cost: GroupCost = torch_group_cost) -> tuple[Pass, ...]:
+    """The block as passes (stage indices, qubit groups), read by every back-end: consecutive stages merge
+    while every CZ pair stays inside a group (so the pass is ⊗ one dense factor per group) and one merged pass
+    costs no more than two separate ones under the back-end's ``group_cost``."""
+    passes: list = []  # (stages, groups, cost, touched qubits, CZ pairs)
     for i, stage in enumerate(block.stages):
         touched = frozenset(stage.qubits) | {q for pair in stage.cz_pairs for q in pair}
-        no_cut = frozenset(a for a, _ in stage.cz_pairs)
+        pairs = frozenset(stage.cz_pairs)
         if not touched:
             continue
-        alone = _cover(block.n_qubits, touched, no_cut, max_group)
-        if current is not None:
-            cost, groups, stages, seen, cuts = current
-            merged = _cover(block.n_qubits, seen | touched, cuts | no_cut, max_group)
+        alone = cover_qubits(block.n_qubits, touched, pairs, max_group, group_cost)
+        if passes:
+            stages, _, cost, seen, seen_pairs = passes[-1]
+            merged = cover_qubits(block.n_qubits, seen | touched, seen_pairs | pairs, max_group, group_cost)
             if merged is not None and merged[0] <= cost + alone[0]:
-                current = (*merged, stages + (i,), seen | touched, cuts | no_cut)
+                passes[-1] = (stages + (i,), merged[1], merged[0], seen | touched, seen_pairs | pairs)
                 continue
-            passes.append((stages, groups))
-        current = (*alone, (i,), touched, no_cut)
-    if current is not None:
-        passes.append((current[2], current[1]))
-    return tuple(passes)
+        passes.append(((i,), alone[1], alone[0], touched, pairs))
+    return tuple((stages, groups) for stages, groups, *_ in passes)
 
 
 @lru_cache(maxsize=256)
@@ -239,7 +212,7 @@ def _steps(block: PauliBlock, max_group: int, device: torch.device) -> tuple[tup
     """The plan as (index, after) per pass and group, in order: index (stages, qubits + 1, 2^g, 2^g) picks
     the gate-table entries whose product over axis 1 is each stage's factor, (⊗ R gates) · diag(CZ signs)."""
     steps = []
-    for stages, groups in _plan(block, max_group):
+    for stages, groups in plan_block(block, max_group):
         for group in groups:
             bits = (torch.arange(1 << len(group))[:, None] >> torch.arange(len(group) - 1, -1, -1)) & 1
             rows, cols = bits.T[:, :, None], bits.T[:, None, :]  # bit of each qubit in the row / column index
@@ -315,8 +288,8 @@ def cost_per_vector(schedule: Schedule) -> int:
     if isinstance(schedule, DirectSum):
         return cost_per_vector(schedule.first) + cost_per_vector(schedule.second) + 4 * schedule.second.dim
     n = schedule.n_qubits
-    plan = _plan(schedule, MAX_GROUP_QUBITS) if n else ()
-    return sum(_group_cost(schedule.dim, len(g), 1 << (n - 1 - g[-1])) for _, groups in plan for g in groups)
+    plan = plan_block(schedule) if n else ()
+    return sum(torch_group_cost(schedule.dim, len(g), 1 << (n - 1 - g[-1])) for _, groups in plan for g in groups)
 
 
 class PauliCircuit(nn.Module):

@@ -27,15 +27,6 @@ from qpeft_deploy.layer import QuantumPeftLinear
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are small: intra-op threads only add synchronisation (badly so on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 LABELS = {0: "neg", 1: "pos"}
 SENTENCES = [
     "A gripping, beautifully shot film.",

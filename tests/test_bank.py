@@ -42,16 +42,6 @@ def make_adapter(path, labels: dict[int, str], seed: int, **options):
     return save_adapter(model, path, base="minilm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed 2-core machine OpenMP's spin-waits make the small
-    batches here ~30× slower with two (results are the same either way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")

@@ -9,29 +9,21 @@ import pytest
 import torch
 
 from qpeft_deploy.circuit import (
+    MAX_GROUP_QUBITS,
     DirectSum,
     PauliBlock,
     PauliCircuit,
     build_schedule,
     count_angles,
     parameter_count,
-    qubit_groups,
+    plan_block,
     rotate,
 )
 from qpeft_deploy.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are small: intra-op threads only add synchronisation (badly so on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Independent numpy references (no use of circuit.rotate / group_factor / cz_signs)
+# Independent numpy references (no use of circuit.rotate / plan_block / cz_signs)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -330,14 +322,17 @@ def test_reference_sanity_zero_angles():
         np.testing.assert_allclose(q, dense_from_spec(dim, 1, np.zeros(c.theta.numel()))[0], atol=1e-15)
 
 
-def test_qubit_groups_cover_all_qubits():
-    for n in range(0, 20):
-        groups = qubit_groups(n)
-        flat = [q for g in groups for q in g]
-        assert flat == list(range(n))
-        assert all(1 <= len(g) <= 6 for g in groups)
-        if groups:
-            assert max(len(g) for g in groups) - min(len(g) for g in groups) <= 1
+@pytest.mark.parametrize("n_qubits, layers", [(1, 1), (3, 2), (8, 1), (12, 1), (12, 3)])
+def test_plan_block_covers_every_stage_in_order_within_groups(n_qubits, layers):
+    block = build_schedule(1 << n_qubits, layers)
+    plan = plan_block(block)
+    assert [i for stages, _ in plan for i in stages] == [i for i, s in enumerate(block.stages) if s.qubits]
+    for stages, groups in plan:
+        assert all(1 <= len(g) <= MAX_GROUP_QUBITS for g in groups)
+        group_of = {q: g for g in groups for q in g}
+        for stage in (block.stages[i] for i in stages):
+            assert all(q in group_of for q in stage.qubits)
+            assert all(group_of[a] is group_of[b] for a, b in stage.cz_pairs)  # CZ signs fold into one factor
 
 
 # ---------------------------------------------------------------------------------------------------------------

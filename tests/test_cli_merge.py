@@ -35,15 +35,6 @@ class Group(click.Group):
             ctx.exit(2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Torch on one thread here: on this busy 2-core machine two OpenMP threads made small ops ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def qpeft():
     group = Group("qpeft")

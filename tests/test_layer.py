@@ -13,15 +13,6 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.layer import QuantumPeftLinear, linear_shape
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are small: intra-op threads only add synchronisation (badly so on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 SHAPES = [(48, 40), (16, 24)]  # nn.Linear(in M, out N)
 CASES = [("pauli", "circuit"), ("pauli", "dense"), ("taylor", "dense")]
 

@@ -87,15 +87,6 @@ def within(restored: torch.Tensor, original: torch.Tensor, relative: float = 1e-
     return float((restored.double() - original.double()).norm()) <= relative * float(original.double().norm())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Torch on one thread here: on this busy 2-core machine two OpenMP threads made small ops ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("merge")

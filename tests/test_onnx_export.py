@@ -65,15 +65,6 @@ STANDARD_OPS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One torch thread: the 2-core machine is shared, and extra threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # Adapters and exports are made once per process and shared with tests/test_onnx_runtime.py (which imports
 # these helpers), so the two files together train and export each thing once.
 _FILES = tempfile.TemporaryDirectory(prefix="qpeft-onnx-tests-")

@@ -26,15 +26,6 @@ from qpeft_deploy.models import load_task_model
 from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One torch thread: the 2-core machine is shared, and extra threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Trained adapters (rt: 2 labels, trec6: 6 labels; shared with test_onnx_export), their ORT adapter files

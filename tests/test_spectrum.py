@@ -9,15 +9,6 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.spectrum import Spectrum, scheduled_rank
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are small: intra-op threads only add synchronisation (badly so on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def spectrum_with(values) -> Spectrum:
     s = Spectrum(len(values))
     with torch.no_grad():

@@ -9,15 +9,6 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.taylor import TaylorFrame, stiefel_exp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are small: intra-op threads only add synchronisation (badly so on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_params(n: int, k: int, seed: int, scale: float = 0.5):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(k * (k - 1) // 2, dtype=torch.float64, generator=g) * scale

@@ -31,7 +31,6 @@ def _train(data, tokenizer, adapter: bool):
 
 @pytest.fixture(scope="module")
 def trained(data, tokenizer):
-    torch.set_num_threads(2)
     return {"adapter": _train(data, tokenizer, True), "head-only": _train(data, tokenizer, False)}
 
 
