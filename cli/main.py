@@ -13,6 +13,7 @@ from qpeft_deploy import __version__
 from qpeft_deploy.errors import QpeftError
 
 from .files import inspect_command, pack_command, verify_command
+from .lora import export_lora_command, import_lora_command
 from .merge import merge_command, unmerge_command
 from .onnx import export_onnx_adapter_command, export_onnx_command
 from .serve import serve_command
@@ -41,11 +42,17 @@ def export_group() -> None:
     """Export an adapter (or a base model with adapters) to another format."""
 
 
+@cli.group("import")
+def import_group() -> None:
+    """Convert adapters from other ecosystems into .qpeft files."""
+
+
 for command in (train_command, eval_command, pack_command, inspect_command, verify_command, merge_command,
                 unmerge_command, serve_command):
     cli.add_command(command)
-for command in (export_onnx_command, export_onnx_adapter_command):
+for command in (export_onnx_command, export_onnx_adapter_command, export_lora_command):
     export_group.add_command(command)
+import_group.add_command(import_lora_command)
 
 
 def main() -> None:

@@ -1,0 +1,199 @@
+"""Tests of qpeft_deploy.exporters.lora: exported folders load in real PEFT on MiniLM and reproduce logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from qpeft_deploy.adapter_file import read_adapter, save_adapter, write_adapter
+from qpeft_deploy.attach import adapted_layers, attach, detach
+from qpeft_deploy.cli.lora import export_lora_command
+from qpeft_deploy.cli.main import QpeftGroup
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.exporters.lora import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, export_lora, lora_pair
+from qpeft_deploy.lora_import import import_lora
+from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
+
+LABELS = {0: "neg", 1: "pos", 2: "meh"}
+TEXTS = ["a gorgeous, moving film", "dull and far too long", "not bad at all"]
+TARGETS = ["query", "value", "pooler.dense"]
+
+
+def adapted(variant: str) -> torch.nn.Module:
+    """MiniLM with a rank-4 adapter, random λ and head, one target pruned to rank 2 and one fully masked."""
+    model = load_task_model("minilm", LABELS)
+    attach(model, TARGETS, rank=4, variant=variant, alpha=1.5, seed=3)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("spectrum.lam") or name.startswith("classifier."):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith((".u.b", ".v.b", ".u.a", ".v.a")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    layers = list(adapted_layers(model).values())
+    layers[0].spectrum.prune_to(2)
+    layers[1].spectrum.prune_to(0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return tokenize(load_tokenizer("minilm"), TEXTS)
+
+
+@pytest.fixture(scope="module")
+def pauli(tmp_path_factory):
+    """(model, adapter file with the base fingerprint, the same without head or fingerprint)."""
+    model, folder = adapted("pauli"), tmp_path_factory.mktemp("pauli")
+    return (
+        model,
+        save_adapter(model, folder / "a.qpeft", base="minilm"),
+        save_adapter(model, folder / "h.qpeft", drop_head=True),
+    )
+
+
+@pytest.mark.parametrize("variant, balanced", [("pauli", False), ("taylor", True)])
+def test_peft_loads_the_export_and_matches_logits(tmp_path, inputs, variant, balanced):
+    model = adapted(variant)
+    path = save_adapter(model, tmp_path / "a.qpeft", base="minilm")
+    report = export_lora(path, tmp_path / "peft", balanced=balanced)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        peft_model = PeftModel.from_pretrained(
+            load_task_model("minilm", LABELS, seed=9), str(tmp_path / "peft")
+        )
+        got = peft_model(**inputs).logits
+        plain = detach(model)(**inputs).logits  # same head, no ΔW: the adapter must matter
+    assert (got - expected).abs().max() < 1e-5
+    assert (plain - expected).abs().max() > 1e-2
+    assert report["modules"] == 12 and report["skipped"] == 1
+
+
+def test_config_ranks_scales_and_names(tmp_path, pauli):
+    model, path, _ = pauli
+    export_lora(path, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / CONFIG_FILE).read_text())
+    layers = list(adapted_layers(model).items())
+    pruned, masked = layers[0][0].removesuffix(".weight"), layers[1][0].removesuffix(".weight")
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert config["r"] == config["lora_alpha"] == 4
+    assert config["rank_pattern"] == config["alpha_pattern"] == {pruned: 2}
+    assert masked not in config["target_modules"] and len(config["target_modules"]) == 12
+    assert config["modules_to_save"] == ["classifier"]
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    strings = [v for v in json.dumps(config).split('"') if v.startswith(("/", "~")) or ":\\" in v]
+    assert not strings, strings
+    with safe_open(str(tmp_path / "peft" / WEIGHTS_FILE), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_slice(f"{KEY_PREFIX}bert.{pruned}.lora_A.weight").get_shape() == [2, 384]
+        assert f.get_slice(f"{KEY_PREFIX}bert.{pruned}.lora_B.weight").get_shape() == [384, 2]
+    assert {f"{KEY_PREFIX}classifier.weight", f"{KEY_PREFIX}classifier.bias"} <= keys
+    assert not any(masked in k for k in keys)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 9), m=st.integers(2, 9), data=st.data())
+def test_lora_pair_reproduces_delta(n, m, data):
+    k = data.draw(st.integers(1, min(n, m)))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    u, v = np.linalg.qr(rng.standard_normal((n, k)))[0], np.linalg.qr(rng.standard_normal((m, k)))[0]
+    values = rng.standard_normal(k) * data.draw(st.lists(st.booleans(), min_size=k, max_size=k))
+    for balanced in (False, True):
+        a, b = lora_pair(u, values, v, balanced)
+        assert a.shape == (np.count_nonzero(values), m) and b.shape == (n, np.count_nonzero(values))
+        np.testing.assert_allclose(b @ a, (u * values) @ v.T, atol=1e-12)
+
+
+def test_fp16_headless_export_and_permissions(tmp_path, pauli):
+    path = pauli[2]
+    old = os.umask(0o022)
+    try:
+        export_lora(path, tmp_path / "peft", dtype="fp16", base_name="my-org/minilm")
+    finally:
+        os.umask(old)
+    config = json.loads((tmp_path / "peft" / CONFIG_FILE).read_text())
+    assert config["task_type"] == "FEATURE_EXTRACTION" and config["modules_to_save"] is None
+    assert config["base_model_name_or_path"] == "my-org/minilm"
+    tensors = load_file(str(tmp_path / "peft" / WEIGHTS_FILE))
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    assert all(k.startswith((f"{KEY_PREFIX}encoder.", f"{KEY_PREFIX}pooler.")) for k in tensors)
+    for name in (CONFIG_FILE, WEIGHTS_FILE, ""):
+        assert (tmp_path / "peft" / name).stat().st_mode & 0o777 == (0o755 if name == "" else 0o644)
+
+
+def test_causal_lm_export_names_modules_and_imports_back(tmp_path, pauli):
+    adapter = read_adapter(pauli[2])  # head-less; BertLMHeadModel has no pooler, so drop that target
+    adapter.config.targets = {k: r for k, r in adapter.config.targets.items() if not k.startswith("pooler.")}
+    adapter.state = {k: t for k, t in adapter.state.items() if not k.startswith("pooler.")}
+    write_adapter(tmp_path / "lm.qpeft", adapter)
+    with pytest.raises(BaseMismatchError, match="pooler.dense.weight"):
+        export_lora(pauli[2], tmp_path / "bad", task_type="CAUSAL_LM")
+    export_lora(tmp_path / "lm.qpeft", tmp_path / "peft", task_type="CAUSAL_LM")
+    assert json.loads((tmp_path / "peft" / CONFIG_FILE).read_text())["task_type"] == "CAUSAL_LM"
+    assert all(
+        k.startswith(f"{KEY_PREFIX}bert.encoder.layer.")
+        for k in load_file(str(tmp_path / "peft" / WEIGHTS_FILE))
+    )
+    report = import_lora(tmp_path / "peft", tmp_path / "back.qpeft", variant="taylor")
+    assert report["relative_error"]["max"] <= 1e-5
+    back = read_adapter(tmp_path / "back.qpeft").config.targets
+    ranks = {
+        k: int(adapter.state[k.removesuffix("weight") + "spectrum.mask"].sum())
+        for k in adapter.config.targets
+    }
+    assert back == {k: r for k, r in ranks.items() if r}
+    with pytest.raises(ConfigError, match="drop-head"):
+        export_lora(pauli[1], tmp_path / "x", task_type="CAUSAL_LM")
+
+
+def test_bad_input_leaves_nothing(tmp_path, pauli):
+    path = Path(shutil.copy(pauli[1], tmp_path / "a.qpeft"))
+    before = path.read_bytes()
+    (tmp_path / "junk.qpeft").write_bytes(b"not safetensors at all")
+    with pytest.raises(FormatError, match="junk.qpeft"):
+        export_lora(tmp_path / "junk.qpeft", tmp_path / "out1")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="busy"):
+        export_lora(path, tmp_path / "busy")
+    with pytest.raises(ConfigError, match="local path"):
+        export_lora(path, tmp_path / "out2", base_name="/home/me/minilm")
+    adapter = read_adapter(path)
+    adapter.fingerprint = {k: b"\0" * 8 for k in adapter.fingerprint}
+    write_adapter(tmp_path / "other.qpeft", adapter)
+    with pytest.raises(BaseMismatchError, match="other.qpeft"):
+        export_lora(tmp_path / "other.qpeft", tmp_path / "out3")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.qpeft", "busy", "junk.qpeft", "other.qpeft"]
+    with pytest.warns(UserWarning, match="force"):
+        export_lora(tmp_path / "other.qpeft", tmp_path / "out3", force=True)
+    export_lora(path, tmp_path / "out3")  # a previous export is replaced
+    assert sorted(p.name for p in (tmp_path / "out3").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_cli(tmp_path, pauli):
+    group, export = QpeftGroup("qpeft"), click.Group("export")
+    export.add_command(export_lora_command)
+    group.add_command(export)
+    path = pauli[1]
+    runner = CliRunner()
+    ok = runner.invoke(group, ["export", "lora", str(path), "-o", str(tmp_path / "peft"), "--balanced"])
+    assert ok.exit_code == 0, ok.output
+    assert "12 modules" in ok.output and Path(tmp_path / "peft" / WEIGHTS_FILE).is_file()
+    bad = runner.invoke(group, ["export", "lora", str(tmp_path / "missing.qpeft"), "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "missing.qpeft" in bad.stderr
+    assert not (tmp_path / "x").exists()
