@@ -86,30 +86,57 @@ def _normalize_id2label(id2label: Mapping[int, str] | Mapping[str, str]) -> dict
     return dict(sorted(mapping.items()))
 
 
+def is_image_base(base: str) -> bool:
+    """True when the base's ``model_type`` has an image-classification model and no sequence-classification
+    one (e.g. ``vit``): its task model is ``AutoModelForImageClassification``, its input ``pixel_values``."""
+    import json
+
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    folder = resolve_base(base)
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+            and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+
 def load_task_model(base: str, id2label: Mapping[int, str], seed: int = 0) -> PreTrainedModel:
-    """The task model (AutoModelForSequenceClassification, fp32, eval mode) with a head seeded by ``seed``."""
+    """The task model (AutoModelForSequenceClassification, or AutoModelForImageClassification for an image
+    base; fp32, eval mode) with a new head for ``id2label`` seeded by ``seed`` (a base's head is replaced)."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     folder = resolve_base(base)
     labels = _normalize_id2label(id2label)
     label2id = {name: i for i, name in labels.items()}
+    image = is_image_base(base)
+    auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto.from_pretrained(
             str(folder),
             num_labels=len(labels),
             id2label=labels,
             label2id=label2id,
             torch_dtype=torch.float32,
             local_files_only=True,
+            **({"ignore_mismatched_sizes": True} if image else {}),
         )
+        if image:  # the base's own head (same label count or not) never carries over to a new task
+            torch.manual_seed(seed)
+            model._init_weights(model.get_submodule(head_module_name(model)))
     except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{folder}: cannot build a sequence classification model: {msg}") from None
+        kind = "an image" if image else "a sequence"
+        raise ConfigError(f"{folder}: cannot build {kind} classification model: {msg}") from None
     finally:
         hf_logging.set_verbosity(previous)
     model.float()
