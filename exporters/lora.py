@@ -21,13 +21,11 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import save as safetensors_bytes
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,6 +34,7 @@ from qpeft_deploy.errors import BaseMismatchError, ConfigError
 from qpeft_deploy.fingerprint import check_fingerprint
 from qpeft_deploy.layer import linear_shape, make_factor
 from qpeft_deploy.models import MINILM, module_name_for_key, resolve_base
+from qpeft_deploy.threads import one_torch_thread
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,23 +72,12 @@ def skeleton_model(base: str, task_type: str, num_labels: int = 2) -> nn.Module:
         hf_logging.set_verbosity(previous)
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run tiny tensor ops on one thread: with more, thread hand-offs cost more than the work (up to 20×)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def target_frames(adapter: AdapterFile, key: str) -> tuple[np.ndarray, np.ndarray]:
     """U (N×K) and V (M×K) of one target, rebuilt in float64 from the adapter's stored parameters."""
     config, prefix = adapter.config, key.removesuffix(".weight")
     k, (n, m) = config.targets[key], adapter.info["shapes"][key]
     frames = []
-    with torch.no_grad(), one_thread():
+    with torch.no_grad(), one_torch_thread():
         for side, dim in (("u", n), ("v", m)):
             factor = make_factor(
                 config.variant, dim, k, config.layers, torch.Generator().manual_seed(0)

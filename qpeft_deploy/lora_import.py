@@ -46,7 +46,6 @@ from .exporters.lora import (
     KEY_PREFIX,
     TASK_MODELS,
     WEIGHTS_FILE,
-    one_thread,
     skeleton_model,
     target_frames,
     target_values,
@@ -62,6 +61,7 @@ from .models import (
     module_name_for_key,
     resolve_base,
 )
+from .threads import one_torch_thread
 from .train import evaluate, fit
 
 TAYLOR_TOLERANCE = 1e-5
@@ -413,7 +413,7 @@ def stiefel_log(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             raise ConfigError("a square frame with det −1 is not exp of a skew matrix (flip a column first)")
         return _reduced_log(u, k), np.zeros((0, k))
     q, r = np.linalg.qr(u[k:])
-    with one_thread():
+    with one_torch_thread():
         x = _reduced_log(np.vstack([u[:k], r]), k)
     half = k * (k - 1) // 2
     return x[:half], q @ x[half:].reshape(q.shape[1], k)
@@ -431,7 +431,7 @@ def fit_pauli(
     circuit_u = PauliCircuit(b.shape[0], layers, generator=generator)
     circuit_v = PauliCircuit(a.shape[1], layers, generator=generator)
     optimizer = torch.optim.Adam([circuit_u.theta, circuit_v.theta], lr=lr)
-    with one_thread():
+    with one_torch_thread():
         for _ in range(steps if energy > 0 else 0):
             projection = ((b.T @ circuit_u.columns(k)) * (a @ circuit_v.columns(k))).sum(0)
             loss = -(projection**2).sum() / energy

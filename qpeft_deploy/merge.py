@@ -61,6 +61,7 @@ from .fingerprint import (
 )
 from .layer import make_factor
 from .models import resolve_base
+from .threads import one_torch_thread
 
 KEEP = "keep"
 DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -722,18 +723,6 @@ def _merge_plan(checkpoint: Checkpoint, config: dict, files: list[Path], adapter
     return _Plan(entries, metadata, new_config if new_config != config else None, replaced)
 
 
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    """Run torch on one thread meanwhile: merge math is tiny or memory-bound, and on a busy machine waiting
-    for descheduled OpenMP workers made each small op ~50x slower (measured: 0.4 s vs 2-17 s for MiniLM)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, overwrite: bool, desc: str,
                 quiet: bool, verify: Callable[[], None] | None = None) -> Path:
     """Write the output folder; ``verify`` runs in a thread meanwhile and its error discards the output."""
@@ -742,7 +731,7 @@ def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, over
         _copy_extras(source, tmp, skip={CONFIG_FILE} if plan.config is not None else set())
         if plan.config is not None:
             _write_json(tmp / CONFIG_FILE, plan.config)
-        with _single_threaded():
+        with one_torch_thread():
             if plan.sidecar:  # a classification head: small, always one file
                 write_weights(tmp, plan.sidecar, {"format": "pt"}, 1 << 62, desc="head", quiet=True,
                               single=HEAD_SIDECAR)
