@@ -1,7 +1,10 @@
-"""Train and evaluate adapters (and the task head) on text classification with a plain torch loop.
+"""Train and evaluate adapters (and the task head) on text or image classification with a plain torch loop.
 
 ``fit`` optimises whatever is trainable in the model (after ``attach``: angles, λ and the head; with no adapter:
 the head alone, which is the head-only baseline), so both run through the same code on the same budget.
+
+Examples are ``(text, label)`` for text tasks and ``(28×28 uint8 image, label)`` for the image tasks of
+:mod:`qpeft_deploy.vision`; pass ``tokenizer=None`` for images (their inputs are ``pixel_values``).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from .attach import (adapted_layers, adapter_config, attach, lora_parameter_coun
                      train_head_only, trainable_parameters)
 from .data import load_task
 from .errors import ConfigError
-from .models import load_task_model, load_tokenizer, tokenize
+from .models import is_image_base, load_task_model, load_tokenizer, tokenize
 from .spectrum import scheduled_rank
+from .vision import image_inputs, is_image_task, load_image_task
 
-Example = tuple[str, int]
+Example = tuple[object, int]  # (text, label) or (image, label)
 
 
 @dataclass
@@ -45,9 +49,32 @@ def batches(examples: Sequence[Example], batch_size: int, rng: random.Random | N
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def model_inputs(tokenizer, items: Sequence, max_length: int = 128) -> dict[str, torch.Tensor]:
+    """The model's inputs: a token batch of texts, or ``pixel_values`` of images (``tokenizer`` None)."""
+    if tokenizer is None:
+        return image_inputs(items)
+    return tokenize(tokenizer, list(items), max_length=max_length)
+
+
 def _encode(tokenizer, batch: Sequence[Example], max_length: int) -> tuple[dict, torch.Tensor]:
-    inputs = tokenize(tokenizer, [text for text, _ in batch], max_length=max_length)
+    inputs = model_inputs(tokenizer, [x for x, _ in batch], max_length)
     return inputs, torch.tensor([label for _, label in batch])
+
+
+def load_data(task: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0):
+    """A task's data: :func:`qpeft_deploy.data.load_task`, or :func:`qpeft_deploy.vision.load_image_task`."""
+    if is_image_task(task):
+        return load_image_task(task, max_train=max_train, max_test=max_test, seed=seed)
+    return load_task(task, max_train=max_train, max_test=max_test, seed=seed)
+
+
+def load_preprocessor(base: str, task: str):
+    """The tokenizer of a text base, or None for an image task (then inputs are pixel_values)."""
+    image_task, image_base = is_image_task(task), is_image_base(base)
+    if image_task != image_base:
+        raise ConfigError(f"{base}: task {task} needs {'an image' if image_task else 'a text'} base model, "
+                          f"but this base is {'an image' if image_base else 'a text'} model")
+    return None if image_task else load_tokenizer(base)
 
 
 def _param_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict]:
@@ -98,13 +125,13 @@ def fit(model: nn.Module, tokenizer, train: Sequence[Example], *, epochs: int = 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 64,
+def predict(model: nn.Module, tokenizer, texts: Sequence, *, batch_size: int = 64,
             max_length: int = 128, quiet: bool = True) -> torch.Tensor:
-    """Logits (len(texts) × labels) of the model in eval mode."""
+    """Logits (len(texts) × labels) of the model in eval mode (texts, or images with ``tokenizer`` None)."""
     model.eval()
     outputs = []
     for i in tqdm(range(0, len(texts), batch_size), desc="predict", disable=quiet, unit="batch"):
-        outputs.append(model(**tokenize(tokenizer, list(texts[i : i + batch_size]), max_length)).logits)
+        outputs.append(model(**model_inputs(tokenizer, texts[i : i + batch_size], max_length)).logits)
     return torch.cat(outputs)
 
 
@@ -158,8 +185,8 @@ def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True)
 def run_spec(spec: TrainSpec, adapter: bool = True, evaluate_test: bool = True,
              quiet: bool = False) -> tuple[nn.Module, dict]:
     """Train (adapter or head-only) as ``spec`` says; returns the model and a report with accuracy and counts."""
-    data = load_task(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=spec.seed)
-    tokenizer = load_tokenizer(spec.base)
+    data = load_data(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=spec.seed)
+    tokenizer = load_preprocessor(spec.base, spec.task)
     model = build_model(spec, data.id2label, adapter)
     result = fit(model, tokenizer, data.train, epochs=spec.epochs, lr=spec.lr, head_lr=spec.head_lr,
                  batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
@@ -191,12 +218,13 @@ def train_adapter(spec: TrainSpec, output: str | Path, evaluate: bool = True, qu
 def evaluate_adapter(base: str, adapter: str | Path, task: str, *, max_examples: int | None = None,
                      max_length: int = 128, force: bool = False, quiet: bool = False) -> dict:
     """Accuracy of an adapter file on a task's test split."""
+    tokenizer = load_preprocessor(base, task)
     model = load_adapted_model(base, adapter, force=force)
-    data = load_task(task, max_test=max_examples)
+    data = load_data(task, max_test=max_examples)
     labels = adapter_config(model).id2label
     if labels is not None and [labels[i] for i in sorted(labels)] != data.labels:
         raise ConfigError(f"{adapter}: adapter labels {list(labels.values())} do not match task {task} "
                           f"labels {data.labels}")
-    metrics = evaluate(model, load_tokenizer(base), data.test, max_length=max_length, quiet=quiet)
+    metrics = evaluate(model, tokenizer, data.test, max_length=max_length, quiet=quiet)
     return {"adapter": str(adapter), "task": task, "test_accuracy": metrics["accuracy"],
             "test_loss": metrics["loss"], "test_examples": len(data.test)}

