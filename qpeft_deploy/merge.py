@@ -638,15 +638,20 @@ def _head_index(files: Sequence[Path], adapters: Sequence[AdapterFile], head_fro
 
 
 def _task_class(folder: Path, config: dict) -> tuple[str, str]:
-    """(class name, base_model_prefix) of the base's sequence-classification model."""
+    """(class name, base_model_prefix) of the base's sequence- (or else image-) classification model."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
-    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.get("model_type"))
+    model_type = config.get("model_type")
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(
+        model_type, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type))
     model_class = getattr(transformers, name, None) if isinstance(name, str) else None
     if model_class is None:
         raise ConfigError(f"{folder / CONFIG_FILE}: model_type {config.get('model_type')!r} has no "
-                          "sequence-classification model in transformers to merge a head adapter into")
+                          "classification model in transformers to merge a head adapter into")
     return name, model_class.base_model_prefix
 
 

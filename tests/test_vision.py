@@ -38,11 +38,11 @@ def _data_or_skip(task: str, **kwargs):
 
 @pytest.fixture(scope="module")
 def adapt_data():
-    """A few hundred held-out-evaluated images of an unseen task: Fashion-MNIST 5–9, else MNIST."""
+    """960 training and 400 held-out images of an unseen task: Fashion-MNIST 5–9, else MNIST."""
     torch.set_num_threads(2)
     for task in ("fmnist-5to9", "mnist"):
         try:
-            return load_data(task, max_train=480, max_test=400)
+            return load_data(task, max_train=960, max_test=400)
         except ConfigError:
             continue
     pytest.skip("neither Fashion-MNIST nor the MNIST subset is available; run scripts/fetch_fmnist.sh")
@@ -213,7 +213,7 @@ def test_text_task_on_image_base_is_refused():
 
 def test_short_adaptation_beats_head_only(adapt_data):
     # the rates benchmarks/vision.py picked on validation: head 5e-3 (head-only's best), circuits 2e-2
-    spec = TrainSpec(base=BASE, task=adapt_data.name, rank=8, epochs=2, batch_size=32, lr=2e-2, head_lr=5e-3)
+    spec = TrainSpec(base=BASE, task=adapt_data.name, rank=8, epochs=2, batch_size=16, lr=2e-2, head_lr=5e-3)
     accuracy, counts = {}, {}
     for method, adapter in (("qpeft", True), ("head-only", False)):
         model = build_model(spec, adapt_data.id2label, adapter=adapter)
@@ -222,7 +222,8 @@ def test_short_adaptation_beats_head_only(adapt_data):
         accuracy[method] = evaluate(model, None, adapt_data.test)["accuracy"]
         counts[method] = trainable_parameters(model)
     assert counts["qpeft"] < 4 * counts["head-only"]  # a few thousand parameters more than the head
-    assert accuracy["qpeft"] > accuracy["head-only"] + 0.01, accuracy
+    margin = 0.05 if adapt_data.name == "fmnist-5to9" else 0.02  # measured .700 vs .575 (MNIST .343 vs .282)
+    assert accuracy["qpeft"] > accuracy["head-only"] + margin, accuracy
 
 
 def test_cli_train_and_eval_on_the_vit(tmp_path):
