@@ -49,6 +49,8 @@ def parse_rank(value: str) -> int | str:
 @click.option("--prune-to", default=None, type=int, help="intrinsic rank to prune λ to during training")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--bits", default=None, type=int, help="quantise angles to b bits in the saved file")
+@click.option("--qat/--no-qat", default=True, show_default=True,
+              help="with --bits: train on b-bit angles (straight-through) so the file reproduces the trained model")
 @click.option("--no-eval", is_flag=True, help="skip the test-set evaluation")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="adapter file (.qpeft)")
 @quiet_option

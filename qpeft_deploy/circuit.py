@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .quantize import fake_quantize_angles
 
 CONSTRUCTION_ID = "split2-right-v1"
 MAX_GROUP_QUBITS = 6  # largest qubit group of one Kronecker factor (2^6 = 64); at least 2 (a CZ pair)
@@ -302,12 +303,17 @@ class PauliCircuit(nn.Module):
         self.schedule = build_schedule(dim, layers)
         angles = torch.rand(count_angles(self.schedule), generator=generator) * (2 * math.pi) - math.pi
         self.theta = nn.Parameter(angles)
+        self.angle_bits: int | None = None  # set: run on b-bit angles (quantisation-aware training)
+
+    def angles(self) -> torch.Tensor:
+        """θ as the circuit uses it: snapped to the ``angle_bits`` grid (straight-through) when that is set."""
+        return self.theta if self.angle_bits is None else fake_quantize_angles(self.theta, self.angle_bits)
 
     def rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Q v (or Qᵀ v) for every vector v along the last axis of x."""
         if x.shape[-1] != self.dim:
             raise ConfigError(f"circuit of size {self.dim} got vectors of size {x.shape[-1]}")
-        return rotate(self.schedule, self.theta.to(x.dtype), x, transpose)
+        return rotate(self.schedule, self.angles().to(x.dtype), x, transpose)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Q·X for X of shape (dim,) or (dim, *batch)."""

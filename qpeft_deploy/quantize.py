@@ -42,6 +42,16 @@ def quantize_angles(theta: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.remainder(torch.round(wrapped / step).to(torch.int64), 1 << bits)
 
 
+def fake_quantize_angles(theta: torch.Tensor, bits: int) -> torch.Tensor:
+    """θ snapped to the b-bit grid in the forward pass, with an identity gradient (straight-through estimator).
+
+    Δ·round(θ/Δ) equals the decoded code of θ up to a multiple of 2π, so a circuit run on these angles is the
+    circuit a ``bits``-bit file stores: quantisation-aware training."""
+    step = angle_step(bits)
+    snapped = torch.round(theta.detach() / step) * step
+    return theta + (snapped - theta.detach())
+
+
 def dequantize_angles(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Angles θ̂ ∈ [−π, π) (float32) of b-bit codes."""
     step = angle_step(bits)

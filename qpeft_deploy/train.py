@@ -3,6 +3,9 @@
 ``fit`` optimises whatever is trainable in the model (after ``attach``: angles, λ and the head; with no adapter:
 the head alone, which is the head-only baseline), so both run through the same code on the same budget.
 
+With ``bits`` set, training is quantisation-aware (``quantization_aware``): the angles run snapped to the b-bit
+grid with straight-through gradients, so the saved b-bit file reproduces the trained model.
+
 Examples are ``(text, label)`` for text tasks and ``(28×28 uint8 image, label)`` for the image tasks of
 :mod:`qpeft_deploy.vision`; pass ``tokenizer=None`` for images (their inputs are ``pixel_values``).
 """
@@ -21,11 +24,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapter_file import load_adapted_model, save_adapter
-from .attach import (adapted_layers, adapter_config, attach, lora_parameter_count, prune_to_rank,
-                     train_head_only, trainable_parameters)
+from .attach import (
+    adapted_layers,
+    adapter_config,
+    attach,
+    lora_parameter_count,
+    prune_to_rank,
+    train_head_only,
+    trainable_parameters,
+)
 from .data import load_task
 from .errors import ConfigError
 from .models import is_image_base, load_task_model, load_tokenizer, tokenize
+from .quantize import angle_step
 from .spectrum import scheduled_rank
 from .vision import image_inputs, is_image_task, load_image_task
 
@@ -85,6 +96,18 @@ def _param_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict]:
         {"params": [p for p in trainable if id(p) not in adapter_ids], "lr": head_lr},
     ]
     return [g for g in groups if g["params"]]
+
+
+def quantization_aware(model: nn.Module, bits: int | None) -> None:
+    """Run every adapter circuit on ``bits``-bit angles (straight-through); None goes back to full precision.
+
+    Call before the first forward pass: a dense layer's cached U, V are keyed on θ, not on the grid."""
+    if bits is not None:
+        angle_step(bits)  # validates bits
+    for name, layer in adapted_layers(model).items():
+        if layer.variant != "pauli":
+            raise ConfigError(f"{name}: quantisation-aware training needs Pauli circuits (Taylor has no angles)")
+        layer.u.angle_bits = layer.v.angle_bits = bits
 
 
 def fit(model: nn.Module, tokenizer, train: Sequence[Example], *, epochs: int = 1, lr: float = 1e-2,
@@ -171,6 +194,7 @@ class TrainSpec:
     prune_to: int | None = None
     seed: int = 0
     bits: int | None = None
+    qat: bool = True  # with bits: train on b-bit angles so the saved file reproduces the trained model
 
 
 def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True) -> nn.Module:
@@ -188,6 +212,8 @@ def run_spec(spec: TrainSpec, adapter: bool = True, evaluate_test: bool = True,
     data = load_data(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=spec.seed)
     tokenizer = load_preprocessor(spec.base, spec.task)
     model = build_model(spec, data.id2label, adapter)
+    if adapter and spec.bits is not None and spec.qat:
+        quantization_aware(model, spec.bits)
     result = fit(model, tokenizer, data.train, epochs=spec.epochs, lr=spec.lr, head_lr=spec.head_lr,
                  batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
                  prune_to=spec.prune_to if adapter else None, quiet=quiet)

@@ -1,7 +1,7 @@
 """End-to-end demo on the shipped all-MiniLM-L6-v2 and the shipped data: the whole product in one run.
 
-1. trains three task adapters (Rotten Tomatoes sentiment, TREC-6 question type, SMS spam) and, on the same budget,
-   the head-only baseline of each;
+1. trains three task adapters (Rotten Tomatoes sentiment, TREC-6 question type, SMS spam), quantisation-aware on
+   4-bit angles so the packed file is the trained model, and, on the same budget, the head-only baseline of each;
 2. packs them (4-bit angles, fp16 λ and head) and inspects one;
 3. merges the RT adapter into a plain transformers checkpoint;
 4. exports one swappable ONNX model and runs all three tasks through ONE onnxruntime session by swapping adapters;
@@ -36,8 +36,9 @@ def train_all(args: argparse.Namespace) -> dict[str, dict]:
     results = {}
     for task in TASKS:
         spec = TrainSpec(task=task, rank=8, layers=1, epochs=args.epochs, max_examples=args.train_examples,
-                         max_test=args.test_examples, max_length=args.max_length)
-        print(f"\n[{task}] training a Quantum-PEFT adapter (all-linear, K=8, L=1) ...", flush=True)
+                         max_test=args.test_examples, max_length=args.max_length, bits=4)
+        print(f"\n[{task}] training a Quantum-PEFT adapter (all-linear, K=8, L=1, 4-bit-aware angles) ...",
+              flush=True)
         model, adapter = run_spec(spec, adapter=True, quiet=args.quiet)
         path = save_adapter(model, args.out / f"{task}.qpeft", bits=4, lambda_dtype="fp16", base=spec.base)
         print(f"[{task}] training the head-only baseline on the same budget ...", flush=True)
@@ -91,8 +92,10 @@ def print_table(results: dict[str, dict], ort: dict[str, float]) -> None:
         print(f"{task:6} {a['test_accuracy']:9.3f} {ort[task]:8.3f} {h['test_accuracy']:9.3f} "
               f"{a['trainable_parameters']:10,} {lora:10,} {r['path'].stat().st_size:10,} "
               f"{lora * LORA_R8_BYTES_PER_PARAM:15,}")
-    print("\nLoRA r=8 counts its factors on the same 37 targets plus the same head; its bytes are fp32 tensors "
-          "alone (headers excluded). Full-budget accuracy, 3 seeds, real PEFT LoRA: BENCHMARKS.md.")
+    print("\nqpeft acc: the trained model in torch; ORT acc: its packed file (4-bit angles, fp16 λ and head) "
+          "through the shared ONNX session, same test split. LoRA r=8 counts its factors on the same 37 targets "
+          "plus the same head; its bytes are fp32 tensors alone (headers excluded). Full-budget accuracy, 3 seeds, "
+          "real PEFT LoRA: BENCHMARKS.md.")
 
 
 def main() -> None:

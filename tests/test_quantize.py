@@ -14,6 +14,7 @@ from qpeft_deploy.quantize import (
     ANGLE_BITS,
     angle_step,
     dequantize_angles,
+    fake_quantize_angles,
     pack_bits,
     packed_size,
     quantize_angles,
@@ -42,6 +43,17 @@ def test_codes_are_in_range_and_decoding_is_idempotent(bits):
     assert codes.dtype == torch.int64 and int(codes.min()) >= 0 and int(codes.max()) < 1 << bits
     back = dequantize_angles(codes, bits)
     assert torch.equal(quantize_angles(back, bits), codes)
+
+
+@pytest.mark.parametrize("bits", ANGLE_BITS)
+def test_fake_quantized_angles_are_the_decoded_codes_with_identity_gradient(bits):
+    theta = (torch.rand(500, dtype=torch.float64) * 40 - 20).requires_grad_(True)
+    snapped = fake_quantize_angles(theta, bits)
+    decoded = dequantize_angles(quantize_angles(theta, bits), bits).double()
+    assert circular_distance(snapped.detach(), decoded).max() < 1e-6
+    assert torch.allclose(torch.cos(snapped), torch.cos(decoded), atol=1e-6)
+    (snapped * torch.arange(500.0, dtype=torch.float64)).sum().backward()
+    assert torch.equal(theta.grad, torch.arange(500.0, dtype=torch.float64))
 
 
 def test_pi_and_minus_pi_share_a_code():

@@ -3,11 +3,21 @@
 import pytest
 import torch
 
+from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
 from qpeft_deploy.attach import adapted_layers
 from qpeft_deploy.data import load_task
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.models import load_tokenizer
-from qpeft_deploy.train import TrainSpec, batches, build_model, evaluate, fit, run_spec
+from qpeft_deploy.train import (
+    TrainSpec,
+    batches,
+    build_model,
+    evaluate,
+    fit,
+    predict,
+    quantization_aware,
+    run_spec,
+)
 
 SPEC = TrainSpec(task="rt", rank=8, epochs=3, batch_size=16, max_examples=96, max_test=64, max_length=32)
 
@@ -92,3 +102,35 @@ def test_no_examples_is_refused(data, tokenizer):
 def test_unknown_task_is_refused():
     with pytest.raises(ConfigError):
         run_spec(TrainSpec(task="imdb"), quiet=True)
+
+
+@pytest.mark.parametrize("qat", [True, False])
+def test_quantisation_aware_training_makes_the_4_bit_file_reproduce_the_model(data, tokenizer, tmp_path, qat):
+    spec = TrainSpec(task="rt", rank=8, epochs=1, batch_size=16, max_examples=48, max_test=32, max_length=32,
+                     bits=4, qat=qat)
+    model, _ = run_spec(spec, quiet=True)
+    circuits = [c for layer in adapted_layers(model).values() for c in (layer.u, layer.v)]
+    assert all(c.angle_bits == (4 if qat else None) for c in circuits)
+    texts = [text for text, _ in data.test]
+    trained = predict(model, tokenizer, texts, max_length=32)
+    path = save_adapter(model, tmp_path / "a.qpeft", bits=4, base="minilm")
+    packed = predict(load_adapted_model("minilm", path), tokenizer, texts, max_length=32)
+    gap = (trained - packed).abs().max().item()
+    assert gap < 1e-4 if qat else gap > 1e-3, gap
+
+
+def test_quantisation_aware_training_still_trains_the_angles(data, tokenizer):
+    model = build_model(SPEC, data.id2label)
+    quantization_aware(model, 4)
+    before = torch.cat([layer.u.theta.detach().clone() for layer in adapted_layers(model).values()])
+    fit(model, tokenizer, data.train[:32], lr=0.05, batch_size=16, max_length=32, quiet=True)
+    after = torch.cat([layer.u.theta.detach() for layer in adapted_layers(model).values()])
+    assert (after != before).float().mean() > 0.5  # straight-through gradients reach the latent angles
+
+
+def test_quantisation_aware_training_refuses_taylor_and_bad_bits(data):
+    taylor = build_model(TrainSpec(task="rt", rank=2, variant="taylor"), data.id2label)
+    with pytest.raises(ConfigError, match="Taylor"):
+        quantization_aware(taylor, 4)
+    with pytest.raises(ConfigError, match="angle bits"):
+        quantization_aware(build_model(SPEC, data.id2label), 9)
