@@ -35,6 +35,7 @@ cost less; two idle cores do better). Two epochs would be ≈ 3.5 h, hence one. 
 first confirmed it: 19 (head-only) to 117 (qpeft-full-L1) CPU s of training per run, 7–17 CPU s of evaluation.
 
     python -m benchmarks.accuracy                    # the full grid: 3 tasks x 8 methods x 3 seeds
+    python -m benchmarks.accuracy --workers 2        # the same in two single-threaded processes (2 cores)
     python -m benchmarks.accuracy --tasks rt --methods qpeft-K8-L1 lora-r8 --seeds 0 --epochs 1
     python -m benchmarks.accuracy --smoke            # tiny CI version, written as accuracy_smoke.*
 writes benchmarks/results/<name>.json and <name>.md (name: accuracy, or accuracy_smoke with --smoke).
@@ -56,6 +57,7 @@ import hashlib
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +68,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import RESULTS_DIR, machine_info, markdown_table
-from qpeft_deploy.adapter_file import save_adapter
+from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
 from qpeft_deploy.attach import attach, find_head, find_target_modules, train_head_only, trainable_parameters
 from qpeft_deploy.data import TASKS, load_task
 from qpeft_deploy.layer import linear_shape
@@ -76,7 +78,7 @@ from qpeft_deploy.train import evaluate, fit
 BASE = "minilm"
 SPLIT_SEED = 0
 BATCH_SIZE = 32
-CACHE_VERSION = 1  # bump when a change to the training or scoring code should invalidate cached runs
+CACHE_VERSION = 2  # bump when a change to the training or scoring code should invalidate cached runs
 GOAL_RATIO = 20.0  # "≥ 20× fewer trainable parameters than LoRA r=8"
 GOAL_POINTS = 1.0  # "within 1 point of its accuracy"
 PEER = "lora-r8"
@@ -226,6 +228,13 @@ def file_bytes(method: Method, model: torch.nn.Module, folder: Path) -> dict[str
     return sizes
 
 
+def compact_file_accuracy(path: Path, tokenizer, test: list, max_length: int) -> float:
+    """Test accuracy of the shipped compact .qpeft (4-bit angles, fp16 λ/head) loaded onto a fresh base."""
+    return evaluate(load_adapted_model(BASE, path), tokenizer, test, max_length=max_length, quiet=True)[
+        "accuracy"
+    ]
+
+
 def train_one(config: dict, quiet: bool = True) -> dict:
     """Train and score one run of the grid; returns its record (config, accuracy, counts, bytes, times)."""
     method = Method(**config["method"])
@@ -253,6 +262,11 @@ def train_one(config: dict, quiet: bool = True) -> dict:
     cpu2, wall2 = _cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         sizes = file_bytes(method, model, Path(tmp))
+        compact_accuracy = (
+            compact_file_accuracy(Path(tmp) / "c.qpeft", tokenizer, data.test, config["max_length"])
+            if method.kind == "qpeft"
+            else None
+        )
     if method.kind == "lora" and trainable != lora_count:
         raise RuntimeError(f"peft trains {trainable} parameters, the LoRA r=8 count says {lora_count}")
     info = machine_info()
@@ -261,6 +275,7 @@ def train_one(config: dict, quiet: bool = True) -> dict:
         "hash": config_hash(config),
         "test_accuracy": metrics["accuracy"],
         "test_loss": metrics["loss"],
+        "compact_file_accuracy": compact_accuracy,
         "test_examples": len(data.test),
         "train_examples": len(data.train),
         "trainable_parameters": trainable,
@@ -281,15 +296,25 @@ def train_one(config: dict, quiet: bool = True) -> dict:
     }
 
 
-def run_grid(settings: dict, cache_dir: Path, quiet: bool = True) -> tuple[list[dict], int, int]:
-    """Train every (task, method, seed) not yet cached; returns (records, trained now, read from cache)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    configs = [
+def grid_configs(settings: dict) -> list[dict]:
+    """Every run of the grid, in (task, method, seed) order."""
+    return [
         run_config(METHODS[m], task, seed, settings)
         for task in settings["tasks"]
         for m in settings["methods"]
         for seed in settings["seeds"]
     ]
+
+
+def run_grid(
+    settings: dict, cache_dir: Path, quiet: bool = True, shard: tuple[int, int] = (0, 1)
+) -> tuple[list[dict], int, int]:
+    """Train every (task, method, seed) of ``shard`` (index, count) not yet cached.
+
+    Returns (records, trained now, read from cache)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index, count = shard
+    configs = grid_configs(settings)[index::count]
     records, trained, cached = [], 0, 0
     for i, config in enumerate(configs, 1):
         path = cache_path(cache_dir, config)
@@ -314,6 +339,21 @@ def run_grid(settings: dict, cache_dir: Path, quiet: bool = True) -> tuple[list[
     return records, trained, cached
 
 
+def run_workers(argv: list[str], workers: int) -> None:
+    """Train the grid's missing runs in ``workers`` child processes of one torch thread each (shards i::workers).
+
+    On 2 cores two single-threaded workers finish the grid sooner than one process with two threads: much of a
+    step (tokenising, small circuit kernels, the optimiser) does not use a second thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "benchmarks.accuracy", *argv]
+    children = [subprocess.Popen([*command, "--shard", f"{i}/{workers}"], env=env) for i in range(workers)]
+    failed = [i for i, child in enumerate(children) if child.wait() != 0]
+    if failed:
+        raise SystemExit(
+            f"benchmarks.accuracy: worker(s) {failed} failed; finished runs are cached, rerun to resume"
+        )
+
+
 def aggregate(records: list[dict], settings: dict) -> list[dict]:
     """One cell per (task, method): accuracy mean ± std over seeds, parameters, ratio to LoRA r=8, bytes."""
     cells = []
@@ -325,6 +365,7 @@ def aggregate(records: list[dict], settings: dict) -> list[dict]:
             if not runs:
                 continue
             accs = [r["test_accuracy"] for r in runs]
+            compact = [r["compact_file_accuracy"] for r in runs if r.get("compact_file_accuracy") is not None]
             first = runs[0]
             head = first["head_parameters"]
             lora = first["lora_r8_parameters"]
@@ -339,6 +380,7 @@ def aggregate(records: list[dict], settings: dict) -> list[dict]:
                     "accuracies": accs,
                     "accuracy_mean": statistics.fmean(accs),
                     "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
+                    "compact_file_accuracy_mean": statistics.fmean(compact) if compact else None,
                     "trainable_parameters": trainable,
                     "head_parameters": head,
                     "lora_r8_parameters": lora,
@@ -435,6 +477,7 @@ def table(cells: list[dict]) -> str:
         "task",
         "method",
         "test accuracy %",
+        "compact file accuracy %",
         "trainable params",
         "× fewer than LoRA r=8",
         "× fewer, heads excluded",
@@ -447,6 +490,9 @@ def table(cells: list[dict]) -> str:
             c["task"],
             c["label"] or c["method"],
             _acc(c),
+            "-"
+            if c["compact_file_accuracy_mean"] is None
+            else f"{100 * c['compact_file_accuracy_mean']:.1f}",
             f"{c['trainable_parameters']:,}",
             _ratio(c["ratio_vs_lora_r8"]),
             _ratio(c["ratio_vs_lora_r8_without_head"]),
@@ -501,9 +547,11 @@ def render(data: dict) -> str:
         )
         + " (fit() has two groups, Quantum-PEFT layers and everything else, so LoRA's A, B and head share one "
         "rate). Accuracy is the mean ± sample std over seeds. Trainable parameters include the classification "
-        "head (LoRA's modules_to_save head too); the goal's ratio counts them. Compact file: .qpeft with 4-bit angles and fp16 λ/head "
-        "(Taylor: fp16 parameters), LoRA / full-FT safetensors in fp16, head-only fp16; every .qpeft "
-        "carries the base fingerprint.\n\n"
+        "head (LoRA's modules_to_save head too); the goal's ratio counts them. Compact file: .qpeft with 4-bit angles "
+        "and fp16 λ/head (Taylor: fp16 parameters), LoRA / full-FT safetensors in fp16, head-only fp16; every "
+        ".qpeft carries the base fingerprint. 'Compact file accuracy' is the Q-PEFT compact file loaded onto a "
+        "fresh base and scored on the same test split (mean over seeds; training itself is fp32, no "
+        "quantisation-aware training); the goal is judged on the trained model's accuracy.\n\n"
         + table(data["cells"])
         + f"\n## Goal: best Q-PEFT with ≥ {GOAL_RATIO:.0f}× fewer trainable parameters than LoRA r=8, within "
         f"{GOAL_POINTS:.0f} point of its accuracy\n\n"
@@ -516,6 +564,13 @@ def render(data: dict) -> str:
         f"{data['runs_cached']} (cache: `{data['name']}_runs/` beside this file).\n"
     )
     return text
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected i/N with 0 <= i < N, got {text!r}")
+    return int(index), int(count)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -537,7 +592,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny grid for CI, written as accuracy_smoke.*")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results and the cache go")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="train in this many single-threaded processes (2 suits 2 cores)",
+    )
+    parser.add_argument("--shard", type=_shard, help=argparse.SUPPRESS)  # i/N: a worker's share of the grid
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
     base = SMOKE if args.smoke else DEFAULTS
     settings = dict(base)
     for key in ("tasks", "methods"):
@@ -569,9 +633,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     shown = sys.argv[1:] if argv is None else argv
     start = time.perf_counter()
-    records, trained, cached = run_grid(
-        args.settings, args.out_dir / f"{args.name}_runs", quiet=not args.progress
-    )
+    cache_dir = args.out_dir / f"{args.name}_runs"
+    if args.shard:
+        run_grid(args.settings, cache_dir, quiet=not args.progress, shard=args.shard)
+        return {}
+    missing = sum(not cache_path(cache_dir, c).is_file() for c in grid_configs(args.settings))
+    if args.workers > 1 and missing:
+        run_workers(shown, args.workers)
+    records, _, _ = run_grid(args.settings, cache_dir, quiet=not args.progress)
+    trained, cached = missing, len(records) - missing
     cells = aggregate(records, args.settings)
     data = {
         "name": args.name,
