@@ -32,7 +32,8 @@ def parse_rank(value: str) -> int | str:
 
 @click.command("train")
 @base_option
-@click.option("--task", required=True, help="rt | trec6 | sms | csv:<path with text,label columns>")
+@click.option("--task", required=True,
+              help="rt | trec6 | sms | csv:<path with text,label columns>; image bases: fmnist-5to9 | fmnist-0to4 | mnist")
 @click.option("--targets", default="all-linear", show_default=True,
               help="all-linear | comma-separated module names | re:<regex>")
 @click.option("--rank", default="8", show_default=True, help="K per target, or 'full' for min(N, M)")
@@ -56,7 +57,7 @@ def parse_rank(value: str) -> int | str:
 @quiet_option
 def train_command(base: str, task: str, targets: str, rank: str, output: str, no_eval: bool, quiet: bool,
                   **options) -> None:
-    """Train an adapter (angles, λ and the task head) on a text-classification task."""
+    """Train an adapter (angles, λ and the task head) on a text- or image-classification task."""
     spec = TrainSpec(base=base, task=task, targets=parse_targets(targets), rank=parse_rank(rank), **options)
     report = train_adapter(spec, output, evaluate=not no_eval, quiet=quiet)
     click.echo(json.dumps(report, indent=2))
@@ -65,7 +66,7 @@ def train_command(base: str, task: str, targets: str, rank: str, output: str, no
 @click.command("eval")
 @base_option
 @click.option("--adapter", required=True, type=click.Path(dir_okay=False), help="adapter file (.qpeft)")
-@click.option("--task", required=True, help="rt | trec6 | sms | csv:<path>")
+@click.option("--task", required=True, help="rt | trec6 | sms | csv:<path> | fmnist-5to9 | fmnist-0to4 | mnist")
 @click.option("--max-examples", default=None, type=int, help="evaluate on the first N test examples")
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="load even if the base fingerprint differs")

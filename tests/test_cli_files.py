@@ -5,36 +5,20 @@ from __future__ import annotations
 import json
 import struct
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
-from qpeft_deploy.cli.files import inspect_command, pack_command, verify_command
 from safetensors.torch import load_file, save_file
 
 from qpeft_deploy.adapter_file import read_adapter, save_adapter
 from qpeft_deploy.attach import attach
-from qpeft_deploy.errors import QpeftError
+from qpeft_deploy.cli.main import cli
 from qpeft_deploy.models import load_task_model, resolve_base
-
-
-class Group(click.Group):
-    """What the main ``qpeft`` group does with library errors: one line on stderr, exit code 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except QpeftError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
 
 
 @pytest.fixture(scope="module")
 def qpeft():
-    group = Group("qpeft")
-    for command in (pack_command, inspect_command, verify_command):
-        group.add_command(command)
-    return group
+    return cli
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +39,7 @@ def run(qpeft, *args):
 def assert_one_line_error(result, *words):
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("qpeft: error: "), result.stderr
     for word in words:
         assert word in lines[0], lines[0]
 

@@ -8,39 +8,23 @@ import subprocess
 import sys
 import time
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
-from qpeft_deploy.cli.merge import merge_command, unmerge_command
 from safetensors.torch import load_file
 
 from qpeft_deploy.adapter_file import save_adapter
 from qpeft_deploy.attach import attach
-from qpeft_deploy.errors import QpeftError
+from qpeft_deploy.cli.main import cli
 from qpeft_deploy.fingerprint import INDEX_FILE, SINGLE_FILE
 from qpeft_deploy.models import load_task_model, resolve_base
 
 MINILM = resolve_base("minilm")
 
 
-class Group(click.Group):
-    """What the main ``qpeft`` group does with library errors: one line on stderr, exit code 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except QpeftError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
-
-
 @pytest.fixture(scope="module")
 def qpeft():
-    group = Group("qpeft")
-    for command in (merge_command, unmerge_command):
-        group.add_command(command)
-    return group
+    return cli
 
 
 def _adapter(path, labels, targets, seed):
@@ -67,7 +51,7 @@ def run(qpeft, *args):
 def assert_one_line_error(result, *words):
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("qpeft: error: "), result.stderr
     for word in words:
         assert word in lines[0], lines[0]
 
