@@ -7,6 +7,7 @@ Plots (matplotlib, PNG, under benchmarks/results/), each naming the peer measure
   onnx.png      ONNX Runtime latency by export mode, ORT LoRA r=8 as the peer         (onnx.json)
   merge.png     qpeft merge time vs copying the checkpoint and PEFT merge + save      (merge.json)
   swap.png      adapter swap / request latency, AdapterBank vs PEFT LoRA r=8          (swap.json)
+  vision.png    ViT accuracy vs trainable parameters (LoRA r=8 peer), ONNX latency    (vision.json)
 A plot whose JSON is missing or unreadable is skipped, and BENCHMARKS.md says so.
 
     python -m benchmarks.report
@@ -43,6 +44,11 @@ SECTIONS = [
     ("onnx", "ONNX Runtime latency", "Export modes vs merged weights and ORT's own LoRA adapters."),
     ("merge", "Merge", "`qpeft merge` vs copying the checkpoint and PEFT merge + save."),
     ("swap", "Runtime adapter swap", "AdapterBank vs PEFT LoRA `load_adapter` / `set_adapter`."),
+    (
+        "vision",
+        "Vision (ViT, Fashion-MNIST 5-9)",
+        "Quantum-PEFT vs PEFT LoRA r=8 and head-only on the shipped small ViT; ONNX merged vs runtime latency.",
+    ),
 ]
 PEER_COLOUR, OURS_COLOUR, REF_COLOUR = "#d62728", "#1f77b4", "#7f7f7f"
 
@@ -249,12 +255,49 @@ def plot_swap(data: dict, path: Path) -> str:
     return "PEFT LoRA r=8 load_adapter / set_adapter on the same model, same run"
 
 
+def plot_vision(data: dict, path: Path) -> str:
+    """Left: ViT test accuracy vs trainable parameters (LoRA r=8 the peer); right: ONNX ms per export mode."""
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for row in data["summary"]:
+        kind = row["method"].split()[0].lower()
+        colour = PEER_COLOUR if kind == "lora" else OURS_COLOUR if kind == "qpeft" else REF_COLOUR
+        x, y = row["trainable_parameters"], 100 * row["test_accuracy_mean"]
+        ax_a.plot(x, y, "o", color=colour)
+        ax_a.annotate(row["method"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    s = data["settings"]
+    ax_a.set_xscale("log")
+    ax_a.set_xlabel("trainable parameters (log, head included)")
+    ax_a.set_ylabel("test accuracy %")
+    ax_a.set_title(
+        f"{s['task']}: {s['max_train']:,} train / {s['max_test']:,} test, {s['epochs']} epochs, "
+        f"mean of {len(s['seeds'])} seeds",
+        fontsize=9,
+    )
+    ax_a.margins(x=0.25, y=0.15)
+    modes = list(data["onnx"])
+    for i, batch in enumerate((1, 32)):
+        values = [data["onnx"][m][f"batch{batch}_ms"] for m in modes]
+        bars = ax_b.barh(
+            [j + 0.4 * i for j in range(len(modes))], values, height=0.38, label=f"batch {batch}"
+        )
+        ax_b.bar_label(bars, fmt="%.1f ms", fontsize=7)
+    ax_b.set_yticks([j + 0.2 for j in range(len(modes))], modes)
+    ax_b.set_xlabel("ms per batch (ORT, CPU)")
+    ax_b.set_title("ONNX Runtime latency by export mode (merged = reference)", fontsize=9)
+    ax_b.legend(fontsize=7)
+    _finish(
+        fig, path, "ViT (samples/vit-fmnist5) adapted to unseen classes; peer: PEFT LoRA r=8 (same run)", data
+    )
+    return "PEFT LoRA r=8 on the same ViT linear layers, same data, epochs and seeds, in the same run"
+
+
 PLOTS: dict[str, tuple[str, Callable[[dict, Path], str]]] = {
     "filesize": ("filesize.png", plot_filesize),
     "accuracy": ("accuracy.png", plot_accuracy),
     "onnx": ("onnx.png", plot_onnx),
     "merge": ("merge.png", plot_merge),
     "swap": ("swap.png", plot_swap),
+    "vision": ("vision.png", plot_vision),
 }
 
 

@@ -74,8 +74,10 @@ def test_report_plots_the_accuracy_results_and_says_what_is_missing(smoke, tmp_p
     out, _, _ = smoke
     (tmp_path / "accuracy.json").write_text((out / "accuracy_smoke.json").read_text())
     (tmp_path / "accuracy.md").write_text((out / "accuracy_smoke.md").read_text())
+    (tmp_path / "vision.json").write_text((ROOT / "benchmarks" / "results" / "vision.json").read_text())
     notes = report.write_report(tmp_path, tmp_path / "BENCHMARKS.md")
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "vision.png").stat().st_size > 1000 and "## Vision" in text
     assert "accuracy.png" in text and "### Accuracy" in text
     assert any(n.startswith("filesize:") for n in notes) and "filesize.json` is missing" in text
