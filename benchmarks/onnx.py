@@ -27,6 +27,11 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
+
+from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
+from qpeft_deploy.adapter_file import save_adapter
+from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.data import load_task
 from qpeft_deploy.exporters.onnx import (
     MODEL_FILE,
     TASKS,
@@ -39,11 +44,6 @@ from qpeft_deploy.exporters.onnx import (
     session_options,
     write_ort_adapter,
 )
-
-from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
-from qpeft_deploy.adapter_file import save_adapter
-from qpeft_deploy.attach import adapted_layers, attach
-from qpeft_deploy.data import load_task
 from qpeft_deploy.models import load_task_model, load_tokenizer
 from qpeft_deploy.train import fit
 

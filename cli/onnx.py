@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+
 from qpeft_deploy.exporters.onnx import (
     APPLIES,
     DTYPES,
@@ -60,7 +61,9 @@ SWAP_HELP = (
 )
 @click.option("--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True)
 @click.option(
-    "--check-task", default=None, help="also compare accuracy on this task's test split (rt, trec6, ...)"
+    "--check-task",
+    default=None,
+    help="also compare accuracy on this task's test split (rt, trec6, sms; fmnist-5to9, mnist)",
 )
 @click.option("--check-examples", default=200, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="export even if the base fingerprint differs")

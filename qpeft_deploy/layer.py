@@ -1,10 +1,13 @@
 """QuantumPeftLinear: a frozen linear layer plus ΔW = α·U diag(λ) Vᵀ with circuit-built U and V.
 
-W is N×M (N out, M in). U = Q_N(θ_U)[:, :K], V = Q_M(θ_V)[:, :K] (or Taylor frames). Three ways to run:
+W is N×M (N out, M in). U = Q_N(θ_U)[:, :K], V = Q_M(θ_V)[:, :K] (or Taylor frames). An nn.Conv2d (groups 1)
+is read as its flattened kernel, W = weight.reshape(N, -1) with M = in_channels·kh·kw in PyTorch's order;
+its ΔW is reshaped back to the kernel shape and convolved with the input. Three ways to run:
 - ``circuit``: y += Q_N [α λ ⊙ (Q_Mᵀ x)[:K]; 0]: the circuits act on the activations, no matrix is formed.
 - ``dense``: y += U (α λ ⊙ (Vᵀ x)): U and V materialised (cached while the parameters do not change).
 - merged: ΔW folded into the weight in fp32 and cast once; ``unmerge`` takes it out again.
-``auto`` picks circuit or dense per layer from the multiply-adds per token. Circuits always run in fp32.
+``auto`` picks circuit or dense per layer from the multiply-adds per token (a Conv2d always runs dense).
+Circuits always run in fp32.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ MODES = ("auto", "circuit", "dense")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out N, in M) of an nn.Linear or HF Conv1D."""
+    """(out N, in M) of an nn.Linear, HF Conv1D or nn.Conv2d (M = in_channels·kh·kw: the flattened kernel)."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if isinstance(module, Conv1D):
         return module.nf, module.weight.shape[0]
-    raise ConfigError(f"can only adapt nn.Linear or Conv1D, got {type(module).__name__}")
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ConfigError(f"can only adapt an nn.Conv2d with groups=1 and zero padding, got "
+                              f"groups={module.groups}, padding_mode={module.padding_mode!r}")
+        return module.out_channels, module.weight[0].numel()
+    raise ConfigError(f"can only adapt nn.Linear, Conv1D or nn.Conv2d, got {type(module).__name__}")
 
 
 def make_factor(variant: str, dim: int, rank: int, layers: int, generator: torch.Generator | None) -> nn.Module:
@@ -41,7 +49,7 @@ def make_factor(variant: str, dim: int, rank: int, layers: int, generator: torch
 
 
 class QuantumPeftLinear(nn.Module):
-    """Wraps a frozen nn.Linear / Conv1D and adds a Quantum-PEFT update."""
+    """Wraps a frozen nn.Linear / Conv1D / Conv2d and adds a Quantum-PEFT update."""
 
     def __init__(self, base: nn.Module, rank: int, layers: int = 1, alpha: float = 1.0,
                  variant: str = "pauli", mode: str = "auto", generator: torch.Generator | None = None):
@@ -62,12 +70,20 @@ class QuantumPeftLinear(nn.Module):
         self.mode = self.cheapest_mode() if mode == "auto" else mode
         if self.mode == "circuit" and variant != "pauli":
             raise ConfigError("circuit mode needs the pauli variant (Taylor frames are always dense)")
+        if self.mode == "circuit" and isinstance(base, nn.Conv2d):
+            raise ConfigError("circuit mode is for linear layers; an nn.Conv2d runs dense (mode auto/dense)")
         self.merged = False
         self._cache: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (HF models read it, e.g. ViT checks ``projection.weight.dtype``)."""
+        return self.base.weight
+
     def cheapest_mode(self) -> str:
-        """'circuit' when rotating activations costs fewer multiply-adds per token than K·(N+M)."""
-        if self.variant != "pauli":
+        """'circuit' when rotating activations costs fewer multiply-adds per token than K·(N+M); Conv2d layers
+        and Taylor frames always run 'dense'."""
+        if self.variant != "pauli" or isinstance(self.base, nn.Conv2d):
             return "dense"
         circuit = self.u.cost_per_vector() + self.v.cost_per_vector()
         return "circuit" if circuit < self.rank * (self.out_features + self.in_features) else "dense"
@@ -90,8 +106,13 @@ class QuantumPeftLinear(nn.Module):
         return (u * (self.alpha * self.spectrum.values().float())) @ v.T
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔW x for activations x (..., M), computed in fp32 without forming ΔW."""
+        """ΔW x for activations x (..., M), in fp32 without forming ΔW; for a Conv2d, x is (B, C, H, W) and
+        ΔW, reshaped to the kernel, is convolved with the base's stride, padding and dilation."""
         x = x.float()
+        if isinstance(self.base, nn.Conv2d):
+            conv = self.base
+            kernel = self._weight_delta_in_storage_layout()
+            return nn.functional.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)
         scale = self.alpha * self.spectrum.values().float()
         if self.mode == "circuit":
             h = self.v.rotate(x, transpose=True)[..., : self.rank] * scale
@@ -107,8 +128,9 @@ class QuantumPeftLinear(nn.Module):
         return y + self.delta(x).to(y.dtype)
 
     def _weight_delta_in_storage_layout(self) -> torch.Tensor:
+        """ΔW shaped like the base weight: transposed for Conv1D (in×out), the kernel shape for Conv2d."""
         delta = self.delta_weight()
-        return delta.T if isinstance(self.base, Conv1D) else delta
+        return delta.T if isinstance(self.base, Conv1D) else delta.reshape(self.base.weight.shape)
 
     @torch.no_grad()
     def merge(self) -> None:

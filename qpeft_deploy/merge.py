@@ -8,7 +8,8 @@ Works on safetensors files, never on a built model:
   planned layout), so memory holds a few row blocks and one target's factors, never the model or a tensor.
 - Exact: ΔW = Σᵢ wᵢ·αᵢ·Uᵢ diag(λᵢ·maskᵢ) Vᵢᵀ stays low-rank (A·Bᵀ, with Uᵢ, Vᵢ rebuilt from the stored circuit
   parameters exactly as ``QuantumPeftLinear.delta_weight`` builds them); an HF ``Conv1D`` weight (stored
-  in×out) gets ΔWᵀ.
+  in×out) gets ΔWᵀ; an nn.Conv2d kernel (out, in, kh, kw) is read as its out × in·kh·kw rows, the N×M of the
+  adapter, so ΔW's rows land on the flattened kernel and the stored shape stays 4-D.
 - A head adapter makes the output the task model's checkpoint, as its ``save_pretrained`` would write it:
   keys of a bare base re-prefixed with ``base_model_prefix``, head tensors added (or replaced: the replaced
   ones are kept in ``HEAD_SIDECAR`` for unmerge), ``config.json`` rewritten (architectures, id2label,
@@ -270,6 +271,11 @@ def _conv1d_keys(folder: Path, config: dict, keys: set[str]) -> set[str]:
     return {key for key in keys if isinstance(modules.get(key.removesuffix(".weight")), Conv1D)}
 
 
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a stored weight is adapted as: a 4-D Conv2d kernel (out, in, kh, kw) is out × in·kh·kw."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) == 4 else tuple(shape)
+
+
 def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapters: Sequence[AdapterFile],
              weights: Sequence[float]) -> dict[str, tuple[list[Update], bool]]:
     """Stored key -> (its updates, transposed), after checking every target against the checkpoint."""
@@ -288,7 +294,7 @@ def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapte
                                   f"({', '.join(FLOAT_DTYPES)}) can be merged into")
             n_out, n_in = adapter.info["shapes"][key]
             expected = (n_in, n_out) if key in conv1d else (n_out, n_in)
-            if tensor.shape != expected:
+            if matrix_shape(tensor.shape) != expected:
                 raise BaseMismatchError(f"{path}: {key} is {n_out}x{n_in} (out x in) in the adapter but "
                                         f"{'x'.join(map(str, tensor.shape))} in {tensor.file}")
             updates.setdefault(stored, ([], key in conv1d))[0].append(Update(adapter, key, weight))

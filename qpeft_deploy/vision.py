@@ -180,10 +180,10 @@ def vit_config(id2label: dict[int, str] | None = None, **overrides):
     from transformers import ViTConfig
 
     labels = id2label or dict(enumerate(FMNIST_LABELS[:5]))
-    settings = dict(image_size=IMAGE_SIZE, patch_size=7, num_channels=CHANNELS, hidden_size=192,
-                    num_hidden_layers=4, num_attention_heads=3, intermediate_size=384,
-                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                    id2label=labels, label2id={v: k for k, v in labels.items()})
+    settings = {"image_size": IMAGE_SIZE, "patch_size": 7, "num_channels": CHANNELS, "hidden_size": 192,
+                    "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 384,
+                    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                    "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
     return ViTConfig(**(settings | overrides))
 
 

@@ -26,7 +26,6 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.layer import QuantumPeftLinear
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 
-
 LABELS = {0: "neg", 1: "pos"}
 SENTENCES = [
     "A gripping, beautifully shot film.",

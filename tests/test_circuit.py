@@ -21,7 +21,6 @@ from qpeft_deploy.circuit import (
 )
 from qpeft_deploy.errors import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Independent numpy references (no use of circuit.rotate / plan_block / cz_signs)
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,7 +432,7 @@ def test_gradient_matches_finite_difference():
     c = circuit_with_seed(12, seed=3)
     weights = torch.randn(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     theta = c.theta.detach().double()
-    f = lambda t: float((rotate(c.schedule, t, torch.eye(4, 12, dtype=torch.float64)).T * weights).sum())  # noqa: E731
+    f = lambda t: float((rotate(c.schedule, t, torch.eye(4, 12, dtype=torch.float64)).T * weights).sum())
     t = theta.clone().requires_grad_(True)
     (rotate(c.schedule, t, torch.eye(4, 12, dtype=torch.float64)).T * weights).sum().backward()
     eps = 1e-6
@@ -465,7 +464,7 @@ def test_gradcheck_rotate_both_directions(dim):
     theta = c.theta.detach().double().clone().requires_grad_(True)
     x = torch.randn(2, 3, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     for transpose in (False, True):
-        assert torch.autograd.gradcheck(lambda t, v: rotate(c.schedule, t, v, transpose), (theta, x))
+        assert torch.autograd.gradcheck(lambda t, v, tr=transpose: rotate(c.schedule, t, v, tr), (theta, x))
 
 
 # ---------------------------------------------------------------------------------------------------------------

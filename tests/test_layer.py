@@ -12,7 +12,6 @@ from transformers.pytorch_utils import Conv1D
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.layer import QuantumPeftLinear, linear_shape
 
-
 SHAPES = [(48, 40), (16, 24)]  # nn.Linear(in M, out N)
 CASES = [("pauli", "circuit"), ("pauli", "dense"), ("taylor", "dense")]
 
@@ -233,8 +232,10 @@ def test_bad_arguments():
         QuantumPeftLinear(nn.Linear(16, 24), 4, variant="lora")
     with pytest.raises(ConfigError):
         QuantumPeftLinear(nn.Linear(16, 24), 4, variant="taylor", mode="circuit")
-    with pytest.raises(ConfigError):
-        QuantumPeftLinear(nn.Conv2d(3, 3, 1), 1)
+    with pytest.raises(ConfigError, match="groups=1"):
+        QuantumPeftLinear(nn.Conv2d(4, 4, 1, groups=2), 1)
+    with pytest.raises(ConfigError, match="circuit mode"):
+        QuantumPeftLinear(nn.Conv2d(3, 3, 1), 1, mode="circuit")
     # full rank is allowed
     assert QuantumPeftLinear(nn.Linear(16, 24), 16).rank == 16
 
@@ -275,6 +276,25 @@ def test_conv1d_layer_orientation():
         layer.merge()
         assert (conv.weight - (w0 + dw.T)).abs().max() <= 1e-6
         assert (layer(x) - y).abs().max() <= 1e-5
+        layer.unmerge()
+        assert (conv.weight - w0).abs().max() <= 1e-6
+
+
+def test_conv2d_adapts_the_flattened_kernel():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, (3, 2), stride=2, padding=1, dilation=(1, 2))
+    assert linear_shape(conv) == (8, 3 * 3 * 2)
+    layer = QuantumPeftLinear(conv, 4, generator=seeded(1))
+    assert layer.mode == "dense"
+    randomise(layer)
+    x = torch.randn(2, 3, 9, 10, generator=seeded(2))
+    w0 = conv.weight.detach().clone()
+    with torch.no_grad():
+        kernel = w0 + layer.delta_weight().reshape(w0.shape)  # (out, in·kh·kw) rows in PyTorch's order
+        want = nn.functional.conv2d(x, kernel, conv.bias, conv.stride, conv.padding, conv.dilation)
+        assert (layer(x) - want).abs().max() <= 1e-5
+        layer.merge()
+        assert (conv.weight - kernel).abs().max() <= 1e-6 and (layer(x) - want).abs().max() <= 1e-5
         layer.unmerge()
         assert (conv.weight - w0).abs().max() <= 1e-6
 

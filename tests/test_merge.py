@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, BertModel, GPT2Config, GPT2Model
 
+from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synthetic_llama
 from qpeft_deploy.adapter_file import save_adapter
 from qpeft_deploy.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
@@ -35,8 +36,6 @@ from qpeft_deploy.merge import (
     unmerge_checkpoint,
 )
 from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
-
-from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synthetic_llama
 
 LABELS = {0: "neg", 1: "pos"}
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "not bad at all"]

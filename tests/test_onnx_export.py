@@ -18,7 +18,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from safetensors import safe_open
+
+from qpeft_deploy.adapter_file import load_adapted_model, read_adapter, save_adapter, write_adapter
+from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.circuit import PauliCircuit, count_angles
 from qpeft_deploy.cli.onnx import export_onnx_adapter_command, export_onnx_command
+from qpeft_deploy.data import load_task
+from qpeft_deploy.errors import BaseMismatchError, FormatError, QpeftError
 from qpeft_deploy.exporters.onnx import MODEL_FILE, convert_precision, export_onnx, session_options
 from qpeft_deploy.exporters.onnx_circuit import (
     DOMAIN,
@@ -29,13 +36,6 @@ from qpeft_deploy.exporters.onnx_circuit import (
     circuit_apply_function,
     circuit_columns,
 )
-from safetensors import safe_open
-
-from qpeft_deploy.adapter_file import load_adapted_model, read_adapter, save_adapter, write_adapter
-from qpeft_deploy.attach import adapted_layers, attach
-from qpeft_deploy.circuit import PauliCircuit, count_angles
-from qpeft_deploy.data import load_task
-from qpeft_deploy.errors import BaseMismatchError, FormatError, QpeftError
 from qpeft_deploy.layer import QuantumPeftLinear
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.train import fit

@@ -11,17 +11,17 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from test_onnx_export import adapter_file, exported, other_base_adapter, probe_batches, torch_logits
+
+from qpeft_deploy.adapter_file import save_adapter
+from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.exporters.onnx import (
     MODEL_FILE,
     export_onnx_adapter,
     read_onnx_adapter,
     write_ort_adapter,
 )
-from test_onnx_export import adapter_file, exported, other_base_adapter, probe_batches, torch_logits
-
-from qpeft_deploy.adapter_file import save_adapter
-from qpeft_deploy.attach import adapted_layers, attach
-from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.models import load_task_model
 from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 

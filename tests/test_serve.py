@@ -16,13 +16,13 @@ import pytest
 import torch
 import uvicorn
 from click.testing import CliRunner
-from qpeft_deploy.cli.main import QpeftGroup
-from qpeft_deploy.cli.serve import serve_command
-from qpeft_deploy.exporters.onnx import export_onnx
 
 from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
 from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.cli.main import QpeftGroup
+from qpeft_deploy.cli.serve import serve_command
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.exporters.onnx import export_onnx
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
 from qpeft_deploy.serve import MicroBatcher, ServeSettings, create_app, load_folder, make_backend

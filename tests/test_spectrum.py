@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -84,13 +86,13 @@ def test_scheduled_rank_monotone_hits_both_ends(total, initial, target):
     ranks = [scheduled_rank(step, total, initial, target) for step in range(total + 1)]
     assert ranks[0] == initial
     assert ranks[-1] == target
-    assert all(b <= a for a, b in zip(ranks, ranks[1:])), ranks
+    assert all(b <= a for a, b in itertools.pairwise(ranks)), ranks
     assert all(target <= r <= initial for r in ranks)
 
 
 def test_scheduled_rank_warmup_and_final_phases():
     total, initial, target = 100, 8, 2
-    assert all(scheduled_rank(s, total, initial, target) == initial for s in range(0, 11))
+    assert all(scheduled_rank(s, total, initial, target) == initial for s in range(11))
     assert all(scheduled_rank(s, total, initial, target) == target for s in range(70, 101))
     middle = [scheduled_rank(s, total, initial, target) for s in range(11, 70)]
     assert len(set(middle)) > 2  # it actually decays through intermediate ranks

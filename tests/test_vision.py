@@ -1,13 +1,14 @@
 """Vision: the committed ViT base (samples/vit-fmnist5) adapted with Quantum-PEFT, merged, saved, exported.
 
 Tests that need Fashion-MNIST or MNIST skip (naming scripts/fetch_fmnist.sh) when neither was fetched; the
-parity tests use random pixels and always run. The ONNX / file-merge tests xfail, naming the missing piece,
-while exporters/onnx.py, runtime/ort_session.py or merge.py do not yet handle image classifiers
-(docs/VISION.md lists the changes).
+parity tests use random pixels and always run. The patch-embedding section adapts the nn.Conv2d (ΔW on the flattened
+kernel) with the linear layers and runs it through merge, the .qpeft file, ONNX and the LoRA export.
 """
 
+import copy
 import gzip
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,19 @@ from safetensors import safe_open
 
 from qpeft_deploy import vision
 from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
-from qpeft_deploy.attach import adapted_layers, attach, detach, merge_adapter, trainable_parameters
+from qpeft_deploy.attach import (
+    adapted_layers,
+    attach,
+    detach,
+    find_target_modules,
+    merge_adapter,
+    trainable_parameters,
+    unmerge_adapter,
+)
 from qpeft_deploy.cli.main import cli
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.exporters.onnx import export_onnx, export_onnx_adapter
+from qpeft_deploy.merge import merge_checkpoint, unmerge_checkpoint
 from qpeft_deploy.models import is_image_base, load_task_model
 from qpeft_deploy.train import TrainSpec, build_model, evaluate, fit, load_data, run_spec
 
@@ -115,7 +126,8 @@ def test_attach_all_linear_leaves_outputs_unchanged_at_init(pixels):
     shapes = {(lay.out_features, lay.in_features) for lay in layers.values()}
     assert shapes == {(192, 192), (384, 192), (192, 384)}
     with safe_open(str(Path(BASE) / "model.safetensors"), "pt") as f:  # targets are base keys (vit. prefixed)
-        assert all(f"vit.{key}" in f.keys() for key in layers)
+        stored = set(f.keys())
+    assert all(f"vit.{key}" in stored for key in layers)
     assert torch.equal(_logits(model, pixels), before)
 
 
@@ -132,12 +144,6 @@ def test_merge_matches_the_adapted_model(pixels, rank):
     assert (_logits(plain, pixels) - adapted).abs().max() <= TOL
 
 
-def test_patch_embedding_conv_is_refused_cleanly():
-    model = load_task_model(BASE, LABELS5)
-    with pytest.raises(ConfigError, match="Conv2d|nn.Linear"):
-        attach(model, ["embeddings.patch_embeddings.projection"], rank=4)
-
-
 @pytest.mark.parametrize("bits", [None, 8])
 def test_adapter_file_round_trip(tmp_path, adapted, pixels, bits):
     path = save_adapter(adapted, tmp_path / "v.qpeft", bits=bits, base=BASE)
@@ -148,22 +154,11 @@ def test_adapter_file_round_trip(tmp_path, adapted, pixels, bits):
     assert loaded.config.id2label == adapted.config.id2label
 
 
-def _merge_or_xfail(*args, **kwargs):
-    from qpeft_deploy.merge import merge_checkpoint
-
-    try:
-        return merge_checkpoint(*args, **kwargs)
-    except ConfigError as e:
-        if "sequence-classification" in str(e):
-            pytest.xfail(f"merge.py does not yet merge an image-classification head: {e}")
-        raise
-
-
 def test_merge_checkpoint_file_matches(tmp_path, adapted, pixels):
     from transformers import ViTForImageClassification
 
     path = save_adapter(adapted, tmp_path / "v.qpeft", base=BASE)
-    out = _merge_or_xfail(BASE, [path], tmp_path / "merged", quiet=True)
+    out = merge_checkpoint(BASE, [path], tmp_path / "merged", quiet=True)
     merged = ViTForImageClassification.from_pretrained(str(out), local_files_only=True).eval()
     assert (_logits(merged, pixels) - _logits(adapted, pixels)).abs().max() <= TOL
 
@@ -244,17 +239,6 @@ def test_cli_train_and_eval_on_the_vit(tmp_path):
 # ------------------------------------------------------------------------------------------------------- ONNX
 
 
-def _export_or_xfail(*args, **kwargs):
-    from qpeft_deploy.exporters.onnx import export_onnx
-
-    try:
-        return export_onnx(*args, **kwargs)
-    except (AttributeError, ConfigError) as e:
-        if "vocab_size" in str(e) or "input_ids" in str(e) or "tokenizer" in str(e):
-            pytest.xfail(f"exporters/onnx.py does not yet export image classifiers: {e}")
-        raise
-
-
 def _ort_logits(folder: Path, x: torch.Tensor) -> np.ndarray:
     import onnxruntime as ort
 
@@ -265,7 +249,7 @@ def _ort_logits(folder: Path, x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["merged", "runtime"])
 def test_onnx_parity(tmp_path, adapted, pixels, mode):
     path = save_adapter(adapted, tmp_path / "v.qpeft", base=BASE)
-    report = _export_or_xfail(BASE, path, tmp_path / mode, mode=mode, quiet=True)
+    report = export_onnx(BASE, path, tmp_path / mode, mode=mode, quiet=True)
     assert report["max_abs_diff_vs_torch"] <= TOL
     for x in (pixels[:1], torch.cat([pixels] * 8)):  # batch 1 and 32
         assert np.abs(_ort_logits(tmp_path / mode, x) - _logits(adapted, x).numpy()).max() <= TOL
@@ -280,8 +264,6 @@ def test_cli_pack_and_export_the_vit_adapter(tmp_path, adapted, pixels):
     assert (tmp_path / "p.qpeft").stat().st_size < path.stat().st_size
     result = runner.invoke(cli, ["export", "onnx", "--base", BASE, "--adapter", str(tmp_path / "p.qpeft"),
                                  "--mode", "merged", "-o", str(tmp_path / "onnx"), "--quiet"])
-    if result.exit_code != 0 and "vocab_size" in result.output:
-        pytest.xfail(f"exporters/onnx.py does not yet export image classifiers: {result.output}")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["task"] == "image-classification" and report["max_abs_diff_vs_torch"] <= TOL
@@ -289,8 +271,19 @@ def test_cli_pack_and_export_the_vit_adapter(tmp_path, adapted, pixels):
     assert np.abs(_ort_logits(tmp_path / "onnx", pixels) - _logits(packed, pixels).numpy()).max() <= TOL
 
 
+def test_export_checks_accuracy_on_an_image_task_and_refuses_a_text_one(tmp_path, adapted):
+    _data_or_skip("fmnist-5to9", max_train=1, max_test=1)
+    path = save_adapter(adapted, tmp_path / "v.qpeft", base=BASE)
+    report = export_onnx(BASE, path, tmp_path / "onnx", mode="runtime", check_task="fmnist-5to9",
+                         check_examples=40, quiet=True)
+    assert report["max_abs_diff_vs_torch"] <= TOL and report["argmax_agreement"] == 1.0
+    assert report["accuracy"]["onnx"] == report["accuracy"]["torch"]
+    with pytest.raises(ConfigError, match="--check-task rt: this base is an image model"):
+        export_onnx(BASE, path, tmp_path / "text", mode="merged", check_task="rt", quiet=True)
+    assert not (tmp_path / "text").exists()
+
+
 def test_ort_swaps_two_vision_adapters(tmp_path, pixels):
-    from qpeft_deploy.exporters.onnx import export_onnx_adapter
     from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 
     models, paths = {}, {}
@@ -299,18 +292,127 @@ def test_ort_swaps_two_vision_adapters(tmp_path, pixels):
         models[name] = attach(model, "all-linear", rank=8, seed=len(labels))
         _randomise(models[name], std=0.05 * len(labels))
         paths[name] = save_adapter(models[name], tmp_path / f"{name}.qpeft", base=BASE)
-    _export_or_xfail(BASE, paths["fm"], tmp_path / "swap", mode="swappable", quiet=True)
+    export_onnx(BASE, paths["fm"], tmp_path / "swap", mode="swappable", quiet=True)
     session = OrtAdapterSession(tmp_path / "swap" / "model.onnx")
     for name, path in paths.items():
         export_onnx_adapter(path, tmp_path / f"{name}.onnx_adapter")
         session.load(name, tmp_path / f"{name}.onnx_adapter")
-    try:
-        outputs = {name: session({"pixel_values": pixels}, adapter=name) for name in paths}
-    except ConfigError as e:
-        if "input_ids" in str(e):
-            pytest.xfail(f"runtime/ort_session.py does not yet feed pixel_values: {e}")
-        raise
+    outputs = {name: session({"pixel_values": pixels}, adapter=name) for name in paths}
     for name, out in outputs.items():
         assert np.abs(out - _logits(models[name], pixels).numpy()).max() <= TOL
     mixed = session({"pixel_values": pixels}, adapter=["fm", "digits", "fm", None])
     assert np.abs(mixed[1] - outputs["digits"][1]).max() <= TOL and len(mixed[0]) == 5
+
+
+# ------------------------------------------------------------------------- patch embedding (nn.Conv2d) target
+
+CONV = "embeddings.patch_embeddings.projection"  # Conv2d(1, 192, 7, stride 7): ΔW is 192 × 49
+CONV_KEY = f"{CONV}.weight"
+CONV_TARGETS = r".*(query|key|value|dense|projection)$"  # the 24 linear layers and the patch embedding
+
+
+def _train_steps(model, x: torch.Tensor, steps: int = 3) -> None:
+    """A few AdamW steps on fixed labels, so every angle (the conv's too) and λ move off their start."""
+    labels = torch.arange(len(x)) % model.config.num_labels
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(pixel_values=x, labels=labels).loss.backward()
+        optimizer.step()
+
+
+@pytest.fixture(scope="module")
+def conv_adapted(pixels):
+    model = attach(load_task_model(BASE, LABELS5), CONV_TARGETS, rank=8)
+    _randomise(model)
+    theta = adapted_layers(model)[CONV_KEY].u.theta.detach().clone()
+    _train_steps(model, pixels)
+    assert not torch.equal(adapted_layers(model)[CONV_KEY].u.theta, theta)
+    return model
+
+
+@pytest.fixture(scope="module")
+def conv_file(conv_adapted, tmp_path_factory):
+    return save_adapter(conv_adapted, tmp_path_factory.mktemp("conv") / "c.qpeft", base=BASE)
+
+
+def test_conv_target_merges_on_the_flattened_kernel(conv_adapted, pixels):
+    model = copy.deepcopy(conv_adapted)
+    layers = adapted_layers(model)
+    conv = layers[CONV_KEY]
+    assert len(layers) == 25 and (conv.out_features, conv.in_features, conv.mode) == (192, 49, "dense")
+    w0 = conv.base.weight.detach().clone()
+    delta = conv.delta_weight().detach()
+    assert delta.abs().max() > 1e-3
+    adapted = _logits(model, pixels)
+    merge_adapter(model)
+    assert (_logits(model, pixels) - adapted).abs().max() <= TOL
+    flat = conv.base.weight.reshape(192, -1) - w0.reshape(192, -1)  # rows in PyTorch's flattening order
+    assert (flat - delta).abs().max() <= 1e-6
+    unmerge_adapter(model)
+    assert (conv.base.weight - w0).abs().max() <= 1e-6
+
+
+def test_conv_target_file_round_trip(conv_adapted, conv_file, pixels):
+    from qpeft_deploy.adapter_file import read_adapter
+
+    assert tuple(read_adapter(conv_file).info["shapes"][CONV_KEY]) == (192, 49)
+    loaded = load_adapted_model(BASE, conv_file)
+    assert (_logits(loaded, pixels) - _logits(conv_adapted, pixels)).abs().max() <= 1e-5
+
+
+def test_conv_target_merge_and_unmerge_checkpoint(tmp_path, conv_adapted, conv_file, pixels):
+    from safetensors.torch import load_file
+    from transformers import ViTForImageClassification
+
+
+    out = merge_checkpoint(BASE, [conv_file], tmp_path / "merged", quiet=True)
+    merged = ViTForImageClassification.from_pretrained(str(out), local_files_only=True).eval()
+    assert (_logits(merged, pixels) - _logits(conv_adapted, pixels)).abs().max() <= TOL
+    back = unmerge_checkpoint(out, [conv_file], tmp_path / "unmerged", quiet=True)
+    key = f"vit.{CONV_KEY}"
+    restored = load_file(back / "model.safetensors")[key]
+    base = load_file(Path(BASE) / "model.safetensors")[key]
+    assert restored.shape == (192, 1, 7, 7) and (restored - base).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("mode, swap", [("merged", "factors"), ("runtime", "factors"),
+                                        ("swappable", "factors"), ("swappable", "angles")])
+def test_conv_target_onnx_parity(tmp_path, conv_adapted, conv_file, pixels, mode, swap):
+    import onnx
+
+
+    report = export_onnx(BASE, conv_file, tmp_path / "onnx", mode=mode, swap=swap, quiet=True)
+    assert report["max_abs_diff_vs_torch"] <= TOL
+    for x in (pixels[:1], pixels):
+        assert np.abs(_ort_logits(tmp_path / "onnx", x) - _logits(conv_adapted, x).numpy()).max() <= TOL
+    names = {node.name for node in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
+    assert (f"qpeft/{CONV_KEY}/conv" in names) == (mode != "merged")
+
+
+def test_conv_target_exports_as_peft_conv_lora(tmp_path, conv_adapted, pixels):
+    from peft import PeftModel
+    from transformers import ViTModel
+
+    from qpeft_deploy.exporters.lora import export_lora
+
+    path = save_adapter(conv_adapted, tmp_path / "h.qpeft", drop_head=True)
+    export_lora(path, tmp_path / "peft", base=BASE)
+    plain = ViTModel.from_pretrained(BASE, local_files_only=True).eval()
+    peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "peft")).eval()
+    assert type(peft_model.base_model.model.get_submodule(CONV).lora_A["default"]).__name__ == "Conv2d"
+    with torch.no_grad():
+        got = peft_model(pixel_values=pixels).last_hidden_state
+        want = load_adapted_model(BASE, path)(pixel_values=pixels).last_hidden_state
+    assert (got - want).abs().max() <= TOL
+
+
+def test_all_linear_skips_the_conv_and_bad_conv_targets_are_refused():
+    model = load_task_model(BASE, LABELS5)
+    assert f"vit.{CONV}" not in find_target_modules(model, "all-linear")
+    assert find_target_modules(model, [CONV]) == [f"vit.{CONV}"]
+    with pytest.raises(ConfigError, match=rf"^{CONV_KEY}: circuit mode is for linear layers"):
+        attach(model, CONV_TARGETS, rank=4, mode="circuit")
+    grouped = torch.nn.Sequential(OrderedDict(patches=torch.nn.Conv2d(4, 8, 3, groups=2)))
+    with pytest.raises(ConfigError, match=r"^patches: can only adapt an nn.Conv2d with groups=1"):
+        attach(grouped, ["patches"], rank=2)
