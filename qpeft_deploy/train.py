@@ -35,7 +35,7 @@ from .attach import (
 )
 from .data import load_task
 from .errors import ConfigError
-from .models import is_image_base, load_task_model, load_tokenizer, tokenize
+from .models import HEAD_MODULE_NAMES, is_image_base, load_task_model, load_tokenizer, tokenize
 from .quantize import angle_step
 from .spectrum import scheduled_rank
 from .vision import image_inputs, is_image_task, load_image_task
@@ -88,14 +88,20 @@ def load_preprocessor(base: str, task: str):
     return None if image_task else load_tokenizer(base)
 
 
-def _param_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict]:
+def _param_groups(model: nn.Module, lr: float, head_lr: float, body_lr: float) -> list[dict]:
+    """AdamW groups: Quantum-PEFT layers at ``lr``, the classification head at ``head_lr``, any other trainable
+    tensor (LoRA factors, a fine-tuned body) at ``body_lr``."""
     adapter_ids = {id(p) for layer in adapted_layers(model).values() for p in layer.parameters() if p.requires_grad}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) in adapter_ids], "lr": lr},
-        {"params": [p for p in trainable if id(p) not in adapter_ids], "lr": head_lr},
-    ]
-    return [g for g in groups if g["params"]]
+    groups: dict[str, dict] = {
+        "adapter": {"params": [], "lr": lr},
+        "head": {"params": [], "lr": head_lr},
+        "body": {"params": [], "lr": body_lr},
+    }
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            head = any(part in HEAD_MODULE_NAMES for part in name.split("."))  # also PEFT's modules_to_save copy
+            groups["adapter" if id(p) in adapter_ids else "head" if head else "body"]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
 
 
 def quantization_aware(model: nn.Module, bits: int | None) -> None:
@@ -111,14 +117,17 @@ def quantization_aware(model: nn.Module, bits: int | None) -> None:
 
 
 def fit(model: nn.Module, tokenizer, train: Sequence[Example], *, epochs: int = 1, lr: float = 1e-2,
-        head_lr: float = 2e-3, batch_size: int = 32, max_length: int = 128, seed: int = 0,
-        prune_to: int | None = None, quiet: bool = False) -> TrainResult:
-    """Train the trainable parameters of ``model`` with AdamW and cross-entropy; returns the loss history."""
+        head_lr: float = 2e-3, body_lr: float | None = None, batch_size: int = 32, max_length: int = 128,
+        seed: int = 0, prune_to: int | None = None, quiet: bool = False) -> TrainResult:
+    """Train the trainable parameters of ``model`` with AdamW and cross-entropy; returns the loss history.
+
+    Rates: ``lr`` for Quantum-PEFT layers, ``head_lr`` for the classification head, ``body_lr`` (default
+    ``head_lr``) for every other trainable tensor, e.g. PEFT LoRA factors or a fully fine-tuned body."""
     if not train:
         raise ConfigError("no training examples")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"epochs and batch size must be >= 1, got {epochs} and {batch_size}")
-    groups = _param_groups(model, lr, head_lr)
+    groups = _param_groups(model, lr, head_lr, head_lr if body_lr is None else body_lr)
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     torch.manual_seed(seed)

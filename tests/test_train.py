@@ -134,3 +134,18 @@ def test_quantisation_aware_training_refuses_taylor_and_bad_bits(data):
         quantization_aware(taylor, 4)
     with pytest.raises(ConfigError, match="angle bits"):
         quantization_aware(build_model(SPEC, data.id2label), 9)
+
+
+def test_fit_gives_the_head_and_other_trainables_their_own_rates(data, tokenizer):
+    peft = pytest.importorskip("peft")
+    from qpeft_deploy.models import load_task_model
+
+    model = peft.get_peft_model(load_task_model("minilm", data.id2label),
+                                peft.LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    named = dict(model.named_parameters())
+    head = next(n for n in named if n.endswith("modules_to_save.default.weight"))
+    lora = next(n for n in named if "lora_A" in n)
+    before = {n: named[n].detach().clone() for n in (head, lora)}
+    fit(model, tokenizer, data.train[:16], head_lr=1e-2, body_lr=0.0, batch_size=16, max_length=16, quiet=True)
+    assert not torch.equal(named[head], before[head])  # the (modules_to_save) head trains at head_lr
+    assert torch.equal(named[lora], before[lora])  # LoRA's A, B at body_lr = 0
