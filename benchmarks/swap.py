@@ -257,7 +257,15 @@ def report(args, servable: dict, latency: dict, mixed: dict, memory: dict) -> No
     print(table)
     data = {"machine": machine_info(), "args": vars(args), "servable_seconds": servable,
             "request_latency_seconds": latency, "batch64_seconds": mixed, "memory": memory}
-    write_results("swap", data, "One run on a shared, busy 2-core machine: timings are noisy.\n\n" + table)
+    write_results("swap", data, f"{run_note(data['machine'])}\n\n" + table)
+
+
+def run_note(machine: dict) -> str:
+    """One line on what the timings ran on (one run: they carry run-to-run noise)."""
+    loads = machine["load_average_1_5_15min"]
+    load = f"1-minute load {loads[0]:.1f} at the end" if loads else "load unknown"
+    return (f"One run on {machine['cpu_model']} ({machine['cpu_count']} cores, {load}): a single run, so timings "
+            "carry run-to-run noise.")
 
 
 if __name__ == "__main__":
