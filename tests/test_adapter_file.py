@@ -49,22 +49,13 @@ from qpeft_deploy.circuit import parameter_count
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
 from qpeft_deploy.quantize import angle_step
+from tests.helpers import randomize
 
 LABELS = {0: "neg", 1: "pos"}
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "not bad at all", "the worst plot of the year"]
 LORA_R8_BYTES = (
     1_365_072  # PEFT LoRA r=8, all-linear, SEQ_CLS on MiniLM (re-measured in test_size_vs_peft_lora)
 )
-
-
-def randomize(model: nn.Module, seed: int = 1, scale: float = 0.3) -> nn.Module:
-    """Give λ and the head non-trivial values (λ starts at 0, which would make every check vacuous)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("spectrum.lam") or name.startswith("classifier."):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def adapted_minilm(**kwargs) -> nn.Module:

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 
-from qpeft_deploy.adapter_file import load_adapted_model, read_adapter, save_adapter, write_adapter
-from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.adapter_file import load_adapted_model, read_adapter, write_adapter
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
+from tests.helpers import make_adapter
 
 TWO = {0: "neg", 1: "pos"}
 SIX = {i: name for i, name in enumerate(["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])}
@@ -25,21 +25,6 @@ SPECS = {
     "topic": (SIX, {"rank": 4, "seed": 2}),
     "qv": (TWO, {"rank": 8, "seed": 3, "targets": ["query", "value"], "variant": "taylor"}),
 }
-
-
-def make_adapter(path, labels: dict[int, str], seed: int, **options):
-    """A saved adapter with random λ, Taylor parameters and head, so adapters compute different things."""
-    model = attach(load_task_model("minilm", labels, seed=seed), seed=seed, **options)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            layer.spectrum.lam.copy_(torch.randn(layer.rank, generator=g) * 0.5)
-            for name, p in layer.named_parameters():
-                if name.endswith(".b"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        for p in model.classifier.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return save_adapter(model, path, base="minilm")
 
 
 @pytest.fixture(scope="module")

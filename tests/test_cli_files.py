@@ -7,13 +7,13 @@ import struct
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from qpeft_deploy.adapter_file import read_adapter, save_adapter
 from qpeft_deploy.attach import attach
 from qpeft_deploy.cli.main import cli
 from qpeft_deploy.models import load_task_model, resolve_base
+from tests.helpers import assert_one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +30,6 @@ def adapter(tmp_path_factory):
             if name.endswith("spectrum.lam"):
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     return save_adapter(model, tmp_path_factory.mktemp("a") / "fp32.qpeft", base="minilm")
-
-
-def run(qpeft, *args):
-    return CliRunner().invoke(qpeft, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qpeft: error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_pack_requantises_and_keeps_what_is_not_asked(qpeft, adapter, tmp_path):

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from qpeft_deploy.adapter_file import save_adapter
@@ -18,6 +17,7 @@ from qpeft_deploy.attach import attach
 from qpeft_deploy.cli.main import cli
 from qpeft_deploy.fingerprint import INDEX_FILE, SINGLE_FILE
 from qpeft_deploy.models import load_task_model, resolve_base
+from tests.helpers import assert_one_line_error, run
 
 MINILM = resolve_base("minilm")
 
@@ -42,18 +42,6 @@ def adapters(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     return (_adapter(folder / "a.qpeft", {0: "neg", 1: "pos"}, "all-linear", 1),
             _adapter(folder / "b.qpeft", {0: "x", 1: "y", 2: "z"}, ["value"], 2))
-
-
-def run(qpeft, *args):
-    return CliRunner().invoke(qpeft, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *words):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qpeft: error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_merge_then_unmerge_round_trip(qpeft, adapters, tmp_path):

@@ -36,21 +36,12 @@ from qpeft_deploy.merge import (
     unmerge_checkpoint,
 )
 from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
+from tests.helpers import randomize
 
 LABELS = {0: "neg", 1: "pos"}
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "not bad at all"]
 MINILM = resolve_base("minilm")
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def randomize(model: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
-    """Non-trivial λ and head (λ starts at 0, which would make every check vacuous)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("spectrum.lam") or name.startswith("classifier."):
-                p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return model
 
 
 def deltas(model: nn.Module) -> dict[str, torch.Tensor]:

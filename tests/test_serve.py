@@ -17,15 +17,15 @@ import torch
 import uvicorn
 from click.testing import CliRunner
 
-from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
-from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.adapter_file import load_adapted_model
 from qpeft_deploy.cli.main import QpeftGroup
 from qpeft_deploy.cli.serve import serve_command
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.exporters.onnx import export_onnx
-from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
+from qpeft_deploy.models import load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
 from qpeft_deploy.serve import MicroBatcher, ServeSettings, create_app, load_folder, make_backend
+from tests.helpers import make_adapter
 
 TWO = {0: "ham", 1: "spam"}
 SIX = {i: name for i, name in enumerate(["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])}
@@ -35,18 +35,6 @@ SPECS = {"sentiment": (TWO, {"seed": 11}), "topic": (SIX, {"seed": 12, "rank": 4
          "spam": (TWO, {"seed": 13, "targets": ["query", "value", "dense"]})}
 SETTINGS = ServeSettings(max_texts=4, max_text_chars=300, max_batch_rows=16, batch_window_s=0.01,
                          max_body_bytes=64 << 10, max_upload_bytes=1 << 20)
-
-
-def make_adapter(path, labels: dict[int, str], seed: int, **options):
-    """A saved adapter with random λ and head (λ = 0 would make every adapter the base model)."""
-    model = attach(load_task_model("minilm", labels, seed=seed), seed=seed, **options)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            layer.spectrum.lam.copy_(torch.randn(layer.rank, generator=g) * 0.5)
-        for p in model.classifier.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return save_adapter(model, path, base="minilm")
 
 
 class RecordingBank(AdapterBank):

@@ -1,0 +1,53 @@
+"""Helpers shared by the test modules: adapters with non-trivial values, and driving the ``qpeft`` CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+from click.testing import CliRunner, Result
+from torch import nn
+
+from qpeft_deploy.adapter_file import save_adapter
+from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.models import load_task_model
+
+
+def randomize(model: nn.Module, seed: int = 1, scale: float = 0.3) -> nn.Module:
+    """Give λ and the head non-trivial values (λ starts at 0, which would make every check vacuous)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("spectrum.lam") or name.startswith("classifier."):
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model
+
+
+def make_adapter(path: Path, labels: dict[int, str], seed: int, **options) -> Path:
+    """A saved MiniLM adapter with random λ, Taylor parameters and head, so adapters compute different things."""
+    model = attach(load_task_model("minilm", labels, seed=seed), seed=seed, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.spectrum.lam.copy_(torch.randn(layer.rank, generator=g) * 0.5)
+            for name, p in layer.named_parameters():
+                if name.endswith(".b"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for p in model.classifier.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_adapter(model, path, base="minilm")
+
+
+def run(command: click.Command, *args) -> Result:
+    """Invoke a click command (the ``qpeft`` group) in-process with string arguments."""
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+def assert_one_line_error(result: Result, *words: str) -> None:
+    """Exit code 2 and exactly one ``qpeft: error:`` line on stderr that contains every word."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qpeft: error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
