@@ -338,11 +338,11 @@ def _digest(array: np.ndarray) -> tuple:
 
 
 def initializers_by_value(graph: onnx.GraphProto) -> dict[tuple, str]:
-    """(shape, digest) of every float initialiser -> its name."""
+    """(shape, digest) of every float initialiser up to 2-D, or 4-D (conv kernels) -> its name."""
     return {
         _digest(numpy_helper.to_array(init)): init.name
         for init in graph.initializer
-        if init.data_type == TensorProto.FLOAT and len(init.dims) <= 2
+        if init.data_type == TensorProto.FLOAT and (len(init.dims) <= 2 or len(init.dims) == 4)
     }
 
 
@@ -373,21 +373,19 @@ def find_linear(
     return None
 
 
-def find_conv(graph: onnx.GraphProto, kernel: np.ndarray) -> onnx.NodeProto | None:
+def find_conv(
+    graph: onnx.GraphProto, by_value: dict[tuple, str], kernel: np.ndarray
+) -> onnx.NodeProto | None:
     """The Conv whose weight initialiser equals ``kernel`` (None when the graph does not use it)."""
-    inits = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        init = inits.get(node.input[1]) if node.op_type == "Conv" else None
-        if init is not None and _digest(numpy_helper.to_array(init)) == _digest(kernel):
-            return node
-    return None
+    name = by_value.get(_digest(kernel))
+    uses = [] if name is None else _consumers(graph, name)
+    return next((node for node, i in uses if node.op_type == "Conv" and i == 1), None)
 
 
 def find_site(graph: onnx.GraphProto, by_value: dict[tuple, str], layer: nn.Module) -> onnx.NodeProto | None:
     """The node an adapted base layer became: its Conv (nn.Conv2d) or its MatMul/Gemm (linear layers)."""
-    if isinstance(layer, nn.Conv2d):
-        return find_conv(graph, _base_weight(layer))
-    return find_linear(graph, by_value, _base_weight(layer))
+    find = find_conv if isinstance(layer, nn.Conv2d) else find_linear
+    return find(graph, by_value, _base_weight(layer))
 
 
 def _base_weight(layer: nn.Module) -> np.ndarray:
@@ -592,9 +590,7 @@ def _adapter_graph(
         n, m = adapter.info["shapes"][key]
         kind = layer_kind(adapter, key, mode, swap, apply)
         if isinstance(layer, nn.Conv2d) and kind == "circuit":
-            kind = (
-                "dense"  # ΔW is built once per run as a kernel: rotating I_M through circuits gains nothing
-            )
+            kind = "dense"  # ΔW is built once per run as a kernel: circuits on I_M gain nothing
         params = target_parameters(adapter, key, kind)
         node = find_site(model.graph, by_value, layer)
         if node is None:  # the exported output does not depend on this layer (e.g. a bare encoder's pooler)

@@ -73,7 +73,7 @@ class QuantumPeftLinear(nn.Module):
         if self.mode == "circuit" and isinstance(base, nn.Conv2d):
             raise ConfigError("circuit mode is for linear layers; an nn.Conv2d runs dense (mode auto/dense)")
         self.merged = False
-        self._cache: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor] | None = None
+        self._cache: tuple[tuple[torch.Tensor, ...], tuple, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -89,16 +89,22 @@ class QuantumPeftLinear(nn.Module):
         return "circuit" if circuit < self.rank * (self.out_features + self.in_features) else "dense"
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, V) in fp32, rebuilt only when the angles changed or gradients are needed."""
+        """(U, V) in fp32, rebuilt only when the angles (or their quantisation grid) changed or gradients are
+        needed."""
         params = list(self.u.parameters()) + list(self.v.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self.u.columns(self.rank), self.v.columns(self.rank)
-        if self._cache is None or not all(torch.equal(p, c) for p, c in zip(params, self._cache[0])):
+        grid = tuple(getattr(factor, "angle_bits", None) for factor in (self.u, self.v))  # Taylor frames: none
+        if (
+            self._cache is None
+            or self._cache[1] != grid
+            or not all(torch.equal(p, c) for p, c in zip(params, self._cache[0]))
+        ):
             # A normal (not inference-mode) tensor, so a cache filled under inference_mode serves training too.
             with torch.inference_mode(False), torch.no_grad():
                 snapshot = tuple(p.detach().clone() for p in params)
-                self._cache = (snapshot, self.u.columns(self.rank), self.v.columns(self.rank))
-        return self._cache[1], self._cache[2]
+                self._cache = (snapshot, grid, self.u.columns(self.rank), self.v.columns(self.rank))
+        return self._cache[2], self._cache[3]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = α·U diag(λ) Vᵀ as an fp32 N×M matrix (out × in)."""

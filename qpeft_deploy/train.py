@@ -105,9 +105,7 @@ def _param_groups(model: nn.Module, lr: float, head_lr: float, body_lr: float) -
 
 
 def quantization_aware(model: nn.Module, bits: int | None) -> None:
-    """Run every adapter circuit on ``bits``-bit angles (straight-through); None goes back to full precision.
-
-    Call before the first forward pass: a dense layer's cached U, V are keyed on θ, not on the grid."""
+    """Run every adapter circuit on ``bits``-bit angles (straight-through); None goes back to full precision."""
     if bits is not None:
         angle_step(bits)  # validates bits
     for name, layer in adapted_layers(model).items():

@@ -149,3 +149,15 @@ def test_fit_gives_the_head_and_other_trainables_their_own_rates(data, tokenizer
     fit(model, tokenizer, data.train[:16], head_lr=1e-2, body_lr=0.0, batch_size=16, max_length=16, quiet=True)
     assert not torch.equal(named[head], before[head])  # the (modules_to_save) head trains at head_lr
     assert torch.equal(named[lora], before[lora])  # LoRA's A, B at body_lr = 0
+
+
+def test_switching_quantisation_aware_training_rebuilds_cached_factors(data):
+    model = build_model(SPEC, data.id2label)
+    layer = next(layer for layer in adapted_layers(model).values() if layer.mode == "dense")
+    with torch.no_grad():
+        layer.spectrum.lam.normal_(generator=torch.Generator().manual_seed(0))
+        full = layer.delta_weight()  # fills the dense U, V cache
+        quantization_aware(model, 2)
+        snapped = layer.delta_weight()
+        quantization_aware(model, None)
+        assert not torch.allclose(full, snapped) and torch.equal(layer.delta_weight(), full)
