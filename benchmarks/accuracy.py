@@ -1,8 +1,8 @@
 """Accuracy study: Quantum-PEFT against PEFT LoRA r=8, head-only and full fine-tuning on the same budget.
 
 Every method trains all-MiniLM-L6-v2 (``minilm``, a ``BertForSequenceClassification``) on the same fixed train
-split, for the same epochs and seeds, with the same ``qpeft_deploy.train.fit`` loop (AdamW, batch 32,
-cross-entropy, dropout on), and is scored on the same test split with ``qpeft_deploy.train.evaluate``.
+split, for the same epochs and seeds, with the same ``qpeft_deploy.training.train.fit`` loop (AdamW, batch 32,
+cross-entropy, dropout on), and is scored on the same test split with ``qpeft_deploy.training.train.evaluate``.
 
   qpeft-K8-L1, qpeft-K8-L2      Pauli circuits, K = 8, L = 1 / 2, all-linear (37 modules) + head
   qpeft-full-L1, qpeft-full-L2  Pauli circuits, full intrinsic rank K = min(N, M)
@@ -76,12 +76,18 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import RESULTS_DIR, machine_info, markdown_table
-from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
-from qpeft_deploy.attach import attach, find_head, find_target_modules, train_head_only, trainable_parameters
-from qpeft_deploy.data import TASKS, load_task
-from qpeft_deploy.layer import linear_shape
+from qpeft_deploy.core.attach import (
+    attach,
+    find_head,
+    find_target_modules,
+    train_head_only,
+    trainable_parameters,
+)
+from qpeft_deploy.core.layer import linear_shape
+from qpeft_deploy.data.text import TASKS, load_task
+from qpeft_deploy.io.qpeft_file import load_adapted_model, save_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer
-from qpeft_deploy.train import evaluate, fit
+from qpeft_deploy.training.train import evaluate, fit
 
 BASE = "minilm"
 SPLIT_SEED = 0

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
-from qpeft_deploy import circuit as qcircuit
-from qpeft_deploy.layer import QuantumPeftLinear
-from qpeft_deploy.train import TrainSpec, run_spec
+from qpeft_deploy.core import circuit as qcircuit
+from qpeft_deploy.core.layer import QuantumPeftLinear
+from qpeft_deploy.training.train import TrainSpec, run_spec
 
 
 def make_layer(base: nn.Linear, rank: int, mode: str, seed: int = 0) -> QuantumPeftLinear:

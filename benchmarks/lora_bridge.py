@@ -27,12 +27,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.common import machine_info, markdown_table, write_results
-from qpeft_deploy.adapter_file import load_adapted_model
-from qpeft_deploy.data import load_task
-from qpeft_deploy.exporters.lora import WEIGHTS_FILE, export_lora
-from qpeft_deploy.lora_import import Calibration, import_lora, read_lora
+from qpeft_deploy.data.text import load_task
+from qpeft_deploy.export.lora.export import WEIGHTS_FILE, export_lora
+from qpeft_deploy.export.lora.importer import Calibration, import_lora, read_lora
+from qpeft_deploy.io.qpeft_file import load_adapted_model
 from qpeft_deploy.models import load_task_model, load_tokenizer
-from qpeft_deploy.train import evaluate, fit
+from qpeft_deploy.training.train import evaluate, fit
 
 MAX_LENGTH = 64
 

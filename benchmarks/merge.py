@@ -36,11 +36,11 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import machine_info, markdown_table, write_results
-from qpeft_deploy.adapter_file import AdapterFile, write_adapter
-from qpeft_deploy.attach import AdapterConfig
-from qpeft_deploy.circuit import parameter_count
-from qpeft_deploy.fingerprint import INDEX_FILE, base_fingerprint
-from qpeft_deploy.merge import merge_checkpoint, read_checkpoint
+from qpeft_deploy.core.attach import AdapterConfig
+from qpeft_deploy.core.circuit import parameter_count
+from qpeft_deploy.io.fingerprint import INDEX_FILE, base_fingerprint
+from qpeft_deploy.io.qpeft_file import AdapterFile, write_adapter
+from qpeft_deploy.merge.checkpoint import merge_checkpoint, read_checkpoint
 from qpeft_deploy.models import resolve_base
 
 SHAPES = {
@@ -162,8 +162,8 @@ def minilm_inputs(work: Path) -> tuple[Path, Path]:
     """A Q-PEFT head adapter (all-linear, K=8, with fingerprint) and a PEFT LoRA r=8 on the same modules."""
     from peft import LoraConfig, get_peft_model
 
-    from qpeft_deploy.adapter_file import save_adapter
-    from qpeft_deploy.attach import adapter_config, attach
+    from qpeft_deploy.core.attach import adapter_config, attach
+    from qpeft_deploy.io.qpeft_file import save_adapter
     from qpeft_deploy.models import load_task_model
 
     generator = torch.Generator().manual_seed(0)

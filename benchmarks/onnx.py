@@ -29,10 +29,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
-from qpeft_deploy.adapter_file import save_adapter
-from qpeft_deploy.attach import adapted_layers, attach
-from qpeft_deploy.data import load_task
-from qpeft_deploy.exporters.onnx import (
+from qpeft_deploy.core.attach import adapted_layers, attach
+from qpeft_deploy.data.text import load_task
+from qpeft_deploy.export.onnx.export import (
     MODEL_FILE,
     TASKS,
     export_onnx,
@@ -44,8 +43,9 @@ from qpeft_deploy.exporters.onnx import (
     session_options,
     write_ort_adapter,
 )
+from qpeft_deploy.io.qpeft_file import save_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer
-from qpeft_deploy.train import fit
+from qpeft_deploy.training.train import fit
 
 SHAPES = ((1, 16), (8, 128))
 LABELS = {0: "rotten", 1: "fresh"}

@@ -1,6 +1,6 @@
 """Accuracy change per angle bit-width b on Rotten Tomatoes: one trained adapter, packed at every b.
 
-Trains a MiniLM all-linear adapter (K = 8, L = 1) on RT with ``qpeft_deploy.train.fit``, or takes a trained
+Trains a MiniLM all-linear adapter (K = 8, L = 1) on RT with ``qpeft_deploy.training.train.fit``, or takes a trained
 fp32 file with ``--adapter``. It saves the adapter unquantised (the reference) and re-packs it with b-bit
 angles and fp16 λ/head for every b. Each file is loaded with ``load_adapted_model`` and evaluated on the same
 RT test examples. Reported per b: file bytes, test accuracy and its change vs the reference, agreement of
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine_info, markdown_table, write_results
-from qpeft_deploy.adapter_file import load_adapted_model, pack_adapter, read_adapter, save_adapter
-from qpeft_deploy.attach import attach
-from qpeft_deploy.data import load_task
+from qpeft_deploy.core.attach import attach
+from qpeft_deploy.data.text import load_task
+from qpeft_deploy.io.qpeft_file import load_adapted_model, pack_adapter, read_adapter, save_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer
-from qpeft_deploy.train import fit, predict
+from qpeft_deploy.training.train import fit, predict
 
 BITS = [2, 3, 4, 5, 6, 8, 16]
 

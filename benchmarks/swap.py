@@ -31,9 +31,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
-from qpeft_deploy.adapter_file import AdapterFile, adapter_from_model, write_adapter
-from qpeft_deploy.attach import attach
-from qpeft_deploy.data import load_task
+from qpeft_deploy.core.attach import attach
+from qpeft_deploy.data.text import load_task
+from qpeft_deploy.io.qpeft_file import AdapterFile, adapter_from_model, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank, FactorCache
 

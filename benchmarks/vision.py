@@ -2,7 +2,7 @@
 the ONNX latency of the adapted ViT merged vs runtime.
 
 Adapting the base (pre-trained on Fashion-MNIST classes 0–4) to an unseen task (default ``fmnist-5to9``),
-every method with the same data, epochs, batch size and seeds through one loop (``qpeft_deploy.train.fit``):
+every method with the same data, epochs, batch size and seeds through one loop (``qpeft_deploy.training.train.fit``):
   head-only      the new 5-class head alone (the baseline every adapter must beat)
   qpeft K=8      all 24 linear layers, Pauli circuits, K = 8, L = 1
   qpeft full     the same at full intrinsic rank K = min(N, M)
@@ -34,13 +34,13 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
-from qpeft_deploy.adapter_file import save_adapter
-from qpeft_deploy.attach import find_head, lora_parameter_count, trainable_parameters
-from qpeft_deploy.data import TaskData
+from qpeft_deploy.core.attach import find_head, lora_parameter_count, trainable_parameters
+from qpeft_deploy.data.images import pixel_values
+from qpeft_deploy.data.text import TaskData
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.io.qpeft_file import save_adapter
 from qpeft_deploy.models import load_task_model
-from qpeft_deploy.train import TrainSpec, build_model, evaluate, fit, load_data
-from qpeft_deploy.vision import pixel_values
+from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, load_data
 
 BASE = str(Path(__file__).resolve().parents[1] / "samples" / "vit-fmnist5")
 METHODS = ("head-only", "qpeft K=8", "qpeft full", "LoRA r=8")
@@ -108,7 +108,7 @@ def onnx_latency(adapters: dict[str, Path], images: np.ndarray, repeats: int, fo
     """ORT latency of merged vs runtime exports of the given adapters at batch 1 and 32."""
     import onnxruntime as ort
 
-    from qpeft_deploy.exporters.onnx import export_onnx, session_options
+    from qpeft_deploy.export.onnx.export import export_onnx, session_options
 
     sessions, reports = {}, {}
     for name, path in adapters.items():

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qpeft_deploy.adapter_file import inspect_adapter, save_adapter
-from qpeft_deploy.data import load_task
-from qpeft_deploy.exporters.onnx import export_onnx, export_onnx_adapter
-from qpeft_deploy.merge import merge_checkpoint
+from qpeft_deploy.data.text import load_task
+from qpeft_deploy.export.onnx.export import export_onnx, export_onnx_adapter
+from qpeft_deploy.io.qpeft_file import inspect_adapter, save_adapter
+from qpeft_deploy.merge.checkpoint import merge_checkpoint
 from qpeft_deploy.models import load_tokenizer, tokenize
 from qpeft_deploy.runtime import OrtAdapterSession
-from qpeft_deploy.train import TrainSpec, run_spec
+from qpeft_deploy.training.train import TrainSpec, run_spec
 
 TASKS = ("rt", "trec6", "sms")
 LORA_R8_BYTES_PER_PARAM = 4  # PEFT saves fp32 LoRA factors

@@ -3,7 +3,7 @@
     .venv/bin/python samples/pretrain_vit.py     # writes samples/vit-fmnist5 (minutes on 2 CPU cores)
 
 The folder holds config.json, model.safetensors (ViTForImageClassification with its own 5-class head: an
-adapter's head replaces it), preprocessor_config.json (the normalisation of qpeft_deploy.vision.pixel_values)
+adapter's head replaces it), preprocessor_config.json (the normalisation of qpeft_deploy.data.images.pixel_values)
 and pretrain.json (seed, budget, test accuracy). Tests and the demo never run this: they use the committed
 folder.
 Needs the data of scripts/fetch_fmnist.sh.
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import ViTForImageClassification
 
-from qpeft_deploy.vision import load_image_task, pixel_values, vit_config, write_preprocessor_config
+from qpeft_deploy.data.images import load_image_task, pixel_values, vit_config, write_preprocessor_config
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "vit-fmnist5"
 

@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner, Result
 from torch import nn
 
-from qpeft_deploy.adapter_file import save_adapter
-from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.core.attach import adapted_layers, attach
+from qpeft_deploy.io.qpeft_file import save_adapter
 from qpeft_deploy.models import load_task_model
 
 

@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.adapter_file: the .qpeft format on the real MiniLM, real files, and hostile input."""
+"""Tests of qpeft_deploy.io.qpeft_file: the .qpeft format on the real MiniLM, real files, and hostile input."""
 
 from __future__ import annotations
 
@@ -19,7 +19,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qpeft_deploy.adapter_file import (
+from qpeft_deploy.core.attach import (
+    AdapterConfig,
+    adapted_layers,
+    adapter_config,
+    adapter_state,
+    attach,
+    prune_to_rank,
+)
+from qpeft_deploy.core.circuit import parameter_count
+from qpeft_deploy.core.quantize import angle_step
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.io.qpeft_file import (
     FORMAT_VERSION,
     MAX_HEADER,
     SUFFIX,
@@ -37,18 +48,7 @@ from qpeft_deploy.adapter_file import (
     verify_adapter,
     write_adapter,
 )
-from qpeft_deploy.attach import (
-    AdapterConfig,
-    adapted_layers,
-    adapter_config,
-    adapter_state,
-    attach,
-    prune_to_rank,
-)
-from qpeft_deploy.circuit import parameter_count
-from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
-from qpeft_deploy.quantize import angle_step
 from tests.helpers import randomize
 
 LABELS = {0: "neg", 1: "pos"}
@@ -132,7 +132,7 @@ def test_compress_then_expand_is_exact(names):
     ],
 )
 def test_bad_patterns_are_refused_cheaply(pattern):
-    from qpeft_deploy.adapter_file import _Invalid
+    from qpeft_deploy.io.qpeft_file import _Invalid
 
     with pytest.raises(_Invalid):
         expand_pattern(pattern, limit=1000)
@@ -221,7 +221,7 @@ def test_quantised_file_is_within_the_documented_error(model, inputs, tmp_path, 
     # the file is the only loss: loading the dequantised state in memory gives the same logits
     reference = load_task_model("minilm", LABELS)
     attach(reference, "all-linear", rank=8)
-    from qpeft_deploy.attach import load_adapter_state
+    from qpeft_deploy.core.attach import load_adapter_state
 
     load_adapter_state(reference, adapter.state)
     assert torch.allclose(logits(loaded, inputs), logits(reference, inputs), atol=1e-5)

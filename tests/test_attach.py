@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.attach on the real shipped all-MiniLM-L6-v2 task model."""
+"""Tests of qpeft_deploy.core.attach on the real shipped all-MiniLM-L6-v2 task model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from qpeft_deploy.attach import (
+from qpeft_deploy.core.attach import (
     CONFIG_ATTR,
     adapted_layers,
     adapter_config,
@@ -21,9 +21,9 @@ from qpeft_deploy.attach import (
     trainable_parameters,
     unmerge_adapter,
 )
-from qpeft_deploy.circuit import parameter_count
+from qpeft_deploy.core.circuit import parameter_count
+from qpeft_deploy.core.layer import QuantumPeftLinear
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.layer import QuantumPeftLinear
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 
 LABELS = {0: "neg", 1: "pos"}

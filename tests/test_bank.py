@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from qpeft_deploy.adapter_file import load_adapted_model, read_adapter, write_adapter
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.io.qpeft_file import load_adapted_model, read_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
 from tests.helpers import make_adapter

@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.circuit: counts, exact orthogonality, and agreement with an independent dense reference."""
+"""Tests of qpeft_deploy.core.circuit: counts, exact orthogonality, and agreement with an independent dense reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qpeft_deploy.circuit import (
+from qpeft_deploy.core.circuit import (
     MAX_GROUP_QUBITS,
     DirectSum,
     PauliBlock,

@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.data on the real data files shipped in the installed wheels."""
+"""Tests of qpeft_deploy.data.text on the real data files shipped in the installed wheels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qpeft_deploy.data import TASKS, TaskData, data_file, load_task
+from qpeft_deploy.data.text import TASKS, TaskData, data_file, load_task
 from qpeft_deploy.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.fingerprint on the real MiniLM checkpoint and re-saved / sharded / altered copies."""
+"""Tests of qpeft_deploy.io.fingerprint on the real MiniLM checkpoint and re-saved / sharded / altered copies."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qpeft_deploy import fingerprint
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.fingerprint import DIGEST_SIZE, base_fingerprint, check_fingerprint, read_header
+from qpeft_deploy.io import fingerprint
+from qpeft_deploy.io.fingerprint import DIGEST_SIZE, base_fingerprint, check_fingerprint, read_header
 from qpeft_deploy.models import resolve_base
 
 KEYS = [

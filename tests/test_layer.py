@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.layer.QuantumPeftLinear (nn.Linear and HF Conv1D bases)."""
+"""Tests of qpeft_deploy.core.layer.QuantumPeftLinear (nn.Linear and HF Conv1D bases)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from qpeft_deploy.core.layer import QuantumPeftLinear, linear_shape
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.layer import QuantumPeftLinear, linear_shape
 
 SHAPES = [(48, 40), (16, 24)]  # nn.Linear(in M, out N)
 CASES = [("pauli", "circuit"), ("pauli", "dense"), ("taylor", "dense")]
@@ -315,7 +315,7 @@ def tiny_gpt2_dir(tmp_path_factory):
 def test_gpt2_conv1d_attach_merge(tiny_gpt2_dir):
     from transformers import GPT2LMHeadModel
 
-    from qpeft_deploy.attach import adapted_layers, attach, merge_adapter, unmerge_adapter
+    from qpeft_deploy.core.attach import adapted_layers, attach, merge_adapter, unmerge_adapter
 
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
     original = copy.deepcopy(model)

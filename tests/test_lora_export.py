@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.exporters.lora: exported folders load in real PEFT on MiniLM and reproduce logits."""
+"""Tests of qpeft_deploy.export.lora.export: exported folders load in real PEFT on MiniLM and reproduce logits."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qpeft_deploy.adapter_file import read_adapter, save_adapter, write_adapter
-from qpeft_deploy.attach import adapted_layers, attach, detach
 from qpeft_deploy.cli.lora import export_lora_command
 from qpeft_deploy.cli.main import QpeftGroup
+from qpeft_deploy.core.attach import adapted_layers, attach, detach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.exporters.lora import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, export_lora, lora_pair
-from qpeft_deploy.lora_import import import_lora
+from qpeft_deploy.export.lora.export import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, export_lora, lora_pair
+from qpeft_deploy.export.lora.importer import import_lora
+from qpeft_deploy.io.qpeft_file import read_adapter, save_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 
 LABELS = {0: "neg", 1: "pos", 2: "meh"}

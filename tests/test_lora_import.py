@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.lora_import: Stiefel logarithm, exact Taylor import of real PEFT LoRA, Pauli fits."""
+"""Tests of qpeft_deploy.export.lora.importer: Stiefel logarithm, exact Taylor import of real PEFT LoRA, Pauli fits."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from qpeft_deploy import lora_import
-from qpeft_deploy.adapter_file import load_adapted_model, read_adapter
-from qpeft_deploy.circuit import PauliCircuit
 from qpeft_deploy.cli.lora import import_lora_command
 from qpeft_deploy.cli.main import QpeftGroup
+from qpeft_deploy.core.circuit import PauliCircuit
+from qpeft_deploy.core.taylor import stiefel_exp
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.lora_import import (
+from qpeft_deploy.export.lora import importer as lora_import
+from qpeft_deploy.export.lora.importer import (
     Calibration,
     LoraLayer,
     align,
@@ -35,8 +35,8 @@ from qpeft_deploy.lora_import import (
     relative_errors,
     stiefel_log,
 )
+from qpeft_deploy.io.qpeft_file import load_adapted_model, read_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
-from qpeft_deploy.taylor import stiefel_exp
 
 LABELS = {0: "rotten", 1: "fresh"}
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "not bad at all"]

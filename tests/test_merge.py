@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.merge: real adapters merged into and out of real checkpoints (MiniLM, sharded MiniLM,
+"""Tests of qpeft_deploy.merge.checkpoint: real adapters merged into and out of real checkpoints (MiniLM, sharded MiniLM,
 GPT-2's Conv1D layout, a generated Llama-shaped bf16 checkpoint): exactness, atomicity, memory, bad input."""
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertModel, GPT2Config, GPT2Model
 
 from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synthetic_llama
-from qpeft_deploy.adapter_file import save_adapter
-from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.fingerprint import INDEX_FILE, SINGLE_FILE
-from qpeft_deploy.merge import (
+from qpeft_deploy.io.fingerprint import INDEX_FILE, SINGLE_FILE
+from qpeft_deploy.io.qpeft_file import save_adapter
+from qpeft_deploy.merge.checkpoint import (
     HEAD_SIDECAR,
     RECORD_KEY,
     merge_checkpoint,
@@ -404,7 +404,7 @@ def test_sigkill_half_way_leaves_the_base_intact_and_the_next_run_cleans_up(tmp_
     base, adapter = llama
     before = digest_files(base)
     output = tmp_path / "merged"
-    code = ("from qpeft_deploy.merge import merge_checkpoint; "
+    code = ("from qpeft_deploy.merge.checkpoint import merge_checkpoint; "
             f"merge_checkpoint({str(base)!r}, [{str(adapter)!r}], {str(output)!r}, max_shard_size='3MB', "
             "quiet=True)")
     process = subprocess.Popen([sys.executable, "-c", code])

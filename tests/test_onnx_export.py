@@ -1,4 +1,4 @@
-"""Tests of exporters.onnx and exporters.onnx_circuit: circuit parity, real MiniLM exports in every mode,
+"""Tests of qpeft_deploy.export.onnx.export and qpeft_deploy.export.onnx.circuit: circuit parity, real MiniLM exports in every mode,
 precision options, bad input and the CLI (real onnxruntime sessions throughout)."""
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from safetensors import safe_open
 
-from qpeft_deploy.adapter_file import load_adapted_model, read_adapter, save_adapter, write_adapter
-from qpeft_deploy.attach import adapted_layers, attach
-from qpeft_deploy.circuit import PauliCircuit, count_angles
 from qpeft_deploy.cli.onnx import export_onnx_adapter_command, export_onnx_command
-from qpeft_deploy.data import load_task
+from qpeft_deploy.core.attach import adapted_layers, attach
+from qpeft_deploy.core.circuit import PauliCircuit, count_angles
+from qpeft_deploy.core.layer import QuantumPeftLinear
+from qpeft_deploy.data.text import load_task
 from qpeft_deploy.errors import BaseMismatchError, FormatError, QpeftError
-from qpeft_deploy.exporters.onnx import MODEL_FILE, convert_precision, export_onnx, session_options
-from qpeft_deploy.exporters.onnx_circuit import (
+from qpeft_deploy.export.onnx.circuit import (
     DOMAIN,
     OP_TYPE,
     OPSET,
@@ -36,9 +35,10 @@ from qpeft_deploy.exporters.onnx_circuit import (
     circuit_apply_function,
     circuit_columns,
 )
-from qpeft_deploy.layer import QuantumPeftLinear
+from qpeft_deploy.export.onnx.export import MODEL_FILE, convert_precision, export_onnx, session_options
+from qpeft_deploy.io.qpeft_file import load_adapted_model, read_adapter, save_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
-from qpeft_deploy.train import fit
+from qpeft_deploy.training.train import fit
 
 STANDARD_OPS = {
     "Cos",
@@ -384,7 +384,7 @@ def test_image_classifier_exports_and_swaps(tmp_path):
     adapters with 5 and 10 labels through OrtAdapterSession."""
     from transformers import ViTForImageClassification
 
-    from qpeft_deploy import vision
+    from qpeft_deploy.data import images as vision
     from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 
     base = tmp_path / "vit"

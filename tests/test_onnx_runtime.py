@@ -13,15 +13,15 @@ import torch
 from onnx import TensorProto, helper
 from test_onnx_export import adapter_file, exported, other_base_adapter, probe_batches, torch_logits
 
-from qpeft_deploy.adapter_file import save_adapter
-from qpeft_deploy.attach import adapted_layers, attach
+from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.exporters.onnx import (
+from qpeft_deploy.export.onnx.export import (
     MODEL_FILE,
     export_onnx_adapter,
     read_onnx_adapter,
     write_ort_adapter,
 )
+from qpeft_deploy.io.qpeft_file import save_adapter
 from qpeft_deploy.models import load_task_model
 from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 

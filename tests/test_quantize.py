@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.quantize: angle codes on the circle and tight bit packing."""
+"""Tests of qpeft_deploy.core.quantize: angle codes on the circle and tight bit packing."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.quantize import (
+from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
     angle_step,
     dequantize_angles,
@@ -20,6 +19,7 @@ from qpeft_deploy.quantize import (
     quantize_angles,
     unpack_bits,
 )
+from qpeft_deploy.errors import ConfigError
 
 
 def circular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

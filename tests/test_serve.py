@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.serve and ``qpeft serve``: real uvicorn on loopback, real adapters and HTTP."""
+"""Tests of qpeft_deploy.serve.app and ``qpeft serve``: real uvicorn on loopback, real adapters and HTTP."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import torch
 import uvicorn
 from click.testing import CliRunner
 
-from qpeft_deploy.adapter_file import load_adapted_model
 from qpeft_deploy.cli.main import QpeftGroup
 from qpeft_deploy.cli.serve import serve_command
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.exporters.onnx import export_onnx
+from qpeft_deploy.export.onnx.export import export_onnx
+from qpeft_deploy.io.qpeft_file import load_adapted_model
 from qpeft_deploy.models import load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
-from qpeft_deploy.serve import MicroBatcher, ServeSettings, create_app, load_folder, make_backend
+from qpeft_deploy.serve.app import MicroBatcher, ServeSettings, create_app, load_folder, make_backend
 from tests.helpers import make_adapter
 
 TWO = {0: "ham", 1: "spam"}

@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.spectrum: λ init, intrinsic-rank masking and the rank schedule."""
+"""Tests of qpeft_deploy.core.spectrum: λ init, intrinsic-rank masking and the rank schedule."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
+from qpeft_deploy.core.spectrum import Spectrum, scheduled_rank
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.spectrum import Spectrum, scheduled_rank
 
 
 def spectrum_with(values) -> Spectrum:

@@ -1,12 +1,12 @@
-"""Tests of qpeft_deploy.taylor: the low-rank Stiefel exponential against the dense matrix exponential."""
+"""Tests of qpeft_deploy.core.taylor: the low-rank Stiefel exponential against the dense matrix exponential."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from qpeft_deploy.core.taylor import TaylorFrame, stiefel_exp
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.taylor import TaylorFrame, stiefel_exp
 
 
 def random_params(n: int, k: int, seed: int, scale: float = 0.5):

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
-from qpeft_deploy.attach import adapted_layers
-from qpeft_deploy.data import load_task
+from qpeft_deploy.core.attach import adapted_layers
+from qpeft_deploy.data.text import load_task
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.io.qpeft_file import load_adapted_model, save_adapter
 from qpeft_deploy.models import load_tokenizer
-from qpeft_deploy.train import (
+from qpeft_deploy.training.train import (
     TrainSpec,
     batches,
     build_model,

@@ -17,9 +17,8 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from qpeft_deploy import vision
-from qpeft_deploy.adapter_file import load_adapted_model, save_adapter
-from qpeft_deploy.attach import (
+from qpeft_deploy.cli.main import cli
+from qpeft_deploy.core.attach import (
     adapted_layers,
     attach,
     detach,
@@ -28,12 +27,13 @@ from qpeft_deploy.attach import (
     trainable_parameters,
     unmerge_adapter,
 )
-from qpeft_deploy.cli.main import cli
+from qpeft_deploy.data import images as vision
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.exporters.onnx import export_onnx, export_onnx_adapter
-from qpeft_deploy.merge import merge_checkpoint, unmerge_checkpoint
+from qpeft_deploy.export.onnx.export import export_onnx, export_onnx_adapter
+from qpeft_deploy.io.qpeft_file import load_adapted_model, save_adapter
+from qpeft_deploy.merge.checkpoint import merge_checkpoint, unmerge_checkpoint
 from qpeft_deploy.models import is_image_base, load_task_model
-from qpeft_deploy.train import TrainSpec, build_model, evaluate, fit, load_data, run_spec
+from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, load_data, run_spec
 
 BASE = str(Path(__file__).resolve().parents[1] / "samples" / "vit-fmnist5")
 LABELS5 = dict(enumerate(vision.FMNIST_LABELS[5:]))
@@ -354,7 +354,7 @@ def test_conv_target_merges_on_the_flattened_kernel(conv_adapted, pixels):
 
 
 def test_conv_target_file_round_trip(conv_adapted, conv_file, pixels):
-    from qpeft_deploy.adapter_file import read_adapter
+    from qpeft_deploy.io.qpeft_file import read_adapter
 
     assert tuple(read_adapter(conv_file).info["shapes"][CONV_KEY]) == (192, 49)
     loaded = load_adapted_model(BASE, conv_file)
@@ -394,7 +394,7 @@ def test_conv_target_exports_as_peft_conv_lora(tmp_path, conv_adapted, pixels):
     from peft import PeftModel
     from transformers import ViTModel
 
-    from qpeft_deploy.exporters.lora import export_lora
+    from qpeft_deploy.export.lora.export import export_lora
 
     path = save_adapter(conv_adapted, tmp_path / "h.qpeft", drop_head=True)
     export_lora(path, tmp_path / "peft", base=BASE)

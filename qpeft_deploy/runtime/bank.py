@@ -38,14 +38,14 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from ..adapter_file import AdapterFile, read_adapter, target_params
-from ..attach import ALL_LINEAR, CONFIG_ATTR, find_head, find_target_modules
-from ..circuit import build_schedule, rotate
-from ..errors import BaseMismatchError, ConfigError
-from ..fingerprint import check_fingerprint
-from ..layer import linear_shape
-from ..models import base_key, load_task_model, load_tokenizer, resolve_base, tokenize
-from ..taylor import stiefel_exp
+from qpeft_deploy.core.attach import ALL_LINEAR, CONFIG_ATTR, find_head, find_target_modules
+from qpeft_deploy.core.circuit import build_schedule, rotate
+from qpeft_deploy.core.layer import linear_shape
+from qpeft_deploy.core.taylor import stiefel_exp
+from qpeft_deploy.errors import BaseMismatchError, ConfigError
+from qpeft_deploy.io.fingerprint import check_fingerprint
+from qpeft_deploy.io.qpeft_file import AdapterFile, read_adapter, target_params
+from qpeft_deploy.models import base_key, load_task_model, load_tokenizer, resolve_base, tokenize
 
 DEFAULT_CACHE_BYTES = 256 << 20
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

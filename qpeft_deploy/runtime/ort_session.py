@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qpeft_deploy.adapter_file import SUFFIX, read_adapter
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.exporters.onnx import (
+from qpeft_deploy.export.onnx.export import (
     PARAM_PREFIX,
     base_id,
     ort_errors,
@@ -33,6 +32,7 @@ from qpeft_deploy.exporters.onnx import (
     swap_parameters,
     write_ort_adapter,
 )
+from qpeft_deploy.io.qpeft_file import SUFFIX, read_adapter
 
 _DEFAULT = object()
 

@@ -1,1 +1,0 @@
-"""Exporters from adapters to other ecosystems (ONNX, LoRA/PEFT)."""

@@ -1,0 +1,114 @@
+"""``qpeft pack | inspect | verify``: the .qpeft file commands (thin wrappers over qpeft_deploy.io.qpeft_file).
+
+Errors are raised as ``QpeftError``; the main group prints them as one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qpeft_deploy.core.quantize import ANGLE_BITS
+from qpeft_deploy.io.qpeft_file import KEEP, inspect_adapter, pack_adapter, verify_adapter
+
+BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
+FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command("pack")
+@click.argument("adapter", type=FILE)
+@click.option("-o", "--output", type=FILE, required=True, help="The .qpeft file to write.")
+@click.option(
+    "--bits",
+    type=click.Choice(BITS_CHOICES),
+    default=None,
+    help="Bits per circuit angle (32: unquantised fp32). Default: as in ADAPTER.",
+)
+@click.option(
+    "--lambda-dtype",
+    type=click.Choice(["fp16", "fp32"]),
+    default=None,
+    help="Precision of λ, the head and Taylor parameters. Default: as in ADAPTER.",
+)
+@click.option("--drop-head", is_flag=True, help="Leave the classification head out.")
+@click.option("--base", default=None, help="Store this base's fingerprint (HF folder or 'minilm').")
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+def pack_command(
+    adapter: Path,
+    output: Path,
+    bits: str | None,
+    lambda_dtype: str | None,
+    drop_head: bool,
+    base: str | None,
+    quiet: bool,
+) -> None:
+    """Re-pack an adapter file ADAPTER with other storage options."""
+    out = pack_adapter(
+        adapter,
+        output,
+        bits=KEEP if bits is None else int(bits),
+        lambda_dtype=lambda_dtype or KEEP,
+        drop_head=drop_head,
+        base=base,
+    )
+    if not quiet:
+        click.echo(f"wrote {out} ({out.stat().st_size:,} bytes, was {adapter.stat().st_size:,})")
+
+
+def _human(summary: dict) -> str:
+    bits = "fp32" if summary["bits"] is None else f"{summary['bits']}-bit"
+    angles = (
+        "Taylor parameters " + summary["lambda_dtype"] if summary["variant"] == "taylor" else "angles " + bits
+    )
+    parts = " | ".join(f"{k} {v:,}" for k, v in summary["bytes"].items() if k != "total")
+    params = summary["parameters"]
+    fingerprint = summary["fingerprint"]
+    lines = [
+        f"file          {summary['path']} ({summary['bytes']['total']:,} bytes)",
+        f"format        qpeft version {summary['format_version']}, written by {summary['tool']}",
+        (f"variant       {summary['variant']} ({summary['construction']}), L={summary['layers']}, "
+        f"alpha={summary['alpha']:g}"),
+        (f"targets       {summary['targets']}, K={','.join(map(str, summary['ranks']))}, "
+        f"active directions {summary['active_rank']}"),
+        *(f"  {group}" for group in summary["groups"]),
+        (f"parameters    {params['total']:,} ({params['angles']:,} factor, {params['lambda']:,} λ, "
+        f"{params['head']:,} head)"),
+        f"storage       {angles}, λ/head {summary['lambda_dtype']}",
+        f"bytes         {parts}",
+        f"head          {summary['head']} ({', '.join(summary['labels'])})"
+        if summary["head"]
+        else "head          none",
+        (
+            f"fingerprint   {fingerprint['algorithm']} over {fingerprint['targets']} base tensors"
+            if fingerprint
+            else "fingerprint   none"
+        ),
+    ]
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("adapter", type=FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_command(adapter: Path, as_json: bool) -> None:
+    """Describe an adapter file (targets, K, L, sizes by part, bits, fingerprint); needs no base model."""
+    summary = inspect_adapter(adapter)
+    click.echo(json.dumps(summary, indent=2, ensure_ascii=False) if as_json else _human(summary))
+
+
+@click.command("verify")
+@click.argument("adapter", type=FILE)
+@click.option(
+    "--base", default=None, help="Also check the base fingerprint against this HF folder or 'minilm'."
+)
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+def verify_command(adapter: Path, base: str | None, quiet: bool) -> None:
+    """Check an adapter file: structure, finite values, orthonormal U/V, and (--base) the fingerprint."""
+    report = verify_adapter(adapter, base=base)
+    if not quiet:
+        click.echo(
+            f"ok: {adapter} ({report['targets']} targets, max |UᵀU − I| = "
+            f"{report['max_orthogonality_error']:.1e}, fingerprint {report['fingerprint']})"
+        )

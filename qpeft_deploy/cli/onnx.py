@@ -1,0 +1,94 @@
+"""``qpeft export onnx`` and ``qpeft export onnx-adapter`` (thin wrappers over qpeft_deploy.export.onnx.export)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qpeft_deploy.cli.options import base_option, quiet_option
+from qpeft_deploy.export.onnx.export import (
+    APPLIES,
+    DTYPES,
+    MODES,
+    SWAPS,
+    TASKS,
+    VIAS,
+    export_onnx,
+    export_onnx_adapter,
+)
+
+SWAP_HELP = (
+    "swappable adapters carry: factors (materialised U, V: fast runs, LoRA-sized files) or angles "
+    "(kilobyte files; circuits rebuilt every run)"
+)
+
+
+@click.command("onnx")
+@base_option
+@click.option(
+    "--adapter", required=True, type=click.Path(dir_okay=False, path_type=Path), help="adapter file (.qpeft)"
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="merged",
+    show_default=True,
+    help="merged: ΔW folded in; runtime: qpeft.CircuitApply nodes; swappable: adapters per run",
+)
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True, help="weights (merged)"
+)
+@click.option(
+    "--quantize", type=click.Choice(["int8"]), default=None, help="onnxruntime dynamic int8 (merged)"
+)
+@click.option("--swap", type=click.Choice(SWAPS), default="factors", show_default=True, help=SWAP_HELP)
+@click.option(
+    "--apply",
+    type=click.Choice(APPLIES),
+    default="auto",
+    show_default=True,
+    help="runtime layers: circuits on the activations, dense U/V, or the cheaper per layer",
+)
+@click.option(
+    "--via",
+    type=click.Choice(VIAS),
+    default="torch",
+    show_default=True,
+    help="optimum: the optimum folder (needs the [optimum] extra; decoders with past key/values)",
+)
+@click.option("--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True)
+@click.option(
+    "--check-task",
+    default=None,
+    help="also compare accuracy on this task's test split (rt, trec6, sms; fmnist-5to9, mnist)",
+)
+@click.option("--check-examples", default=200, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="export even if the base fingerprint differs")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="output folder (model.onnx, config, tokenizer)",
+)
+@quiet_option
+def export_onnx_command(base: str, adapter: Path, output: Path, **options) -> None:
+    """Export a base model with an adapter to ONNX."""
+    click.echo(json.dumps(export_onnx(base, adapter, output, **options), indent=2))
+
+
+@click.command("onnx-adapter")
+@click.argument("adapter", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--swap", type=click.Choice(SWAPS), default="factors", show_default=True, help=SWAP_HELP)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="onnxruntime adapter file (.onnx_adapter)",
+)
+def export_onnx_adapter_command(adapter: Path, swap: str, output: Path) -> None:
+    """Write ADAPTER as an onnxruntime adapter file for a swappable export."""
+    click.echo(json.dumps(export_onnx_adapter(adapter, output, swap=swap)))

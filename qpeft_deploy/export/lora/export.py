@@ -1,0 +1,304 @@
+"""Export a .qpeft adapter as a standard PEFT LoRA folder (``qpeft export lora``) for PEFT, vLLM and LoRAX.
+
+ΔW = α·U diag(λ) Vᵀ is written exactly as a LoRA. For the r active directions of a target (mask on, λ ≠ 0):
+``lora_A`` = the matching rows of Vᵀ (r×M) and ``lora_B`` = U·diag(α·λ) (N×r), or with ``balanced`` √|αλ| on
+each side (the sign stays in ``lora_B``). Every layer's PEFT scale lora_alpha / r is exactly 1: the config's
+``r`` and ``lora_alpha`` are the largest per-layer rank, and ``rank_pattern`` / ``alpha_pattern`` list the
+other layers with alpha = rank, so a server that ignores the patterns (vLLM) still scales every layer by 1. A
+target whose directions are all masked (or λ = 0) is left out. An nn.Conv2d target (ΔW on the flattened
+kernel) becomes PEFT's conv LoRA: ``lora_A`` an (r, in, kh, kw) kernel, ``lora_B`` a 1×1 conv (N, r, 1, 1).
+Targets are named by their module path without the model prefix (``encoder.layer.0.attention.self.query``),
+which PEFT matches by suffix; the head goes to ``modules_to_save``. No local path is written:
+``base_model_name_or_path`` is a hub id or a folder name.
+
+The folder mirrors what PEFT 0.21.2's ``save_pretrained`` writes: ``adapter_config.json`` and
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
+``base_model.model.<head>.weight`` / ``.bias`` (no adapter name inside the keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from qpeft_deploy.core.layer import linear_shape, make_factor
+from qpeft_deploy.core.threads import one_torch_thread
+from qpeft_deploy.errors import BaseMismatchError, ConfigError
+from qpeft_deploy.io.fingerprint import check_fingerprint
+from qpeft_deploy.io.qpeft_file import AdapterFile, read_adapter
+from qpeft_deploy.models import MINILM, module_name_for_key, resolve_base
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The PEFT task types export and import name modules for, and the transformers Auto class of each.
+TASK_MODELS = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "FEATURE_EXTRACTION": "AutoModel",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+}
+# What an output folder may hold for export to replace it: a previous export (PEFT also writes README.md).
+REPLACEABLE = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+
+
+def skeleton_model(base: str, task_type: str, num_labels: int = 2) -> nn.Module:
+    """The base's model for a PEFT task type (SEQ_CLS: ``num_labels`` outputs) on the meta device."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    folder, previous = resolve_base(base), hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            str(folder), num_labels=num_labels, local_files_only=True
+        )
+        with torch.device("meta"):
+            return getattr(transformers, TASK_MODELS[task_type]).from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"{folder}: cannot build the model skeleton: {str(e).splitlines()[0][:200]}"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def target_frames(adapter: AdapterFile, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """U (N×K) and V (M×K) of one target, rebuilt in float64 from the adapter's stored parameters."""
+    config, prefix = adapter.config, key.removesuffix(".weight")
+    k, (n, m) = config.targets[key], adapter.info["shapes"][key]
+    frames = []
+    with torch.no_grad(), one_torch_thread():
+        for side, dim in (("u", n), ("v", m)):
+            factor = make_factor(
+                config.variant, dim, k, config.layers, torch.Generator().manual_seed(0)
+            ).double()
+            for name, param in factor.named_parameters():
+                param.copy_(adapter.state[f"{prefix}.{side}.{name}"])
+            frames.append(factor.columns(k, torch.float64).numpy())
+    return frames[0], frames[1]
+
+
+def target_values(adapter: AdapterFile, key: str) -> np.ndarray:
+    """α·λ with the masked directions set to 0 (float64): ΔW = U diag(values) Vᵀ."""
+    prefix = key.removesuffix(".weight")
+    lam = adapter.state[f"{prefix}.spectrum.lam"].double().numpy()
+    mask = adapter.state[f"{prefix}.spectrum.mask"].bool().numpy()
+    return adapter.config.alpha * lam * mask
+
+
+def lora_pair(
+    u: np.ndarray, values: np.ndarray, v: np.ndarray, balanced: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_A r×M, lora_B N×r) with lora_B @ lora_A = U diag(values) Vᵀ, r = number of non-zero values."""
+    active = np.flatnonzero(values)
+    u, values, v = u[:, active], values[active], v[:, active]
+    if not balanced:
+        return v.T.copy(), u * values
+    root = np.sqrt(np.abs(values))
+    return v.T * root[:, None], u * (np.sign(values) * root)
+
+
+def peft_layout(module: nn.Module, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pair as PEFT stores it for ``module``: unchanged for linear layers; for an nn.Conv2d, lora_A as an
+    (r, in, kh, kw) kernel and lora_B as a 1×1 conv (N, r, 1, 1)."""
+    if not isinstance(module, nn.Conv2d):
+        return lora_a, lora_b
+    return lora_a.reshape(-1, *module.weight.shape[1:]), lora_b[:, :, None, None]
+
+
+def base_model_name(base: str, base_name: str | None) -> str:
+    """``base_model_name_or_path``: ``base_name``, the MiniLM hub id, or the base folder's name."""
+    if base_name is not None:
+        if Path(base_name).is_absolute() or base_name.startswith("~"):
+            raise ConfigError(f"--base-name {base_name!r}: give a hub id or relative name, not a local path")
+        return base_name
+    return MINILM_HUB_ID if base == MINILM else resolve_base(base).name
+
+
+def check_base(adapter: AdapterFile, path: Path, base: str, force: bool) -> None:
+    """Refuse (or, with ``force``, warn about) a base whose fingerprint differs from the adapter's."""
+    if adapter.fingerprint is None:
+        return
+    try:
+        check_fingerprint(adapter.fingerprint, resolve_base(base))
+    except BaseMismatchError as e:
+        if not force:
+            raise BaseMismatchError(f"{path}: {e} (use --force to export anyway)") from None
+        warnings.warn(f"exporting despite a base mismatch (force): {e}", stacklevel=2)
+
+
+def _module_of(model: nn.Module, adapter: AdapterFile, key: str, path: Path) -> tuple[str, nn.Module]:
+    try:
+        name = module_name_for_key(model, key.removesuffix(".weight"))
+    except ConfigError:
+        raise BaseMismatchError(f"{path}: target {key} is not a module of {type(model).__name__}") from None
+    module = model.get_submodule(name)
+    expected = tuple(adapter.info["shapes"][key])
+    if linear_shape(module) != expected:
+        raise BaseMismatchError(
+            f"{path}: {key} is {expected[0]}x{expected[1]} in the adapter but "
+            f"{linear_shape(module)[0]}x{linear_shape(module)[1]} in the base"
+        )
+    return name, module
+
+
+def _rank_config(ranks: dict[str, int]) -> dict:
+    """r and lora_alpha (the largest rank) plus patterns for the other layers, so every scale is 1."""
+    r = max(ranks.values())
+    pattern = {name: rank for name, rank in ranks.items() if rank != r}
+    return {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
+
+
+def peft_files(
+    adapter: AdapterFile,
+    model: nn.Module,
+    path: Path,
+    *,
+    base_name: str,
+    task_type: str,
+    dtype: str = "fp32",
+    balanced: bool = False,
+    drop_head: bool = False,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The PEFT ``adapter_config.json`` (as a dict) and tensors of ``adapter`` on the skeleton ``model``."""
+    tensors, ranks, conv1d = {}, {}, False
+    for key in adapter.config.targets:
+        name, module = _module_of(model, adapter, key, path)
+        u, v = target_frames(adapter, key)
+        lora_a, lora_b = lora_pair(u, target_values(adapter, key), v, balanced)
+        if lora_a.shape[0] == 0:
+            continue
+        lora_a, lora_b = peft_layout(module, lora_a, lora_b)
+        target = name.removeprefix(f"{model.base_model_prefix}.")
+        ranks[target], conv1d = lora_a.shape[0], conv1d or isinstance(module, Conv1D)
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = torch.from_numpy(lora_a).to(DTYPES[dtype])
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = torch.from_numpy(lora_b).to(DTYPES[dtype])
+    if not ranks:
+        raise ConfigError(f"{path}: every direction of every target is masked or zero: nothing to export")
+    head = None if drop_head else adapter.config.head
+    if head is not None:
+        for key, tensor in adapter.state.items():
+            if key.startswith(head + "."):
+                tensors[KEY_PREFIX + key] = tensor.to(DTYPES[dtype])
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_name,
+        "revision": None,
+        "target_modules": list(ranks),
+        **_rank_config(ranks),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": conv1d,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": [head] if head else None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return config, {k: t.contiguous() for k, t in tensors.items()}
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode follows the umask
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_folder(output: Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` to a temporary folder beside ``output``, then rename it (replacing only an empty folder
+    or a previous export)."""
+    output = Path(output)
+    if output.exists() and not (output.is_dir() and {p.name for p in output.iterdir()} <= REPLACEABLE):
+        raise ConfigError(
+            f"{output}: exists and is not an exported PEFT folder; remove it or choose another -o"
+        )
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
+    old = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.old")
+    try:
+        os.mkdir(tmp)  # 0o777 & ~umask, unlike tempfile.mkdtemp's 0o700
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        if output.exists():
+            os.rename(output, old)
+        os.rename(tmp, output)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not output.exists():
+            os.rename(old, output)
+        raise ConfigError(f"{output}: cannot write: {e.strerror or e}") from None
+    shutil.rmtree(old, ignore_errors=True)
+    return output
+
+
+def _task_type(adapter: AdapterFile, path: Path, task_type: str | None, drop_head: bool) -> str:
+    """The PEFT task type: SEQ_CLS for an adapter with a head, FEATURE_EXTRACTION without, or as asked."""
+    if task_type is None:
+        return "SEQ_CLS" if adapter.config.head else "FEATURE_EXTRACTION"
+    if task_type not in TASK_MODELS:
+        raise ConfigError(f"task type must be one of {', '.join(TASK_MODELS)}, got {task_type!r}")
+    if adapter.config.head is not None and not drop_head and task_type != "SEQ_CLS":
+        raise ConfigError(f"{path}: a {task_type} LoRA cannot carry the classification head; add --drop-head")
+    return task_type
+
+
+def export_lora(
+    adapter_path: str | Path,
+    output: str | Path,
+    *,
+    base: str = MINILM,
+    base_name: str | None = None,
+    task_type: str | None = None,
+    dtype: str = "fp32",
+    balanced: bool = False,
+    drop_head: bool = False,
+    force: bool = False,
+) -> dict:
+    """Write the .qpeft adapter ``adapter_path`` as the PEFT LoRA folder ``output``; returns a report."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = Path(adapter_path)
+    adapter = read_adapter(path)
+    task_type = _task_type(adapter, path, task_type, drop_head)
+    check_base(adapter, path, base, force)
+    model = skeleton_model(base, task_type, len(adapter.config.id2label or {0: "", 1: ""}))
+    config, tensors = peft_files(
+        adapter,
+        model,
+        path,
+        base_name=base_model_name(base, base_name),
+        task_type=task_type,
+        dtype=dtype,
+        balanced=balanced,
+        drop_head=drop_head,
+    )
+    files = {
+        CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode(),
+        WEIGHTS_FILE: safetensors_bytes(tensors, metadata={"format": "pt"}),
+    }
+    folder = write_folder(Path(output), files)
+    ranks = {name: config["rank_pattern"].get(name, config["r"]) for name in config["target_modules"]}
+    return {
+        "output": str(folder),
+        "modules": len(ranks),
+        "skipped": len(adapter.config.targets) - len(ranks),
+        "ranks": ranks,
+        "head": config["modules_to_save"],
+        "bytes": (folder / WEIGHTS_FILE).stat().st_size,
+    }

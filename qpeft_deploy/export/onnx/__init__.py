@@ -1,0 +1,1 @@
+"""ONNX export: merged, runtime (CircuitApply functions) and swappable graphs; onnxruntime adapter files."""

@@ -1,0 +1,1 @@
+"""Files: safetensors reading, atomic writes, base fingerprints and the .qpeft format."""

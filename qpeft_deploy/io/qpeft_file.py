@@ -1,0 +1,981 @@
+"""The .qpeft adapter file (format version 1, see docs/FORMAT.md): write, read and validate, load onto a base.
+
+A .qpeft file is a plain safetensors file with at most five tensors and a string-only ``__metadata__``:
+
+- ``a``: every factor parameter, target after target (U's then V's): circuit angles as b-bit codes packed
+  tightly (uint8), or float32; Taylor parameters as float16/float32 (never angle-coded).
+- ``l``: every λ (float16/float32); ``m``: the λ keep-masks, one bit each (uint8).
+- ``h``: the classification head's tensors, flattened and concatenated (optional).
+- ``f``: an 8-byte base digest per target (uint8, T×8, optional).
+
+The targets are written as a few patterns with one (N, M, K) each (``encoder.layer.{0-5}.output.dense.weight
+:384x1536:8``); expanding the patterns gives the canonical target order, and every offset into the packed
+tensors follows from the config. The reader checks the header length before reading it, every tensor's dtype,
+shape and offsets against the config before using it, padding bits and finiteness, and raises
+:class:`FormatError` ("<path>: <problem>") for anything wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from qpeft_deploy import __version__
+from qpeft_deploy.core.attach import (
+    CONFIG_ATTR,
+    AdapterConfig,
+    adapted_layers,
+    adapter_config,
+    adapter_state,
+    attach_exact,
+    detach,
+    load_adapter_state,
+)
+from qpeft_deploy.core.circuit import CONSTRUCTION_ID, parameter_count
+from qpeft_deploy.core.layer import make_factor
+from qpeft_deploy.core.quantize import (
+    ANGLE_BITS,
+    dequantize_angles,
+    pack_bits,
+    packed_size,
+    quantize_angles,
+    unpack_bits,
+)
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError, QpeftError
+from qpeft_deploy.io.fingerprint import (
+    ALGORITHM,
+    DIGEST_SIZE,
+    base_fingerprint,
+    check_fingerprint,
+    read_header,
+    strict_json,
+    tensor_entry,
+)
+from qpeft_deploy.models import load_task_model, resolve_base
+
+FORMAT = "qpeft"
+FORMAT_VERSION = 1
+SUFFIX = ".qpeft"
+TOOL = f"qpeft-deploy {__version__}"
+TAYLOR_CONSTRUCTION = "stiefel-exp-v1"
+CONSTRUCTIONS = {"pauli": CONSTRUCTION_ID, "taylor": TAYLOR_CONSTRUCTION}
+FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+FP32_BITS = 32  # ``bits`` metadata value of unquantised (float32) circuit angles
+MAX_HEADER = 1 << 20
+MAX_TARGETS = 1 << 16
+MAX_DIM = 1 << 20
+MAX_LAYERS = 64
+MAX_SEED = 2**63 - 1
+ORTHO_TOLERANCE = 1e-5
+
+_REQUIRED = (
+    "format",
+    "format_version",
+    "tool",
+    "variant",
+    "construction",
+    "layers",
+    "alpha",
+    "seed",
+    "targets",
+    "lambda_dtype",
+)
+_OPTIONAL = ("bits", "head", "head_shapes", "labels", "fingerprint", "extra")
+_ST_DTYPES = {"F16": ("<f2", 2), "F32": ("<f4", 4), "U8": ("u1", 1)}
+_TORCH_TO_ST = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
+_INT = re.compile(r"0|[1-9][0-9]{0,18}")
+_FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_RANGE_LIKE = re.compile(r"[0-9]+-[0-9]+")  # a name part that would read as a range inside braces
+_NAME_PART = re.compile(r"[^{}:;,\s]+")
+_HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+@dataclass
+class AdapterFile:
+    """An adapter in memory: config, fp32/bool state as ``attach.adapter_state`` gives it, base digests, info.
+
+    ``info["shapes"]`` maps each target key to its (N out, M in); :func:`write_adapter` needs it for Pauli
+    adapters (a circuit's angle count does not determine its size). :func:`read_adapter` also fills
+    format_version, tool, bits, lambda_dtype, parameters and the byte breakdown.
+    """
+
+    config: AdapterConfig
+    state: dict[str, torch.Tensor]
+    fingerprint: dict[str, bytes] | None = None
+    info: dict = field(default_factory=dict)
+
+
+class _Invalid(Exception):
+    """A problem found while decoding; read_adapter prefixes the path and raises FormatError."""
+
+
+# ----------------------------------------------------------------------------------------- target patterns
+
+
+def _alternative_order(alt: str) -> tuple:
+    return (0, int(alt), "") if _INT.fullmatch(alt) else (1, 0, alt)
+
+
+def _render_component(alts: tuple[str, ...]) -> str:
+    if len(alts) == 1:
+        return alts[0]
+    pieces, i = [], 0
+    while i < len(alts):
+        j = i
+        while (
+            j + 1 < len(alts)
+            and _INT.fullmatch(alts[j])
+            and _INT.fullmatch(alts[j + 1])
+            and int(alts[j + 1]) == int(alts[j]) + 1
+        ):
+            j += 1
+        pieces.append(f"{alts[i]}-{alts[j]}" if j - i >= 2 else ",".join(alts[i : j + 1]))
+        i = j + 1
+    return "{" + ",".join(pieces) + "}"
+
+
+def compress_names(names: Sequence[str]) -> list[str]:
+    """Brace patterns whose expansions are exactly ``names`` (e.g. ``a.{0-5}.{query,key}.weight``)."""
+    patterns = list(dict.fromkeys(tuple((c,) for c in name.split(".")) for name in names))
+    changed = True
+    while changed:
+        changed = False
+        for i in range(max((len(p) for p in patterns), default=0)):
+            buckets: dict[tuple, list] = {}
+            for p in patterns:
+                key = (len(p), p[:i], p[i + 1 :]) if i < len(p) else (len(p), p, ())
+                buckets.setdefault(key, []).append(p)
+            patterns = []
+            for group in buckets.values():
+                if len(group) == 1 or any(_RANGE_LIKE.fullmatch(a) for p in group for a in p[i]):
+                    patterns.extend(group)
+                    continue
+                alts = tuple(sorted({a for p in group for a in p[i]}, key=_alternative_order))
+                patterns.append(group[0][:i] + (alts,) + group[0][i + 1 :])
+                changed = True
+    return [".".join(_render_component(c) for c in p) for p in patterns]
+
+
+def _brace_choices(body: str) -> list[str | range]:
+    choices: list[str | range] = []
+    for alt in body.split(","):
+        lo, dash, hi = alt.partition("-")
+        if dash and _INT.fullmatch(lo) and _INT.fullmatch(hi):
+            if int(hi) <= int(lo):
+                raise _Invalid(f"target pattern range {alt!r} is empty or reversed")
+            choices.append(range(int(lo), int(hi) + 1))
+        elif _NAME_PART.fullmatch(alt):
+            choices.append(alt)
+        else:
+            raise _Invalid(f"target pattern alternative {alt!r} is malformed")
+    return choices
+
+
+def expand_pattern(pattern: str, limit: int = MAX_TARGETS) -> list[str]:
+    """The names a brace pattern stands for, in order (leftmost brace varies slowest); at most ``limit``."""
+    options: list[list[str | range]] = []
+    for part in re.split(r"(\{[^{}]*\})", pattern):
+        if part.startswith("{") and part.endswith("}"):
+            options.append(_brace_choices(part[1:-1]))
+        elif part and not _NAME_PART.fullmatch(part):
+            raise _Invalid(f"target pattern {pattern[:80]!r} is malformed")
+        elif part:
+            options.append([part])
+    if not options:
+        raise _Invalid("empty target pattern")
+    total = 1
+    for choice in options:
+        total *= sum(c.stop - c.start if isinstance(c, range) else 1 for c in choice)
+        if total > limit:
+            raise _Invalid(f"target patterns expand to more than {limit} targets")
+    flat = [[str(x) for c in choice for x in (c if isinstance(c, range) else [c])] for choice in options]
+    names = ["".join(combo) for combo in itertools.product(*flat)]
+    if len(set(names)) != len(names):
+        raise _Invalid(f"target pattern {pattern[:80]!r} repeats a name")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------- layout
+
+
+@lru_cache(maxsize=1024)
+def _circuit_angles(dim: int, layers: int) -> int:
+    return parameter_count(dim, layers)
+
+
+def factor_params(variant: str, dim: int, rank: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(state suffix, shape) of one factor's parameters, in storage order."""
+    if variant == "pauli":
+        return [("theta", (_circuit_angles(dim, layers),))]
+    return [("a", (rank * (rank - 1) // 2,)), ("b", (dim - rank, rank))]
+
+
+def target_params(variant: str, key: str, dims: tuple[int, int, int], layers: int):
+    """(state key, shape) of a target's factor parameters (U's then V's), then its λ and mask keys."""
+    n, m, k = dims
+    prefix = key.removesuffix(".weight")
+    params = [
+        (f"{prefix}.{side}.{suffix}", shape)
+        for side, dim in (("u", n), ("v", m))
+        for suffix, shape in factor_params(variant, dim, k, layers)
+    ]
+    return params, f"{prefix}.spectrum.lam", f"{prefix}.spectrum.mask"
+
+
+@dataclass
+class _Layout:
+    """What the config implies: targets in canonical order with (N, M, K), counts and tensor specs."""
+
+    variant: str
+    layers: int
+    targets: dict[str, tuple[int, int, int]]
+    groups: list[str]
+    bits: int | None
+    float_dtype: str
+    head: str | None
+    head_shapes: list[tuple[str, tuple[int, ...]]]
+    has_fingerprint: bool
+
+    def angle_count(self) -> int:
+        return sum(
+            math.prod(shape)
+            for key, dims in self.targets.items()
+            for _, shape in target_params(self.variant, key, dims, self.layers)[0]
+        )
+
+    def lambda_count(self) -> int:
+        return sum(k for _, _, k in self.targets.values())
+
+    def head_count(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.head_shapes)
+
+    def tensors(self) -> dict[str, tuple[str, list[int]]]:
+        """Tensor name -> (safetensors dtype, shape)."""
+        fdt = _TORCH_TO_ST[FLOAT_DTYPES[self.float_dtype]]
+        angles = self.angle_count()
+        if self.bits is None:
+            spec = {"a": (fdt if self.variant == "taylor" else "F32", [angles])}
+        else:
+            spec = {"a": ("U8", [packed_size(angles, self.bits)])}
+        spec["l"] = (fdt, [self.lambda_count()])
+        spec["m"] = ("U8", [packed_size(self.lambda_count(), 1)])
+        if self.head is not None:
+            spec["h"] = (fdt, [self.head_count()])
+        if self.has_fingerprint:
+            spec["f"] = ("U8", [len(self.targets), DIGEST_SIZE])
+        return spec
+
+
+def _group_string(pattern: str, dims: tuple[int, int, int]) -> str:
+    n, m, k = dims
+    return f"{pattern}:{n}x{m}:{k}"
+
+
+def _compress_targets(targets: dict[str, tuple[int, int, int]]) -> tuple[list[str], dict]:
+    """Group strings for the metadata, and the targets re-ordered canonically (as a reader expands them)."""
+    by_dims: dict[tuple[int, int, int], list[str]] = {}
+    for key, dims in targets.items():
+        if not _NAME_PART.fullmatch(key):
+            raise ConfigError(
+                f"{key!r}: target names may not contain braces, commas, colons, semicolons or "
+                "spaces in a .qpeft file"
+            )
+        by_dims.setdefault(dims, []).append(key)
+    groups, ordered = [], {}
+    for dims, names in by_dims.items():
+        for pattern in compress_names(names):
+            groups.append(_group_string(pattern, dims))
+            ordered.update({name: dims for name in expand_pattern(pattern, len(targets))})
+    if ordered.keys() != targets.keys() or len(ordered) != len(targets):
+        raise ConfigError("target names cannot be written as patterns (names with '-' ranges inside?)")
+    return groups, ordered
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def _target_dims(adapter: AdapterFile) -> dict[str, tuple[int, int, int]]:
+    config, shapes = adapter.config, adapter.info.get("shapes") or {}
+    dims = {}
+    for key, k in config.targets.items():
+        if key in shapes:
+            n, m = (int(d) for d in shapes[key])
+        elif config.variant == "taylor":
+            prefix = key.removesuffix(".weight")
+            try:
+                n, m = (adapter.state[f"{prefix}.{s}.b"].shape[0] + k for s in ("u", "v"))
+            except KeyError:
+                raise ConfigError(f"{key}: no Taylor parameters in the adapter state") from None
+        else:
+            raise ConfigError(f"{key}: AdapterFile.info['shapes'] must give (N, M) of every Pauli target")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(n, m):
+            raise ConfigError(f"{key}: rank K={k!r} must be between 1 and min(N, M) = {min(n, m)}")
+        dims[key] = (n, m, k)
+    return dims
+
+
+def _float_tensor(values: list[torch.Tensor], dtype: str, what: str) -> torch.Tensor:
+    target = FLOAT_DTYPES[dtype]
+    out = (
+        torch.cat([v.detach().reshape(-1).to(target) for v in values])
+        if values
+        else torch.zeros(0, dtype=target)
+    )
+    if not torch.isfinite(out).all():
+        if not all(torch.isfinite(v).all() for v in values):
+            raise ConfigError(f"{what} contains NaN or Inf")
+        raise ConfigError(f"{what} has values beyond the {dtype} range; use fp32")
+    return out
+
+
+def _check_options(variant: str, bits: int | None, lambda_dtype: str) -> int | None:
+    if lambda_dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"lambda dtype must be fp16 or fp32, got {lambda_dtype!r}")
+    if bits == FP32_BITS:
+        bits = None
+    if bits is not None and variant != "pauli":
+        raise ConfigError(
+            "--bits quantises circuit angles only; Taylor parameters are stored like λ (use --lambda-dtype)"
+        )
+    if bits is not None and (isinstance(bits, bool) or bits not in ANGLE_BITS):
+        raise ConfigError(f"angle bits must be one of {', '.join(map(str, ANGLE_BITS))} or 32, got {bits!r}")
+    return bits
+
+
+def _state_tensor(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if key not in state:
+        raise ConfigError(f"adapter state has no {key}")
+    tensor = state[key]
+    if tuple(tensor.shape) != tuple(shape):
+        raise ConfigError(f"{key}: shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
+    return tensor
+
+
+def _metadata(config: AdapterConfig, layout: _Layout) -> dict[str, str]:
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "tool": TOOL,
+        "variant": config.variant,
+        "construction": CONSTRUCTIONS[config.variant],
+        "layers": str(config.layers),
+        "alpha": repr(float(config.alpha)),
+        "seed": str(config.seed),
+        "targets": ";".join(layout.groups),
+        "lambda_dtype": layout.float_dtype,
+    }
+    if config.variant == "pauli":
+        meta["bits"] = str(layout.bits or FP32_BITS)
+    if layout.head is not None:
+        meta["head"] = layout.head
+        meta["head_shapes"] = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in layout.head_shapes)
+        labels = [config.id2label[i] for i in range(len(config.id2label))]
+        meta["labels"] = json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
+    if layout.has_fingerprint:
+        meta["fingerprint"] = ALGORITHM
+    if config.extra:
+        try:
+            meta["extra"] = json.dumps(
+                config.extra, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"adapter config extra is not JSON-serialisable: {e}") from None
+    return meta
+
+
+def _check_config(config: AdapterConfig, drop_head: bool) -> str | None:
+    if config.variant not in CONSTRUCTIONS:
+        raise ConfigError(f"unknown variant {config.variant!r}")
+    for name, value, high in (("layers", config.layers, MAX_LAYERS), ("seed", config.seed, MAX_SEED)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise ConfigError(f"adapter {name} must be an integer in [0, {high}], got {value!r}")
+    if not math.isfinite(float(config.alpha)):
+        raise ConfigError(f"adapter alpha must be finite, got {config.alpha!r}")
+    head = None if drop_head else config.head
+    if head is not None:
+        if not _HEAD_NAME.fullmatch(head):
+            raise ConfigError(f"head module name {head!r} cannot be stored")
+        labels = config.id2label or {}
+        if (
+            sorted(labels) != list(range(len(labels)))
+            or not labels
+            or len(set(labels.values())) != len(labels)
+        ):
+            raise ConfigError("an adapter with a head needs id2label with ids 0..n-1 and unique names")
+    return head
+
+
+def encode_adapter(
+    adapter: AdapterFile, *, bits: int | None = None, lambda_dtype: str = "fp32", drop_head: bool = False
+) -> bytes:
+    """The bytes of the .qpeft file of ``adapter`` (see :func:`write_adapter`)."""
+    config, state = adapter.config, adapter.state
+    bits = _check_options(config.variant, bits, lambda_dtype)
+    head = _check_config(config, drop_head)
+    groups, targets = _compress_targets(_target_dims(adapter))
+    params, lams, masks, used = [], [], [], set()
+    for key, dims in targets.items():
+        shapes, lam_key, mask_key = target_params(config.variant, key, dims, config.layers)
+        params += [_state_tensor(state, k, s) for k, s in shapes]
+        lams.append(_state_tensor(state, lam_key, (dims[2],)))
+        masks.append(_state_tensor(state, mask_key, (dims[2],)))
+        used.update([k for k, _ in shapes] + [lam_key, mask_key])
+    head_keys = [k for k in state if k not in used and config.head and k.startswith(config.head + ".")]
+    if config.head and not head_keys:
+        raise ConfigError(f"the config names head {config.head!r} but the state has no {config.head}.* tensors")
+    used.update(head_keys)
+    head_shapes = [(k[len(head) + 1 :], tuple(state[k].shape)) for k in head_keys] if head else []
+    for name, _ in head_shapes:
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            raise ConfigError(f"head tensor name {name!r} cannot be stored")
+    has_fp = adapter.fingerprint is not None
+    layout = _Layout(
+        config.variant, config.layers, targets, groups, bits, lambda_dtype, head, head_shapes, has_fp
+    )
+    if state.keys() - used:
+        raise ConfigError(
+            f"adapter state has tensors the config does not describe: {sorted(state.keys() - used)[:3]}"
+        )
+
+    tensors = {
+        "l": _float_tensor(lams, lambda_dtype, "λ"),
+        "m": pack_bits(torch.cat([m.reshape(-1).to(torch.int64) != 0 for m in masks]).long(), 1),
+    }
+    if bits is not None:
+        tensors["a"] = pack_bits(
+            quantize_angles(torch.cat([p.detach().reshape(-1) for p in params]), bits), bits
+        )
+    else:
+        dtype = lambda_dtype if config.variant == "taylor" else "fp32"
+        tensors["a"] = _float_tensor(params, dtype, "factor parameters")
+    if head:
+        tensors["h"] = _float_tensor([state[k] for k in head_keys], lambda_dtype, "head")
+    if has_fp:
+        if set(adapter.fingerprint) != set(targets):
+            raise ConfigError("the fingerprint must have one digest per target")
+        if any(len(adapter.fingerprint[k]) != DIGEST_SIZE for k in targets):
+            raise ConfigError(f"fingerprint digests must be {DIGEST_SIZE} bytes")
+        digests = b"".join(adapter.fingerprint[k] for k in targets)
+        tensors["f"] = torch.frombuffer(bytearray(digests), dtype=torch.uint8).reshape(
+            len(targets), DIGEST_SIZE
+        )
+    data = safetensors_bytes(
+        {k: v.contiguous() for k, v in tensors.items()}, metadata=_metadata(config, layout)
+    )
+    if int.from_bytes(data[:8], "little") > MAX_HEADER:
+        raise ConfigError(
+            f"the adapter's header would exceed {MAX_HEADER} bytes (too many targets or labels)"
+        )
+    return data
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    """Write a temporary file beside ``path``, then rename it; the mode follows the umask (0666 & ~umask)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a file name")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
+    return path
+
+
+def write_adapter(
+    path: str | Path,
+    adapter: AdapterFile,
+    *,
+    bits: int | None = None,
+    lambda_dtype: str = "fp32",
+    drop_head: bool = False,
+) -> Path:
+    """Write ``adapter`` to a .qpeft file atomically: b-bit angles (None: fp32), λ/head as lambda_dtype."""
+    return _atomic_write(
+        Path(path), encode_adapter(adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
+    )
+
+
+def adapter_from_model(model: nn.Module, base: str | None = None) -> AdapterFile:
+    """The AdapterFile of an attached model (with the base's fingerprint when ``base`` is given)."""
+    config = adapter_config(model)
+    shapes = {key: (layer.out_features, layer.in_features) for key, layer in adapted_layers(model).items()}
+    fingerprint = base_fingerprint(resolve_base(base), config.targets) if base is not None else None
+    return AdapterFile(config, adapter_state(model), fingerprint, {"shapes": shapes})
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    bits: int | None = None,
+    lambda_dtype: str = "fp32",
+    drop_head: bool = False,
+    base: str | None = None,
+) -> Path:
+    """Save the adapter attached to ``model`` as a .qpeft file; ``base`` (HF folder) adds its fingerprint."""
+    return write_adapter(
+        path, adapter_from_model(model, base), bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head
+    )
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def _int(meta: dict[str, str], key: str, low: int, high: int) -> int:
+    value = meta[key]
+    if not _INT.fullmatch(value) or not low <= int(value) <= high:
+        raise _Invalid(f"metadata {key}={value[:40]!r} is not an integer in [{low}, {high}]")
+    return int(value)
+
+
+def _check_identity(meta: object, header: dict) -> dict[str, str]:
+    """Refuse files that are not .qpeft (or are from a newer format) with a message saying what they are."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        names = " ".join(k for k in header if k != "__metadata__")
+        if "lora_" in names:
+            raise _Invalid("is a PEFT LoRA adapter, not a .qpeft file (convert it with `qpeft import lora`)")
+        raise _Invalid("is not a .qpeft file (a safetensors file without format=qpeft metadata)")
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise _Invalid("metadata values must be strings")
+    version = meta.get("format_version", "")
+    if not re.fullmatch(r"[1-9][0-9]{0,8}", version):
+        raise _Invalid(f"format_version {version[:40]!r} is not a positive integer")
+    if int(version) > FORMAT_VERSION:
+        raise _Invalid(
+            f"format version {version} is newer than this reader supports ({FORMAT_VERSION}); "
+            "upgrade qpeft-deploy"
+        )
+    missing = [k for k in _REQUIRED if k not in meta]
+    unknown = [k for k in meta if k not in _REQUIRED + _OPTIONAL]
+    if missing or unknown:
+        raise _Invalid(f"metadata is missing {missing} or has unknown keys {unknown[:3]}")
+    return meta
+
+
+def _min_bytes(variant: str, layers: int, dims: tuple[int, int, int]) -> int:
+    """A lower bound on one target's data bytes (2-bit angles, fp16 λ): bounds the work a config causes."""
+    n, m, k = dims
+    if variant == "pauli":
+        return (2 * (_circuit_angles(n, layers) + _circuit_angles(m, layers)) + 7) // 8 + 2 * k
+    return 2 * ((n + m) * k - k * k)
+
+
+def _parse_targets(
+    text: str, variant: str, layers: int, data_bytes: int
+) -> tuple[list[str], dict[str, tuple[int, int, int]]]:
+    groups, targets, needed = text.split(";"), {}, 0
+    for group in groups:
+        pattern, sep1, rest = group.rpartition(":")
+        pattern, sep2, shape = pattern.rpartition(":")
+        n_text, x, m_text = shape.partition("x")
+        if not (
+            sep1 and sep2 and x and _INT.fullmatch(n_text) and _INT.fullmatch(m_text) and _INT.fullmatch(rest)
+        ):
+            raise _Invalid(f"target group {group[:80]!r} is not 'pattern:NxM:K'")
+        n, m, k = int(n_text), int(m_text), int(rest)
+        low = 2 if variant == "pauli" else 1
+        if not (low <= n <= MAX_DIM and low <= m <= MAX_DIM and 1 <= k <= min(n, m)):
+            raise _Invalid(f"target group {group[:80]!r} has an impossible size or rank")
+        # every target holds at least one fp16 λ: the data size bounds the number of targets
+        for name in expand_pattern(pattern, max(1, min(MAX_TARGETS, data_bytes // 2) - len(targets))):
+            if name in targets:
+                raise _Invalid(f"target {name} is listed twice")
+            targets[name] = (n, m, k)
+            needed += _min_bytes(variant, layers, (n, m, k))
+            if needed > data_bytes:
+                raise _Invalid(f"the targets need more than the {data_bytes} data bytes the file holds")
+    return groups, targets
+
+
+def _parse_head(meta: dict[str, str]) -> tuple[str | None, list[tuple[str, tuple[int, ...]]], dict | None]:
+    if "head" not in meta:
+        if "head_shapes" in meta or "labels" in meta:
+            raise _Invalid("head_shapes or labels without a head")
+        return None, [], None
+    head = meta["head"]
+    if not _HEAD_NAME.fullmatch(head) or "head_shapes" not in meta or "labels" not in meta:
+        raise _Invalid(f"head {head[:40]!r} is malformed or lacks head_shapes/labels")
+    shapes = []
+    for item in meta["head_shapes"].split(";"):
+        name, colon, dims = item.partition(":")
+        parts = dims.split("x") if dims else []
+        if not (
+            colon
+            and re.fullmatch(r"[A-Za-z0-9_.]+", name)
+            and len(parts) <= 8
+            and all(_INT.fullmatch(p) for p in parts)
+        ):
+            raise _Invalid(f"head shape {item[:40]!r} is not 'name:AxB'")
+        shapes.append((name, tuple(int(p) for p in parts)))
+    if len({n for n, _ in shapes}) != len(shapes):
+        raise _Invalid("head_shapes repeats a tensor")
+    try:
+        labels = strict_json(meta["labels"])
+    except ValueError:
+        raise _Invalid("labels is not JSON") from None
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(x, str) for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise _Invalid("labels must be a non-empty JSON list of unique strings")
+    return head, shapes, dict(enumerate(labels))
+
+
+def _parse_config(meta: dict[str, str], data_bytes: int) -> tuple[AdapterConfig, _Layout]:
+    variant = meta["variant"]
+    if CONSTRUCTIONS.get(variant) != meta["construction"]:
+        raise _Invalid(f"unknown variant/construction {variant[:20]!r}/{meta['construction'][:40]!r}")
+    layers = _int(meta, "layers", 0, MAX_LAYERS)
+    if not _FLOAT.fullmatch(meta["alpha"]) or not math.isfinite(float(meta["alpha"])):
+        raise _Invalid(f"alpha {meta['alpha'][:40]!r} is not a finite number")
+    if meta["lambda_dtype"] not in FLOAT_DTYPES:
+        raise _Invalid(f"lambda_dtype {meta['lambda_dtype'][:20]!r} is not fp16 or fp32")
+    bits = None
+    if variant == "pauli":
+        if "bits" not in meta:
+            raise _Invalid("a pauli adapter needs bits")
+        bits = _int(meta, "bits", 2, FP32_BITS)
+        if bits not in ANGLE_BITS + (FP32_BITS,):
+            raise _Invalid(f"bits={bits} is not one of {ANGLE_BITS + (FP32_BITS,)}")
+        bits = None if bits == FP32_BITS else bits
+    elif "bits" in meta:
+        raise _Invalid("Taylor parameters cannot be angle-quantised (bits given)")
+    groups, targets = _parse_targets(meta["targets"], variant, layers, data_bytes)
+    head, head_shapes, id2label = _parse_head(meta)
+    if meta.get("fingerprint", ALGORITHM) != ALGORITHM:
+        raise _Invalid(f"unknown fingerprint algorithm {meta['fingerprint'][:40]!r}")
+    extra = {}
+    if "extra" in meta:
+        try:
+            extra = strict_json(meta["extra"])
+        except ValueError:
+            raise _Invalid("extra is not JSON") from None
+        if not isinstance(extra, dict):
+            raise _Invalid("extra must be a JSON object")
+    config = AdapterConfig(
+        {k: d[2] for k, d in targets.items()},
+        layers,
+        float(meta["alpha"]),
+        variant,
+        head,
+        id2label,
+        _int(meta, "seed", 0, MAX_SEED),
+        extra,
+    )
+    layout = _Layout(
+        variant, layers, targets, groups, bits, meta["lambda_dtype"], head, head_shapes, "fingerprint" in meta
+    )
+    return config, layout
+
+
+def _check_tensors(header: dict, layout: _Layout, data_len: int, path: Path) -> dict[str, tuple[int, int]]:
+    """(begin, end) of every tensor, after checking names, dtypes, shapes and that offsets tile the data."""
+    expected = layout.tensors()
+    names = set(header) - {"__metadata__"}
+    if names != set(expected):
+        raise _Invalid(f"tensors {sorted(names)[:6]} do not match the config's {sorted(expected)}")
+    spans = {}
+    for name, (dtype, shape) in expected.items():
+        try:
+            got_dtype, got_shape, begin, end = tensor_entry(path, header, name)
+        except FormatError as e:
+            raise _Invalid(str(e).removeprefix(f"{path}: ")) from None
+        if got_dtype != dtype or got_shape != shape:
+            raise _Invalid(f"tensor {name!r} is {got_dtype}{got_shape}, the config implies {dtype}{shape}")
+        if end - begin != math.prod(shape) * _ST_DTYPES[dtype][1]:
+            raise _Invalid(f"tensor {name!r} has data_offsets that disagree with its shape")
+        spans[name] = (begin, end)
+    position = 0
+    for begin, end in sorted(spans.values()):
+        if begin != position:
+            raise _Invalid("tensor data_offsets leave gaps or overlap")
+        position = end
+    if position != data_len:
+        raise _Invalid(f"tensor data covers {position} bytes but the file holds {data_len}")
+    return spans
+
+
+def _array(data: bytes, span: tuple[int, int], dtype: str, what: str) -> torch.Tensor:
+    np_dtype, size = _ST_DTYPES[dtype]
+    array = np.frombuffer(data, dtype=np_dtype, count=(span[1] - span[0]) // size, offset=span[0])
+    tensor = torch.from_numpy(array.copy())
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise _Invalid(f"{what} contains NaN or Inf")
+    return tensor
+
+
+def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
+    meta = _check_identity(header.get("__metadata__"), header)
+    config, layout = _parse_config(meta, size - start)
+    spans = _check_tensors(header, layout, size - start, path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(size - start)
+    except OSError as e:
+        raise _Invalid(f"cannot read: {e.strerror or e}") from None
+    if len(data) != size - start:
+        raise _Invalid("file changed while reading")
+    specs = layout.tensors()
+    count = layout.angle_count()
+    try:
+        if layout.bits is None:
+            angles = _array(data, spans["a"], specs["a"][0], "factor parameters")
+        else:
+            angles = dequantize_angles(
+                unpack_bits(_array(data, spans["a"], "U8", "angles"), layout.bits, count), layout.bits
+            )
+        masks = unpack_bits(_array(data, spans["m"], "U8", "mask"), 1, layout.lambda_count()).bool()
+    except ConfigError as e:
+        raise _Invalid(str(e)) from None
+    lams = _array(data, spans["l"], specs["l"][0], "λ")
+
+    state, a_pos, l_pos = {}, 0, 0
+    for key, dims in layout.targets.items():
+        params, lam_key, mask_key = target_params(layout.variant, key, dims, layout.layers)
+        for name, shape in params:
+            state[name] = angles[a_pos : a_pos + math.prod(shape)].reshape(shape)
+            a_pos += math.prod(shape)
+        state[lam_key] = lams[l_pos : l_pos + dims[2]]
+        state[mask_key] = masks[l_pos : l_pos + dims[2]]
+        l_pos += dims[2]
+    if layout.head is not None:
+        flat, h_pos = _array(data, spans["h"], specs["h"][0], "head"), 0
+        for name, shape in layout.head_shapes:
+            if f"{layout.head}.{name}" in state:
+                raise _Invalid(f"head tensor {name} collides with a target's tensor")
+            state[f"{layout.head}.{name}"] = flat[h_pos : h_pos + math.prod(shape)].reshape(shape)
+            h_pos += math.prod(shape)
+    fingerprint = None
+    if layout.has_fingerprint:
+        digests = _array(data, spans["f"], "U8", "fingerprint").numpy().reshape(-1, DIGEST_SIZE)
+        fingerprint = {key: row.tobytes() for key, row in zip(layout.targets, digests, strict=True)}
+    return AdapterFile(config, state, fingerprint, _info(meta, layout, spans, start, size))
+
+
+def _info(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size: int) -> dict:
+    part = {"a": "angles", "l": "lambda", "m": "mask", "h": "head", "f": "fingerprint"}
+    nbytes = {"header": start} | {part[n]: e - b for n, (b, e) in spans.items()} | {"total": size}
+    parameters = {
+        "angles": layout.angle_count(),
+        "lambda": layout.lambda_count(),
+        "head": layout.head_count(),
+    }
+    parameters["total"] = sum(parameters.values())
+    return {
+        "format_version": int(meta["format_version"]),
+        "tool": meta["tool"],
+        "construction": meta["construction"],
+        "bits": layout.bits,
+        "lambda_dtype": layout.float_dtype,
+        "groups": layout.groups,
+        "shapes": {k: d[:2] for k, d in layout.targets.items()},
+        "parameters": parameters,
+        "bytes": nbytes,
+        "fingerprint_algorithm": meta.get("fingerprint"),
+    }
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read and fully validate a .qpeft file; raises FormatError("<path>: <problem>") for any defect."""
+    path = Path(path)
+    header, start, size = read_header(path, MAX_HEADER)
+    try:
+        return _decode(path, header, start, size)
+    except _Invalid as e:
+        raise FormatError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------- using a file
+
+
+def _check_base(adapter: AdapterFile, base: str | None, force: bool) -> None:
+    if base is None or adapter.fingerprint is None:
+        return
+    try:
+        check_fingerprint(adapter.fingerprint, resolve_base(base))
+    except BaseMismatchError as e:
+        if not force:
+            raise
+        warnings.warn(f"loading despite a base mismatch (force): {e}", stacklevel=3)
+
+
+def _attach_file(model: nn.Module, adapter: AdapterFile, mode: str) -> nn.Module:
+    config = adapter.config
+    if hasattr(model, CONFIG_ATTR):
+        raise ConfigError("model already has a Quantum-PEFT adapter attached; detach() it first")
+    try:
+        attach_exact(
+            model,
+            config.targets,
+            config.layers,
+            config.alpha,
+            config.variant,
+            mode,
+            config.seed,
+            train_head=config.head is not None,
+        )
+        load_adapter_state(model, adapter.state)
+    except QpeftError:
+        detach(model)  # leave the model as it was: no half-attached adapter
+        raise
+    adapter_config(model).extra = dict(config.extra)
+    return model
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, *, base: str | None = None, force: bool = False, mode: str = "auto"
+) -> nn.Module:
+    """Attach the adapter at ``path`` to ``model`` (after checking ``base``'s fingerprint); returns it."""
+    adapter = read_adapter(path)
+    _check_base(adapter, base, force)
+    return _attach_file(model, adapter, mode)
+
+
+def _plain_base_model(base: str) -> nn.Module:
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    folder, previous = resolve_base(base), hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{folder}: cannot build the base model: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        hf_logging.set_verbosity(previous)
+    return model.float().eval()
+
+
+def load_adapted_model(base: str, path: str | Path, *, force: bool = False, mode: str = "auto") -> nn.Module:
+    """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it."""
+    adapter = read_adapter(path)
+    _check_base(adapter, base, force)
+    config = adapter.config
+    model = load_task_model(base, config.id2label) if config.head is not None else _plain_base_model(base)
+    return _attach_file(model, adapter, mode)
+
+
+# ------------------------------------------------------------------------------------ pack, inspect, verify
+
+KEEP = "keep"
+
+
+def pack_adapter(
+    src: str | Path,
+    out: str | Path,
+    *,
+    bits: int | None | str = KEEP,
+    lambda_dtype: str = KEEP,
+    drop_head: bool = False,
+    base: str | None = None,
+) -> Path:
+    """Re-pack a .qpeft file with other options (``KEEP``: as in ``src``); ``base`` stores its fingerprint."""
+    adapter = read_adapter(src)
+    if base is not None:
+        adapter.fingerprint = base_fingerprint(resolve_base(base), adapter.config.targets)
+    bits = adapter.info["bits"] if bits == KEEP else bits
+    lambda_dtype = adapter.info["lambda_dtype"] if lambda_dtype == KEEP else lambda_dtype
+    return write_adapter(out, adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
+
+
+def inspect_adapter(path: str | Path) -> dict:
+    """A JSON-able summary of a .qpeft file (needs no base model)."""
+    adapter = read_adapter(path)
+    config, info = adapter.config, adapter.info
+    return {
+        "path": str(path),
+        "format_version": info["format_version"],
+        "tool": info["tool"],
+        "variant": config.variant,
+        "construction": info["construction"],
+        "layers": config.layers,
+        "alpha": config.alpha,
+        "targets": len(config.targets),
+        "groups": info["groups"],
+        "ranks": sorted(set(config.targets.values())),
+        "bits": info["bits"],
+        "lambda_dtype": info["lambda_dtype"],
+        "active_rank": int(
+            sum(int(t.sum()) for k, t in adapter.state.items() if k.endswith(".spectrum.mask"))
+        ),
+        "head": config.head,
+        "labels": [config.id2label[i] for i in sorted(config.id2label or {})],
+        "parameters": info["parameters"],
+        "bytes": info["bytes"],
+        "fingerprint": None
+        if adapter.fingerprint is None
+        else {
+            "algorithm": info["fingerprint_algorithm"],
+            "targets": len(adapter.fingerprint),
+            "first": next(iter(adapter.fingerprint.values())).hex(),
+        },
+        "extra": config.extra,
+    }
+
+
+def orthogonality_errors(adapter: AdapterFile) -> dict[str, float]:
+    """max |UᵀU − I| and |VᵀV − I| per target, U and V rebuilt (in float64) from the stored parameters."""
+    config, errors = adapter.config, {}
+    with torch.no_grad():
+        for key, k in config.targets.items():
+            prefix, worst = key.removesuffix(".weight"), 0.0
+            n, m = adapter.info["shapes"][key]
+            for side, dim in (("u", n), ("v", m)):
+                factor = make_factor(config.variant, dim, k, config.layers, torch.Generator().manual_seed(0))
+                for name, param in factor.named_parameters():
+                    param.copy_(adapter.state[f"{prefix}.{side}.{name}"])
+                frame = factor.double().columns(k, torch.float64)
+                gram = frame.T @ frame - torch.eye(k, dtype=torch.float64)
+                worst = max(worst, float(gram.abs().max()))
+            errors[key] = worst
+    return errors
+
+
+def verify_adapter(path: str | Path, base: str | None = None) -> dict:
+    """Check a file (structure, finiteness, orthogonality of U/V to 1e-5, and ``base``'s fingerprint)."""
+    adapter = read_adapter(path)
+    errors = orthogonality_errors(adapter)
+    worst_key = max(errors, key=errors.get)
+    if errors[worst_key] > ORTHO_TOLERANCE or not math.isfinite(errors[worst_key]):
+        raise FormatError(
+            f"{path}: rebuilt factors of {worst_key} are not orthonormal "
+            f"(max |UᵀU − I| = {errors[worst_key]:.2e} > {ORTHO_TOLERANCE:g})"
+        )
+    report = {
+        "path": str(path),
+        "targets": len(errors),
+        "max_orthogonality_error": errors[worst_key],
+        "fingerprint": "not checked",
+    }
+    if base is not None:
+        if adapter.fingerprint is None:
+            raise FormatError(f"{path}: has no base fingerprint to check against {base}")
+        check_fingerprint(adapter.fingerprint, resolve_base(base))
+        report["fingerprint"] = f"matches {base}"
+    return report

@@ -1,0 +1,869 @@
+"""Merge Quantum-PEFT adapters into a base checkpoint on disk, and take them out again (qpeft merge|unmerge).
+
+Works on safetensors files, never on a built model:
+
+- Streamed: a targeted tensor is read in blocks of rows (at most ``CHUNK_BYTES`` of fp32), the same rows of
+  ΔW are added in fp32 and the sum is cast once and written; every other tensor goes file to file with
+  ``sendfile``. Output shards are written in the safetensors format directly (the header first, from the
+  planned layout), so memory holds a few row blocks and one target's factors, never the model or a tensor.
+- Exact: ΔW = Σᵢ wᵢ·αᵢ·Uᵢ diag(λᵢ·maskᵢ) Vᵢᵀ stays low-rank (A·Bᵀ, with Uᵢ, Vᵢ rebuilt from the stored circuit
+  parameters exactly as ``QuantumPeftLinear.delta_weight`` builds them); an HF ``Conv1D`` weight (stored
+  in×out) gets ΔWᵀ; an nn.Conv2d kernel (out, in, kh, kw) is read as its out × in·kh·kw rows, the N×M of the
+  adapter, so ΔW's rows land on the flattened kernel and the stored shape stays 4-D.
+- A head adapter makes the output the task model's checkpoint, as its ``save_pretrained`` would write it:
+  keys of a bare base re-prefixed with ``base_model_prefix``, head tensors added (or replaced: the replaced
+  ones are kept in ``HEAD_SIDECAR`` for unmerge), ``config.json`` rewritten (architectures, id2label,
+  label2id). Every base tensor is kept, so unmerge can restore all of them.
+- Atomic: the output is written to a temporary folder beside it and renamed at the end; a failure or an
+  interrupt removes it, and temporary folders of killed processes are removed by the next run for the same
+  output. The base is only ever opened read-only; its fingerprint is checked (in a thread, while the output
+  is written) before the output is renamed into place, so a mismatch leaves nothing behind.
+- Reversible: every shard's metadata (``RECORD_KEY``) records what was merged: adapter digests and weights,
+  the tool, the key, head, dtype and config.json changes. Unmerge subtracts the same ΔW and undoes them.
+
+Round-trip bounds (merge, then unmerge): an fp32 checkpoint comes back within two fp32 roundings (~1e-7
+relative, far inside 1e-6). Where a tensor is stored with unit roundoff u (bf16: 2⁻⁸, fp16: 2⁻¹¹), merge
+and unmerge each round once, so every element comes back within u·(2|W| + |ΔW|)·(1 + u), plus 2⁻²⁴ for
+fp16 subnormals: merging into fp16/bf16 is lossy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qpeft_deploy.core.layer import make_factor
+from qpeft_deploy.core.threads import one_torch_thread
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.io.fingerprint import (
+    INDEX_FILE,
+    MAX_BASE_HEADER,
+    SINGLE_FILE,
+    check_fingerprint,
+    read_header,
+    strict_json,
+    tensor_entry,
+)
+from qpeft_deploy.io.qpeft_file import TOOL, AdapterFile, read_adapter
+from qpeft_deploy.models import resolve_base
+
+KEEP = "keep"
+DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CONFIG_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+RECORD_KEY = "qpeft_merge"
+CONFIG_FILE = "config.json"
+HEAD_SIDECAR = "qpeft_replaced_head.safetensors"
+CHUNK_BYTES = 4 << 20
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
+                             ".gguf"})
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SEND_LIMIT = 1 << 30
+
+
+# -------------------------------------------------------------------------------------- reading checkpoints
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor inside a safetensors file: dtype, shape and where its bytes lie (absolute offset)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class Checkpoint:
+    """The safetensors weights of a folder: tensors by key (in file and offset order), metadata."""
+
+    folder: Path
+    tensors: dict[str, StoredTensor]
+    metadata: dict[str, str]
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """Tensors (in offset order) and string metadata of one safetensors file, each entry checked."""
+    header, start, size = read_header(path, MAX_BASE_HEADER)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings")
+    tensors = {}
+    for key in header.keys() - {"__metadata__"}:
+        dtype, shape, begin, end = tensor_entry(path, header, key)
+        if dtype not in ITEM_SIZE:
+            raise FormatError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+        if end - begin != math.prod(shape) * ITEM_SIZE[dtype] or start + end > size:
+            raise FormatError(f"{path}: tensor {key} has data_offsets that disagree with its shape or file")
+        tensors[key] = StoredTensor(path, dtype, tuple(shape), start + begin, end - begin)
+    return dict(sorted(tensors.items(), key=lambda item: item[1].offset)), metadata
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = strict_json(index.read_bytes())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{index}: unreadable shard index ({type(e).__name__}: {e})") from None
+    names = weight_map.values() if isinstance(weight_map, dict) else [None]
+    if not all(isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..") for v in names):
+        raise FormatError(f"{index}: weight_map must map tensor names to shard file names in the same folder")
+    return weight_map
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """The weights of an HF folder: ``model.safetensors``, else the shards that its index names."""
+    folder = Path(folder)
+    if (folder / SINGLE_FILE).is_file():
+        tensors, metadata = read_safetensors(folder / SINGLE_FILE)
+        return Checkpoint(folder, tensors, metadata)
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        raise ConfigError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (merge needs safetensors weights)")
+    weight_map = _weight_map(index)
+    names = sorted(set(weight_map.values()))
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"{index}: names shard {missing[0]}, which does not exist")
+    tensors, metadata = {}, None
+    for name in names:
+        shard, shard_metadata = read_safetensors(folder / name)
+        stray = [key for key in shard if weight_map.get(key) != name]
+        if stray:
+            raise FormatError(f"{folder / name}: holds {stray[0]}, which {INDEX_FILE} maps elsewhere")
+        tensors.update(shard)
+        metadata = shard_metadata if metadata is None else metadata
+    absent = [key for key in weight_map if key not in tensors]
+    if absent:
+        raise FormatError(f"{index}: maps {absent[0]} to {weight_map[absent[0]]}, which does not hold it")
+    return Checkpoint(folder, tensors, metadata or {})
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    try:
+        config = strict_json(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    return config
+
+
+def _locate(key: str, tensors: dict[str, StoredTensor]) -> str | None:
+    """The stored key of a base checkpoint key: itself, or the one key ending in '.' + key (prefixed)."""
+    if key in tensors:
+        return key
+    candidates = [k for k in tensors if k.endswith("." + key)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------------- the update
+
+
+def _frame(adapter: AdapterFile, prefix: str, dim: int, rank: int) -> torch.Tensor:
+    """The first ``rank`` columns of one factor (Pauli circuit or Taylor frame) from the file, fp32."""
+    config = adapter.config
+    factor = make_factor(config.variant, dim, rank, config.layers, torch.Generator())
+    with torch.no_grad():
+        for name, param in factor.named_parameters():
+            param.copy_(adapter.state[f"{prefix}.{name}"])
+        return factor.columns(rank)
+
+
+def target_factors(adapter: AdapterFile, key: str, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), fp32 N×K and M×K, with A·Bᵀ = weight·α·U diag(λ·mask) Vᵀ: one target's ΔW, low-rank."""
+    rank, (n_out, n_in) = adapter.config.targets[key], adapter.info["shapes"][key]
+    prefix = key.removesuffix(".weight")
+    u, v = _frame(adapter, f"{prefix}.u", n_out, rank), _frame(adapter, f"{prefix}.v", n_in, rank)
+    values = adapter.state[f"{prefix}.spectrum.lam"].float() * adapter.state[f"{prefix}.spectrum.mask"]
+    return u * (adapter.config.alpha * values * weight), v
+
+
+@dataclass(frozen=True)
+class Update:
+    """weight·ΔW of one target of one adapter."""
+
+    adapter: AdapterFile
+    key: str
+    weight: float
+
+
+@dataclass
+class _Entry:
+    """One output tensor: key, dtype, shape, the source of its bytes, and the updates added in fp32."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: StoredTensor | torch.Tensor
+    updates: list[Update] = field(default_factory=list)
+    transposed: bool = False  # stored in×out (HF Conv1D): add ΔWᵀ
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in the output file."""
+        return math.prod(self.shape) * ITEM_SIZE[self.dtype]
+
+
+def _low_rank(entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with A·Bᵀ = Σ w·ΔW in the tensor's storage layout (A's rows are the stored rows)."""
+    pairs = [target_factors(u.adapter, u.key, u.weight) for u in entry.updates]
+    a, b = torch.cat([p[0] for p in pairs], dim=1), torch.cat([p[1] for p in pairs], dim=1)
+    return (b, a) if entry.transposed else (a, b)
+
+
+def _mentions_conv1d(model_type: str) -> bool:
+    """Whether the model type's modeling source calls Conv1D (read as text: no heavy import)."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = model_type_to_module_name(model_type)
+    try:
+        spec = importlib.util.find_spec(f"transformers.models.{module}.modeling_{module}")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None and "Conv1D(" in Path(spec.origin).read_text("utf-8")
+
+
+def _conv1d_keys(folder: Path, config: dict, keys: set[str]) -> set[str]:
+    """Target keys whose layer is an HF Conv1D (weight stored in×out), found on a meta-device base model;
+    built only for model types whose modeling code uses Conv1D (importing it costs seconds and ~80 MB)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not _mentions_conv1d(model_type):
+        return set()
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    from transformers.pytorch_utils import Conv1D
+
+    name = MODEL_MAPPING_NAMES.get(model_type)
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if model_class is None:
+        return set()
+    try:
+        with torch.device("meta"):
+            model = model_class(transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True))
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{folder / CONFIG_FILE}: cannot build the model's layout: {reason}") from None
+    modules = dict(model.named_modules())
+    return {key for key in keys if isinstance(modules.get(key.removesuffix(".weight")), Conv1D)}
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a stored weight is adapted as: a 4-D Conv2d kernel (out, in, kh, kw) is out × in·kh·kw."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) == 4 else tuple(shape)
+
+
+def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapters: Sequence[AdapterFile],
+             weights: Sequence[float]) -> dict[str, tuple[list[Update], bool]]:
+    """Stored key -> (its updates, transposed), after checking every target against the checkpoint."""
+    keys = {key for adapter in adapters for key in adapter.config.targets}
+    conv1d = _conv1d_keys(checkpoint.folder, config, keys)
+    updates: dict[str, tuple[list[Update], bool]] = {}
+    for path, adapter, weight in zip(files, adapters, weights):
+        for key in adapter.config.targets:
+            stored = _locate(key, checkpoint.tensors)
+            if stored is None:
+                raise BaseMismatchError(f"{path}: targets {key}, which {checkpoint.folder} does not have "
+                                        "(an adapter for another base?)")
+            tensor = checkpoint.tensors[stored]
+            if tensor.dtype not in FLOAT_DTYPES:
+                raise ConfigError(f"{tensor.file}: {stored} is {tensor.dtype}; only floating-point weights "
+                                  f"({', '.join(FLOAT_DTYPES)}) can be merged into")
+            n_out, n_in = adapter.info["shapes"][key]
+            expected = (n_in, n_out) if key in conv1d else (n_out, n_in)
+            if matrix_shape(tensor.shape) != expected:
+                raise BaseMismatchError(f"{path}: {key} is {n_out}x{n_in} (out x in) in the adapter but "
+                                        f"{'x'.join(map(str, tensor.shape))} in {tensor.file}")
+            updates.setdefault(stored, ([], key in conv1d))[0].append(Update(adapter, key, weight))
+    return updates
+
+
+# ------------------------------------------------------------------------------------------ streaming writes
+
+
+def _read_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            count = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise FormatError(f"{file}: cannot read: {e.strerror or e}") from None
+        if count == 0:
+            raise FormatError(f"{file}: ended early (changed while reading?)")
+        done += count
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        data = data[os.write(fd, data):]
+
+
+def _send(dst: int, tensor: StoredTensor, src: int) -> None:
+    """Copy a tensor's bytes file to file inside the kernel (``sendfile``, as ``shutil.copyfile`` does)."""
+    done = 0
+    while done < tensor.nbytes:
+        count = os.sendfile(dst, src, tensor.offset + done, min(tensor.nbytes - done, _SEND_LIMIT))
+        if count == 0:
+            raise FormatError(f"{tensor.file}: ended early (changed while reading?)")
+        done += count
+
+
+class _Writer:
+    """Writes to one file in order from a background thread, at most ``DEPTH`` writes behind the caller, so
+    the kernel's copying overlaps the next block's reading and math (a block's buffer is reused ``DEPTH`` + 1
+    blocks later, when its write has finished)."""
+
+    DEPTH = 2
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: deque[Future] = deque()
+
+    def submit(self, write: Callable[..., None], *args: object) -> None:
+        """Queue ``write(fd, *args)``; raises the error of a finished earlier write."""
+        self._pending.append(self._pool.submit(write, self.fd, *args))
+        while len(self._pending) > self.DEPTH:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        """Wait for every queued write; raises the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def stop(self) -> None:
+        """Drop queued writes and end the thread (after the write in progress)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stream_rows(src: int, writer: _Writer, entry: _Entry, bar: tqdm) -> None:
+    """Write ``entry`` block by block: read stored rows, add the update's rows in fp32 (fp64), cast once."""
+    source = entry.source
+    rows = source.shape[0] if source.shape else 1
+    if rows == 0 or source.nbytes == 0:
+        return
+    cols, item = math.prod(source.shape) // rows, ITEM_SIZE[source.dtype]
+    compute = torch.float64 if source.dtype == "F64" else torch.float32
+    a, b = _low_rank(entry) if entry.updates else (None, None)
+    if a is not None:
+        a, b = a.to(compute), b.T.to(compute)
+    step = min(rows, max(1, CHUNK_BYTES // (cols * 4)))
+    slots = [_Slot(step, cols, source.dtype, compute, entry.dtype) for _ in range(_Writer.DEPTH + 1)]
+    for number, first in enumerate(range(0, rows, step)):
+        slot, count = slots[number % len(slots)], min(step, rows - first)
+        offset = source.offset + first * cols * item
+        _read_into(src, memoryview(slot.buffer)[: count * cols * item], offset, source.file)
+        if slot.work is not slot.stored:
+            slot.work[:count].copy_(slot.stored[:count])
+        if a is not None:
+            slot.work[:count].addmm_(a[first : first + count], b)
+        if slot.out is not slot.work:
+            slot.out[:count].copy_(slot.work[:count])
+        size = count * cols * slot.out.element_size()
+        writer.submit(_write_all, memoryview(slot.raw[:size]))
+        bar.update(size)
+
+
+class _Slot:
+    """Buffers for one block of rows, reused for every block (allocating them per block was 2x slower)."""
+
+    def __init__(self, rows: int, cols: int, stored: str, compute: torch.dtype, out: str):
+        self.buffer = bytearray(rows * cols * ITEM_SIZE[stored])
+        self.stored = torch.frombuffer(self.buffer, dtype=FLOAT_DTYPES[stored]).view(rows, cols)
+        same = self.stored.dtype == compute
+        self.work = self.stored if same else torch.empty(rows, cols, dtype=compute)
+        same = FLOAT_DTYPES[out] == compute
+        self.out = self.work if same else torch.empty(rows, cols, dtype=FLOAT_DTYPES[out])
+        self.raw = self.out.view(torch.uint8).numpy().reshape(-1)
+
+
+def _write_entry(entry: _Entry, writer: _Writer, sources: dict[Path, int], bar: tqdm) -> None:
+    source = entry.source
+    if isinstance(source, torch.Tensor):
+        data = source.detach().to(FLOAT_DTYPES[entry.dtype]).contiguous().reshape(-1).view(torch.uint8)
+        writer.submit(_write_all, memoryview(data.numpy()))
+    elif entry.updates or entry.dtype != source.dtype:
+        _stream_rows(sources[source.file], writer, entry, bar)
+        return
+    else:
+        writer.submit(_send, source, sources[source.file])
+    bar.update(entry.nbytes)
+
+
+def _header(entries: Sequence[_Entry], metadata: dict[str, str]) -> bytes:
+    """Length prefix and JSON header of a safetensors file (space-padded to 8 bytes, as safetensors does)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for entry in entries:
+        header[entry.key] = {"dtype": entry.dtype, "shape": list(entry.shape),
+                             "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_safetensors(path: Path, entries: Sequence[_Entry], metadata: dict[str, str],
+                       sources: dict[Path, int], bar: tqdm) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    writer = _Writer(fd)
+    try:
+        writer.submit(_write_all, memoryview(_header(entries, metadata)))
+        for entry in entries:
+            _write_entry(entry, writer, sources, bar)
+        writer.drain()
+    finally:
+        writer.stop()
+        os.close(fd)
+
+
+def _split(entries: Sequence[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """Consecutive entries in shards of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _open_sources(entries: Sequence[_Entry], stack: ExitStack) -> dict[Path, int]:
+    sources = {}
+    for file in {e.source.file for e in entries if isinstance(e.source, StoredTensor)}:
+        try:
+            sources[file] = os.open(file, os.O_RDONLY)
+        except OSError as e:
+            raise FormatError(f"{file}: cannot read: {e.strerror or e}") from None
+        stack.callback(os.close, sources[file])
+    return sources
+
+
+def write_weights(folder: Path, entries: Sequence[_Entry], metadata: dict[str, str], max_bytes: int,
+                  *, desc: str, quiet: bool, single: str = SINGLE_FILE) -> None:
+    """Stream ``entries`` into the file ``single``, or into numbered shards and their index."""
+    shards = _split(entries, max_bytes)
+    names = [single] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    total = sum(e.nbytes for e in entries)
+    with ExitStack() as stack:
+        sources = _open_sources(entries, stack)
+        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                                       disable=quiet))
+        for name, shard in zip(names, shards):
+            _write_safetensors(folder / name, shard, metadata, sources, bar)
+    if len(shards) > 1:
+        weight_map = {e.key: name for name, shard in zip(names, shards) for e in shard}
+        _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _copy_extras(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy the folder's other files (tokenizer, README, sub-folders): no weights, hidden files, ``skip``."""
+    for path in sorted(src.rglob("*")):
+        relative = path.relative_to(src)
+        if any(part.startswith(".") for part in relative.parts) or relative.as_posix() in skip:
+            continue
+        if path.is_dir():
+            (dst / relative).mkdir(mode=0o777, parents=True, exist_ok=True)
+        elif path.is_file() and path.suffix not in WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
+            (dst / relative).parent.mkdir(mode=0o777, parents=True, exist_ok=True)
+            shutil.copyfile(path, dst / relative)
+
+
+# -------------------------------------------------------------------------------------------- atomic output
+
+
+def _temp_name(output: Path, kind: str) -> Path:
+    return output.with_name(f".{output.name}.qpeft-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale(output: Path) -> list[Path]:
+    """Remove the temporary folders beside ``output`` of runs whose process died (SIGKILL, power loss)."""
+    lead, removed = f".{output.name}.qpeft-", []
+    for entry in output.parent.iterdir():
+        parts = entry.name[len(lead):].split("-") if entry.name.startswith(lead) else []
+        if len(parts) == 3 and parts[0] in ("tmp", "old") and parts[1].isdigit() and int(parts[1]) > 0 \
+                and not _alive(int(parts[1])):
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
+def _check_output(output: Path, overwrite: bool, protect: Sequence[Path]) -> None:
+    if not output.parent.is_dir():
+        raise ConfigError(f"{output}: cannot write: folder {output.parent} does not exist")
+    real = Path(os.path.realpath(output))
+    for folder in protect:
+        inside = Path(os.path.realpath(folder))
+        if real == inside or real in inside.parents or inside in real.parents:
+            raise ConfigError(f"{output}: the output must lie outside the input folder {folder}")
+    if os.path.lexists(output) and not overwrite:
+        raise ConfigError(f"{output}: already exists (--overwrite replaces it)")
+
+
+@contextmanager
+def atomic_folder(output: str | Path, *, overwrite: bool = False,
+                  protect: Sequence[Path] = ()) -> Iterator[Path]:
+    """A new folder beside ``output`` to fill: renamed to ``output`` when the block succeeds, else removed."""
+    output = Path(output).absolute()
+    _check_output(output, overwrite, protect)
+    remove_stale(output)
+    tmp = _temp_name(output, "tmp")
+    try:
+        os.mkdir(tmp, 0o777)
+    except OSError as e:
+        raise ConfigError(f"{output}: cannot write: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if os.path.lexists(output):
+            old = _temp_name(output, "old")
+            os.rename(output, old)
+            os.rename(tmp, output)
+            _remove(old)
+        else:
+            os.rename(tmp, output)
+    except OSError as e:
+        _remove(tmp)
+        raise ConfigError(f"{output}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------- options
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int or '2GB', '500MB', '1GiB' (GB = 10⁹, GiB = 2³⁰, as in transformers)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]i?b|b)?\s*", str(size), re.IGNORECASE)
+    value = int(float(match[1]) * _SIZE_UNITS[(match[2] or "B").upper()]) if match else 0
+    if value < 1:
+        raise ConfigError(f"--max-shard-size {size!r} is not a size like 2GB, 500MB or 1GiB")
+    return value
+
+
+def _check_dtype(dtype: str) -> str | None:
+    """The safetensors dtype of ``--dtype`` (None for keep)."""
+    if dtype == KEEP:
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; choose keep, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _cast(stored: str, dtype: str | None) -> str:
+    """The output dtype of a stored tensor: ``dtype`` for floating-point tensors, else unchanged."""
+    return dtype if dtype is not None and stored in FLOAT_DTYPES else stored
+
+
+def _set_config_dtype(config: dict, dtype: str) -> dict:
+    key = next((k for k in ("torch_dtype", "dtype") if k in config), "torch_dtype")
+    return config | {key: CONFIG_DTYPE_NAMES[dtype]}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_weights(files: Sequence[Path], weights: Sequence[float] | None) -> list[float]:
+    if not files:
+        raise ConfigError("merge needs at least one --adapter")
+    if not weights:
+        return [1.0] * len(files)
+    if len(weights) != len(files):
+        raise ConfigError(f"got {len(files)} --adapter but {len(weights)} --weight (give none, or one each)")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"--weight values must be finite, got {list(weights)}")
+    return [float(w) for w in weights]
+
+
+def _head_index(files: Sequence[Path], adapters: Sequence[AdapterFile], head_from: str | None) -> int | None:
+    """Index of the adapter whose classification head the output gets (None: no head)."""
+    with_head = [i for i, a in enumerate(adapters) if a.config.head is not None]
+    if head_from is None:
+        if len(with_head) > 1:
+            raise ConfigError(f"{', '.join(str(files[i]) for i in with_head)}: several adapters carry a "
+                              "classification head; choose one with --head-from NAME")
+        return with_head[0] if with_head else None
+    matches = [i for i, p in enumerate(files) if head_from in (str(p), p.name, p.stem)]
+    if len(matches) != 1:
+        raise ConfigError(f"--head-from {head_from!r} names {len(matches)} of the adapters "
+                          f"({', '.join(str(p) for p in files)}); give one adapter's file name")
+    if matches[0] not in with_head:
+        raise ConfigError(f"{files[matches[0]]}: has no classification head (--head-from)")
+    return matches[0]
+
+
+def _task_class(folder: Path, config: dict) -> tuple[str, str]:
+    """(class name, base_model_prefix) of the base's sequence- (or else image-) classification model."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_type = config.get("model_type")
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(
+        model_type, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type))
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if model_class is None:
+        raise ConfigError(f"{folder / CONFIG_FILE}: model_type {config.get('model_type')!r} has no "
+                          "classification model in transformers to merge a head adapter into")
+    return name, model_class.base_model_prefix
+
+
+def _majority_float_dtype(checkpoint: Checkpoint) -> str:
+    sizes: dict[str, int] = {}
+    for tensor in checkpoint.tensors.values():
+        if tensor.dtype in FLOAT_DTYPES:
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.nbytes
+    return max(sizes, key=sizes.get) if sizes else "F32"
+
+
+# ------------------------------------------------------------------------------------------------------ merge
+
+
+@dataclass
+class _Plan:
+    """Everything an output folder is made of."""
+
+    entries: list[_Entry]
+    metadata: dict[str, str]
+    config: dict | None = None  # config.json to write (None: copy the input's)
+    sidecar: list[_Entry] = field(default_factory=list)
+
+
+def _task_model(checkpoint: Checkpoint, config: dict, adapter: AdapterFile) -> tuple[str | None, dict, dict]:
+    """What makes the output the head adapter's task model: the prefix for every base key (None when the
+    base already is a prefixed checkpoint), the head tensors, and the new config.json."""
+    class_name, base_prefix = _task_class(checkpoint.folder, config)
+    bare = not any(key.startswith(base_prefix + ".") for key in checkpoint.tensors)  # e.g. a BertModel
+    labels = adapter.config.id2label
+    head = {k: v for k, v in adapter.state.items() if k.startswith(adapter.config.head + ".")}
+    return base_prefix if bare else None, head, config | {
+        "architectures": [class_name], "id2label": {str(i): name for i, name in labels.items()},
+        "label2id": {name: i for i, name in labels.items()}}
+
+
+def _merge_record(files: list[Path], weights: list[float], head: int | None, entries: list[_Entry],
+                  changes: dict) -> str:
+    """The JSON that unmerge reads back (RECORD_KEY): adapters by digest, and every change to undo."""
+    return json.dumps({
+        "tool": TOOL,
+        "adapters": [{"file": p.name, "sha256": _sha256(p), "weight": w, "head": i == head}
+                     for i, (p, w) in enumerate(zip(files, weights))],
+        "base_dtypes": {e.key: e.source.dtype for e in entries
+                        if isinstance(e.source, StoredTensor) and e.dtype != e.source.dtype},
+        **changes,
+    }, separators=(",", ":"))
+
+
+def _merge_plan(checkpoint: Checkpoint, config: dict, files: list[Path], adapters: list[AdapterFile],
+                weights: list[float], head: int | None, dtype: str | None) -> _Plan:
+    updates = _updates(checkpoint, config, files, adapters, weights)
+    prefix, head_tensors, new_config = None, {}, config
+    if head is not None:
+        prefix, head_tensors, new_config = _task_model(checkpoint, config, adapters[head])
+    if dtype is not None:
+        new_config = _set_config_dtype(new_config, dtype)
+    entries, replaced = [], []
+    for key, tensor in checkpoint.tensors.items():
+        out_key = f"{prefix}.{key}" if prefix else key
+        if out_key in head_tensors:  # the base already has a head: keep it aside for unmerge
+            replaced.append(_Entry(out_key, tensor.dtype, tensor.shape, tensor))
+            continue
+        found, transposed = updates.get(key, ([], False))
+        entries.append(_Entry(out_key, _cast(tensor.dtype, dtype), tensor.shape, tensor, found, transposed))
+    head_dtype = dtype or (replaced[0].dtype if replaced else _majority_float_dtype(checkpoint))
+    entries += [_Entry(k, head_dtype, tuple(v.shape), v) for k, v in head_tensors.items()]
+    replaced_keys = [e.key for e in replaced]
+    record = _merge_record(files, weights, head, entries, {
+        "prefix": prefix, "added_head": [k for k in head_tensors if k not in replaced_keys],
+        "replaced_head": replaced_keys, "base_config": config if new_config != config else None,
+        "previous": checkpoint.metadata.get(RECORD_KEY)})
+    metadata = {"format": "pt"} | checkpoint.metadata | {RECORD_KEY: record}
+    return _Plan(entries, metadata, new_config if new_config != config else None, replaced)
+
+
+def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, overwrite: bool, desc: str,
+                quiet: bool, verify: Callable[[], None] | None = None) -> Path:
+    """Write the output folder; ``verify`` runs in a thread meanwhile and its error discards the output."""
+    with ThreadPoolExecutor(1) as pool, atomic_folder(output, overwrite=overwrite, protect=[source]) as tmp:
+        pending = pool.submit(verify) if verify is not None else None
+        _copy_extras(source, tmp, skip={CONFIG_FILE} if plan.config is not None else set())
+        if plan.config is not None:
+            _write_json(tmp / CONFIG_FILE, plan.config)
+        with one_torch_thread():
+            if plan.sidecar:  # a classification head: small, always one file
+                write_weights(tmp, plan.sidecar, {"format": "pt"}, 1 << 62, desc="head", quiet=True,
+                              single=HEAD_SIDECAR)
+            write_weights(tmp, plan.entries, plan.metadata, max_bytes, desc=desc, quiet=quiet)
+        if pending is not None:
+            pending.result()
+    return Path(output)
+
+
+def _check_fingerprints(folder: Path, adapters: Sequence[tuple[Path, dict[str, bytes]]]) -> None:
+    """BaseMismatchError naming the adapter file when ``folder`` is not the base an adapter was trained on."""
+    for path, fingerprint in adapters:
+        try:
+            check_fingerprint(fingerprint, folder)
+        except BaseMismatchError as e:
+            raise BaseMismatchError(f"{path}: {e}") from None
+
+
+def merge_checkpoint(base: str | Path, adapters: Sequence[str | Path], output: str | Path, *,
+                     weights: Sequence[float] | None = None, head_from: str | None = None, dtype: str = KEEP,
+                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+                     force: bool = False, quiet: bool = False) -> Path:
+    """Write base + Σ wᵢ·ΔWᵢ as the HF folder ``output`` (streamed, sharded, atomic); returns its path.
+
+    ``force`` skips the adapters' fingerprint checks; see the module docstring for the rest.
+    """
+    folder = resolve_base(str(base))
+    out_dtype, max_bytes = _check_dtype(dtype), parse_size(max_shard_size)
+    files = [Path(p) for p in adapters]
+    weights = _check_weights(files, weights)
+    loaded = [read_adapter(p) for p in files]
+    head = _head_index(files, loaded, head_from)
+    checkpoint, config = read_checkpoint(folder), _read_config(folder)
+    plan = _merge_plan(checkpoint, config, files, loaded, weights, head, out_dtype)
+    fingerprints = [] if force else [(p, a.fingerprint) for p, a in zip(files, loaded) if a.fingerprint]
+    verify = partial(_check_fingerprints, folder, fingerprints) if fingerprints else None
+    return _write_plan(plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="merge",
+                       quiet=quiet, verify=verify)
+
+
+# ---------------------------------------------------------------------------------------------------- unmerge
+
+
+def read_record(checkpoint: Checkpoint) -> dict:
+    """What a merge recorded in a checkpoint's metadata (ConfigError if qpeft merge did not write it)."""
+    if RECORD_KEY not in checkpoint.metadata:
+        raise ConfigError(f"{checkpoint.folder}: has no qpeft merge record (not written by qpeft merge?)")
+    try:
+        record = strict_json(checkpoint.metadata[RECORD_KEY])
+        adapters = [(str(a["sha256"]), float(a["weight"]), str(a["file"])) for a in record["adapters"]]
+        record["adapters"] = adapters
+        for key in ("added_head", "replaced_head"):
+            record[key] = [str(k) for k in record[key]]
+        prefix, base_dtypes = record["prefix"], dict(record["base_dtypes"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{checkpoint.folder}: malformed qpeft merge record ({type(e).__name__}: {e})") \
+            from None
+    strings = isinstance(prefix, str | None) and isinstance(record.get("previous"), str | None)
+    if not strings or not set(base_dtypes.values()) <= FLOAT_DTYPES.keys():
+        raise FormatError(f"{checkpoint.folder}: malformed qpeft merge record (bad field types)")
+    return record
+
+
+def _recorded_weights(folder: Path, record: dict, files: Sequence[Path]) -> list[float]:
+    """The merge weight of each adapter file, matched to the record by SHA-256 (all of them needed)."""
+    left, weights = list(record["adapters"]), []
+    for path in files:
+        digest = _sha256(path)
+        match = next((entry for entry in left if entry[0] == digest), None)
+        if match is None:
+            break
+        left.remove(match)
+        weights.append(match[1])
+    if left or len(weights) != len(files):
+        merged = ", ".join(name for _, _, name in record["adapters"])
+        raise ConfigError(f"{folder}: was merged from {merged}; unmerge needs exactly those adapter files "
+                          f"(got {', '.join(str(p) for p in files) or 'none'})")
+    return weights
+
+
+def _sidecar_entries(folder: Path, keys: list[str]) -> list[_Entry]:
+    tensors, _ = read_safetensors(folder / HEAD_SIDECAR)
+    if sorted(tensors) != sorted(keys):
+        raise FormatError(f"{folder / HEAD_SIDECAR}: does not hold the replaced head {keys}")
+    return [_Entry(k, t.dtype, t.shape, t) for k, t in tensors.items()]
+
+
+def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: list[Path],
+                  adapters: list[AdapterFile], weights: list[float], dtype: str | None) -> _Plan:
+    updates = _updates(checkpoint, config, files, adapters, [-w for w in weights])
+    prefix, skip = record["prefix"], set(record["added_head"]) | set(record["replaced_head"])
+    entries = []
+    for key, tensor in checkpoint.tensors.items():
+        if key in skip:
+            continue
+        found, transposed = updates.get(key, ([], False))
+        out_dtype = _cast(tensor.dtype, dtype) if dtype else record["base_dtypes"].get(key, tensor.dtype)
+        base_key = key.removeprefix(prefix + ".") if prefix else key
+        entries.append(_Entry(base_key, out_dtype, tensor.shape, tensor, found, transposed))
+    if record["replaced_head"]:
+        entries += _sidecar_entries(checkpoint.folder, record["replaced_head"])
+    metadata = {k: v for k, v in checkpoint.metadata.items() if k != RECORD_KEY}
+    if record.get("previous"):
+        metadata[RECORD_KEY] = record["previous"]
+    new_config = record["base_config"] if isinstance(record.get("base_config"), dict) else config
+    if dtype is not None:
+        new_config = _set_config_dtype(new_config, dtype)
+    return _Plan(entries, metadata, new_config if new_config != config else None)
+
+
+def unmerge_checkpoint(merged: str | Path, adapters: Sequence[str | Path], output: str | Path, *,
+                       dtype: str = KEEP, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                       overwrite: bool = False, quiet: bool = False) -> Path:
+    """Write ``merged`` − Σ wᵢ·ΔWᵢ of the adapters it records: the base back (keep: the base's own dtypes)."""
+    folder = resolve_base(str(merged))
+    out_dtype, max_bytes = _check_dtype(dtype), parse_size(max_shard_size)
+    files = [Path(p) for p in adapters]
+    checkpoint, config = read_checkpoint(folder), _read_config(folder)
+    record = read_record(checkpoint)
+    loaded = [read_adapter(p) for p in files]
+    weights = _recorded_weights(folder, record, files)
+    plan = _unmerge_plan(checkpoint, config, record, files, loaded, weights, out_dtype)
+    return _write_plan(plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="unmerge",
+                       quiet=quiet)

@@ -1,0 +1,427 @@
+"""``qpeft serve``: an HTTP classification service over one base model and many adapters (extra ``[serve]``).
+
+Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "<message>"}``; the server keeps serving):
+- ``POST /v1/classify`` ``{"adapter": "<name>", "texts": ["...", ...]}`` →
+  ``{"adapter": name, "predictions": [{"label": "...", "scores": {"<label>": p, ...}}, ...]}``.
+  Concurrent requests (any adapters) are collected for ``batch_window_s`` into one mixed batch of at most
+  ``max_batch_rows`` rows and classified by one backend call.
+- ``GET /v1/adapters`` → ``{"adapters": [{"name": ..., "labels": [...]}, ...]}``.
+- ``POST /v1/adapters``: JSON ``{"name": "<name>"}`` loads ``<name>.qpeft`` from the served adapters folder
+  (never any other path: names are plain, and the resolved file must sit in that folder), or an
+  ``application/octet-stream`` body with ``?name=<name>`` loads uploaded bytes, validated like any file and
+  kept in memory only. Loading an existing name replaces that adapter.
+- ``DELETE /v1/adapters/<name>`` unloads; ``GET /healthz``.
+
+Status codes: 400 malformed JSON or a corrupt adapter file, 404 unknown adapter, 409 an adapter of another
+base, 413 body too large, 415 wrong content type, 422 well-formed but invalid input (types, empty or oversized
+batch, over-long text). A backend is anything with ``load``/``unload``/``names``/``labels``/``classify``
+(:class:`Backend`): ``torch`` is :class:`~qpeft_deploy.runtime.bank.AdapterBank` (a mixed batch is one
+forward), ``onnx`` is :class:`OrtBackend` over an OrtAdapterSession on a swappable ONNX export (which runs a
+mixed batch as one onnxruntime run per adapter, and serves only adapters of the exported targets and ranks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError, QpeftError
+from qpeft_deploy.io.fingerprint import strict_json
+from qpeft_deploy.models import load_tokenizer, tokenize
+from qpeft_deploy.runtime.bank import DEFAULT_CACHE_BYTES, AdapterBank, Prediction, check_name
+
+BACKENDS = ("torch", "onnx")
+SUFFIX = ".qpeft"
+log = logging.getLogger("qpeft.serve")
+
+
+class Backend(Protocol):
+    """What the server needs from a runtime (the CONVENTIONS.md runtime API plus labels and classify)."""
+
+    def load(self, name: str, path: str | Path) -> None: ...
+
+    def unload(self, name: str) -> None: ...
+
+    def names(self) -> list[str]: ...
+
+    def labels(self, name: str) -> list[str]: ...
+
+    def classify(self, texts: Sequence[str], adapter: str | Sequence[str | None] | None = None
+                 ) -> list[Prediction]: ...
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and batching of one server."""
+
+    max_texts: int = 64  # texts per request
+    max_text_chars: int = 4096
+    max_batch_rows: int = 64  # rows per mixed batch
+    batch_window_s: float = 0.005
+    max_body_bytes: int = 4 << 20
+    max_upload_bytes: int = 16 << 20
+
+
+class ApiError(Exception):
+    """An HTTP error with a status code and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _status(error: QpeftError) -> int:
+    if isinstance(error, BaseMismatchError):
+        return 409
+    return 400 if isinstance(error, FormatError) else 422
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+_NOTHING = object()  # MicroBatcher._collect took no extra queue item
+
+
+@dataclass
+class _Job:
+    """One request waiting for the worker."""
+
+    adapter: str
+    texts: list[str]
+    future: Future
+
+
+class MicroBatcher:
+    """Collects requests for a short window and classifies them as one mixed batch on a worker thread."""
+
+    def __init__(self, backend: Backend, window_s: float = 0.005, max_rows: int = 64):
+        self.backend, self.window_s, self.max_rows = backend, window_s, max_rows
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._run, name="qpeft-batcher", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Finish queued work and stop the worker."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, adapter: str, texts: list[str]) -> Future:
+        """A future of the texts' predictions under ``adapter``."""
+        job = _Job(adapter, texts, Future())
+        self._queue.put(job)
+        return job.future
+
+    def _run(self) -> None:
+        item = self._queue.get()
+        while item is not None:  # None: close() was called
+            batch, item = self._collect(item)
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]  # drop abandoned requests
+            if live:
+                self._execute(live)
+            if item is _NOTHING:
+                item = self._queue.get()
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], _Job | None | object]:
+        """Jobs arriving within the window, up to max_rows rows; returns the batch and the next queue item
+        already taken (a job that did not fit, None to stop) or _NOTHING."""
+        batch, rows = [first], len(first.texts)
+        deadline = time.monotonic() + self.window_s
+        while rows < self.max_rows:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None or rows + len(job.texts) > self.max_rows:
+                return batch, job
+            batch.append(job)
+            rows += len(job.texts)
+        return batch, _NOTHING
+
+    def _execute(self, batch: list[_Job]) -> None:
+        texts = [t for job in batch for t in job.texts]
+        names = [job.adapter for job in batch for _ in job.texts]
+        try:
+            predictions = self.backend.classify(texts, adapter=names)
+        except QpeftError as error:
+            if len(batch) > 1:  # one bad request must not fail the others: retry each alone
+                for job in batch:
+                    self._execute([job])
+                return
+            batch[0].future.set_exception(error)
+            return
+        except Exception as error:  # a bug: report it to every waiting request, keep serving
+            log.exception("classification failed")
+            for job in batch:
+                job.future.set_exception(error)
+            return
+        start = 0
+        for job in batch:
+            job.future.set_result(predictions[start : start + len(job.texts)])
+            start += len(job.texts)
+
+
+# ------------------------------------------------------------------------------------------- backends, folder
+
+
+class OrtBackend:
+    """The :class:`Backend` protocol over an OrtAdapterSession (swappable ONNX export) and a tokenizer.
+
+    Every adapter must have the structure (targets, ranks) the model was exported with; heads may differ."""
+
+    def __init__(self, session, tokenizer, max_length: int = 128):
+        self.session, self.tokenizer, self.max_length = session, tokenizer, max_length
+        self._tokenizer_lock = threading.Lock()
+
+    def load(self, name: str, path: str | Path) -> None:
+        """Load (or replace) adapter ``name``, checked against the exported model."""
+        self.session.load(check_name(name), path)
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name``."""
+        self.session.unload(name)
+
+    def names(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return self.session.names()
+
+    def labels(self, name: str) -> list[str]:
+        """Label names of adapter ``name``."""
+        return list(self.session.labels(name) or [])
+
+    def classify(self, texts: Sequence[str], adapter: str | Sequence[str | None] | None = None
+                 ) -> list[Prediction]:
+        """Top label and softmax scores per text, one adapter for all or one per row."""
+        with self._tokenizer_lock:
+            inputs = tokenize(self.tokenizer, list(texts), self.max_length)
+        names = [adapter] * len(texts) if adapter is None or isinstance(adapter, str) else list(adapter)
+        rows = list(self.session(inputs, adapter=adapter))
+        return [_softmax_prediction(name, self.labels(name), row) for name, row in zip(names, rows)]
+
+
+def _softmax_prediction(adapter: str, labels: list[str], logits: np.ndarray) -> Prediction:
+    exp = np.exp(logits - logits.max())
+    probs = (exp / exp.sum()).tolist()
+    return Prediction(adapter, labels[int(np.argmax(logits))], dict(zip(labels, probs)))
+
+
+def make_backend(kind: str, base: str, *, onnx_model: str | Path | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_length: int = 128) -> Backend:
+    """The runtime serving ``base``: ``torch`` (AdapterBank) or ``onnx`` (OrtAdapterSession over
+    ``onnx_model``, a swappable export folder or its model.onnx)."""
+    if kind == "torch":
+        return AdapterBank.from_pretrained(base, cache_bytes=cache_bytes, max_length=max_length)
+    if kind != "onnx":
+        raise ConfigError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if onnx_model is None:
+        raise ConfigError("the onnx backend serves a swappable ONNX export: give its folder (qpeft export "
+                          "onnx --mode swappable) as onnx_model / --onnx-model")
+    try:
+        from qpeft_deploy.export.onnx.export import MODEL_FILE
+        from qpeft_deploy.runtime.ort_session import OrtAdapterSession
+    except ImportError as error:
+        raise ConfigError(f"the onnx backend needs the [onnx] extra (onnxruntime): {error}") from None
+    path = Path(onnx_model)
+    return OrtBackend(OrtAdapterSession(path / MODEL_FILE if path.is_dir() else path), load_tokenizer(base),
+                      max_length)
+
+
+def adapters_folder(path: str | Path) -> Path:
+    """The served adapters folder, resolved (ConfigError when it is not a folder)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{path}: adapters folder not found")
+    return folder.resolve()
+
+
+def folder_file(folder: Path, name: str) -> Path:
+    """``<folder>/<name>.qpeft``, refusing names that are not plain and links that lead out of the folder."""
+    path = (folder / f"{check_name(name)}{SUFFIX}").resolve()
+    if path.parent != folder or not path.is_file():
+        raise ApiError(404, f"no adapter file {name}{SUFFIX} in the served adapters folder")
+    return path
+
+
+def load_folder(backend: Backend, folder: Path) -> list[str]:
+    """Load every ``*.qpeft`` file of the folder under its stem; returns the names."""
+    names = []
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        try:
+            backend.load(path.stem, folder_file(folder, path.stem))
+        except ApiError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        names.append(path.stem)
+    return names
+
+
+# ------------------------------------------------------------------------------------------- the app
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json(request: Request, limit: int) -> object:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise ApiError(415, "send the body as application/json")
+    try:
+        return strict_json((await _body(request, limit)).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ApiError(400, f"malformed JSON: {str(error).splitlines()[0][:120]}") from None
+
+
+def classify_request(data: object, settings: ServeSettings, names: list[str]) -> tuple[str, list[str]]:
+    """(adapter, texts) of a /v1/classify body, or ApiError saying what is wrong with it."""
+    if not isinstance(data, dict) or set(data) != {"adapter", "texts"}:
+        raise ApiError(422, 'the body must be a JSON object {"adapter": "<name>", "texts": ["...", ...]}')
+    adapter, texts = data["adapter"], data["texts"]
+    if not isinstance(adapter, str):
+        raise ApiError(422, "adapter must be a string")
+    if not isinstance(texts, list) or not 1 <= len(texts) <= settings.max_texts:
+        size = len(texts) if isinstance(texts, list) else "no"
+        raise ApiError(422, f"texts must be a list of 1 to {settings.max_texts} strings, got {size} items")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ApiError(422, f"texts[{i}] is a {type(text).__name__}, not a string")
+        if len(text) > settings.max_text_chars:
+            raise ApiError(422, f"texts[{i}] has {len(text)} characters; the limit is "
+                                f"{settings.max_text_chars}")
+    if adapter not in names:
+        raise ApiError(404, f"no adapter named {adapter[:60]!r} is loaded")
+    return adapter, texts
+
+
+def _prediction(p: Prediction) -> dict:
+    return {"label": p.label, "scores": p.scores}
+
+
+def create_app(backend: Backend, folder: Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The FastAPI app serving ``backend``; adapters are loaded by name from ``folder`` only."""
+    batcher = MicroBatcher(backend, settings.batch_window_s, settings.max_batch_rows)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(batcher.close)
+
+    app = FastAPI(title="qpeft serve", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    @app.exception_handler(QpeftError)
+    async def qpeft_error(_: Request, error: QpeftError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=_status(error))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        log.error("internal error: %r", error)
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "adapters": len(backend.names())}
+
+    @app.get("/v1/adapters")
+    async def list_adapters() -> dict:
+        return {"adapters": [{"name": n, "labels": backend.labels(n)} for n in backend.names()]}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict:
+        data = await _json(request, settings.max_body_bytes)
+        adapter, texts = classify_request(data, settings, backend.names())
+        predictions = await asyncio.wrap_future(batcher.submit(adapter, texts))
+        return {"adapter": adapter, "predictions": [_prediction(p) for p in predictions]}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load(request: Request, name: str | None = None) -> dict:
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        if kind == "application/octet-stream":
+            name = check_name(name)
+            data = await _body(request, settings.max_upload_bytes)
+            await run_in_threadpool(_load_bytes, backend, name, data)
+        else:
+            body = await _json(request, settings.max_body_bytes)
+            if not isinstance(body, dict) or set(body) != {"name"} or not isinstance(body["name"], str):
+                raise ApiError(422, 'the body must be {"name": "<adapter>"} (the file <adapter>.qpeft in '
+                                    "the served folder), or adapter bytes as application/octet-stream "
+                                    "with ?name=")
+            name = body["name"]
+            await run_in_threadpool(_load_file, backend, name, folder_file(folder, name))
+        return {"name": name, "labels": backend.labels(name)}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload(name: str) -> dict:
+        if name not in backend.names():
+            raise ApiError(404, f"no adapter named {name[:60]!r} is loaded")
+        backend.unload(name)
+        return {"unloaded": name}
+
+    return app
+
+
+def _load_file(backend: Backend, name: str, path: Path) -> None:
+    """Load a file of the served folder, naming it by its file name only in errors."""
+    try:
+        backend.load(name, path)
+    except QpeftError as error:
+        raise type(error)(str(error).replace(str(path), path.name)) from None
+
+
+def _load_bytes(backend: Backend, name: str, data: bytes) -> None:
+    """Load uploaded adapter bytes through a private temporary file (validated like any file)."""
+    with tempfile.TemporaryDirectory(prefix="qpeft-upload-") as tmp:
+        path = Path(tmp) / f"{name}{SUFFIX}"
+        path.write_bytes(data)
+        try:
+            backend.load(name, path)
+        except QpeftError as error:
+            raise type(error)(str(error).replace(str(path), f"upload {name}")) from None
+
+
+def serve(base: str, adapters: str | Path, *, backend: str = "torch", onnx_model: str | Path | None = None,
+          host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings = ServeSettings(),
+          cache_bytes: int = DEFAULT_CACHE_BYTES, max_length: int = 128, log_level: str = "info") -> None:
+    """Load every adapter of the folder onto ``base`` and serve them over HTTP until interrupted."""
+    import uvicorn
+
+    folder = adapters_folder(adapters)
+    engine = make_backend(backend, base, onnx_model=onnx_model, cache_bytes=cache_bytes,
+                          max_length=max_length)
+    names = load_folder(engine, folder)
+    log.info("serving %d adapters from %s on %s:%d", len(names), folder, host, port)
+    uvicorn.run(create_app(engine, folder, settings), host=host, port=port, log_level=log_level)

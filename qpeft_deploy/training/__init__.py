@@ -1,0 +1,1 @@
+"""Training and evaluation of adapters and task heads with a plain torch loop."""
