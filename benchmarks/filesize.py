@@ -75,8 +75,8 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
                 drop_head=not head,
                 base="minilm" if fingerprint else None,
             )
-            info = read_adapter(path).info
-            size = info["bytes"]["total"]
+            info = read_adapter(path).stored
+            size = info.nbytes["total"]
             rows.append(
                 {
                     "K": rank,
@@ -85,10 +85,10 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
                     "lambda_dtype": dtype,
                     "head": head,
                     "fingerprint": fingerprint,
-                    "parameters": info["parameters"]["total"],
+                    "parameters": info.parameters["total"],
                     "bytes": size,
-                    "parts": {k: v for k, v in info["bytes"].items() if k != "total"},
-                    "header_share": info["bytes"]["header"] / size,
+                    "parts": {k: v for k, v in info.nbytes.items() if k != "total"},
+                    "header_share": info.nbytes["header"] / size,
                     "ratio_vs_lora_r8": lora["r8"] / size,
                     "ratio_vs_lora_r2": lora["r2"] / size,
                 }

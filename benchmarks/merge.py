@@ -36,10 +36,10 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import machine_info, markdown_table, write_results
-from qpeft_deploy.core.attach import AdapterConfig
+from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile
 from qpeft_deploy.core.circuit import parameter_count
 from qpeft_deploy.io.fingerprint import INDEX_FILE, base_fingerprint
-from qpeft_deploy.io.qpeft_file import AdapterFile, write_adapter
+from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.merge.checkpoint import merge_checkpoint, read_checkpoint
 from qpeft_deploy.models import resolve_base
 
@@ -126,7 +126,7 @@ def synthetic_adapter(base: Path, path: Path, rank: int = 8, seed: int = 0) -> P
         state[f"{prefix}.spectrum.mask"] = torch.ones(rank, dtype=torch.bool)
         shapes[key] = (n_out, n_in)
     config = AdapterConfig({k: rank for k in keys}, layers=1, alpha=1.0, variant="pauli", seed=seed)
-    return write_adapter(path, AdapterFile(config, state, base_fingerprint(base, keys), {"shapes": shapes}))
+    return write_adapter(path, AdapterFile(config, state, shapes, base_fingerprint(base, keys)))
 
 
 # -------------------------------------------------------------------------------------------------- methods

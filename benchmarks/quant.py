@@ -59,12 +59,12 @@ def row(name: str, path: Path, logits: torch.Tensor, reference: torch.Tensor, la
     """One result row: file size, accuracy, agreement and logit deltas vs the reference."""
     accuracy = (logits.argmax(-1) == labels).float().mean().item()
     delta = (logits - reference).abs()
-    info = read_adapter(path).info
+    info = read_adapter(path).stored
     return {
         "storage": name,
-        "bits": info["bits"] or 32,
-        "lambda_dtype": info["lambda_dtype"],
-        "bytes": info["bytes"]["total"],
+        "bits": info.bits or 32,
+        "lambda_dtype": info.lambda_dtype,
+        "bytes": info.nbytes["total"],
         "accuracy": accuracy,
         "agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
         "max_abs_logit_delta": delta.max().item(),

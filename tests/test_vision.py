@@ -356,7 +356,7 @@ def test_conv_target_merges_on_the_flattened_kernel(conv_adapted, pixels):
 def test_conv_target_file_round_trip(conv_adapted, conv_file, pixels):
     from qpeft_deploy.io.qpeft_file import read_adapter
 
-    assert tuple(read_adapter(conv_file).info["shapes"][CONV_KEY]) == (192, 49)
+    assert tuple(read_adapter(conv_file).shapes[CONV_KEY]) == (192, 49)
     loaded = load_adapted_model(BASE, conv_file)
     assert (_logits(loaded, pixels) - _logits(conv_adapted, pixels)).abs().max() <= 1e-5
 

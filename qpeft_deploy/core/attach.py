@@ -5,7 +5,7 @@ a string (a regex that must match the whole module name), or a list of names (a 
 equals the entry or ends with ``"." + entry``). Entries may also be base checkpoint keys
 (``encoder.layer.0.attention.self.query.weight``). An nn.Conv2d (e.g. a ViT's patch embedding) is adapted only
 when a regex or a name selects it, never by ``"all-linear"``; ΔW then acts on its flattened kernel (layer.py).
-Inside an adapter, targets are always named by the base checkpoint's tensor keys (CONVENTIONS.md), so files work
+Inside an adapter, targets are always named by the base checkpoint's tensor keys (core/keys.py), so files work
 without building the model.
 """
 
@@ -14,44 +14,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from qpeft_deploy.core.adapter import AdapterConfig
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key, target_prefix
 from qpeft_deploy.core.layer import VARIANTS, QuantumPeftLinear, linear_shape
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.models import HEAD_MODULE_NAMES, base_key, module_name_for_key
 
 ALL_LINEAR = "all-linear"
 CONFIG_ATTR = "qpeft_config"
-
-
-@dataclass
-class AdapterConfig:
-    """Everything needed to rebuild the adapter's layers on a base model."""
-
-    targets: dict[str, int]  # base checkpoint weight key -> rank K
-    layers: int = 1
-    alpha: float = 1.0
-    variant: str = "pauli"
-    head: str | None = None  # module name of the trained classification head
-    id2label: dict[int, str] | None = None
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AdapterConfig:
-        """Inverse of :meth:`to_dict` (JSON turns int keys into strings; undo that)."""
-        data = dict(data)
-        if data.get("id2label") is not None:
-            data["id2label"] = {int(k): v for k, v in data["id2label"].items()}
-        return cls(**data)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -147,7 +121,7 @@ def attach_exact(model: nn.Module, targets: dict[str, int], layers: int = 1, alp
     generator = torch.Generator().manual_seed(seed)
     wrapped = {}  # build (and so validate) every layer before touching the model
     for key, k in targets.items():
-        name = module_name_for_key(model, key.removesuffix(".weight"))
+        name = module_name_for_key(model, target_prefix(key))
         module = model.get_submodule(name)
         if not is_adaptable(module):
             raise ConfigError(f"{key}: target is a {type(module).__name__}, not nn.Linear/Conv1D/Conv2d")
@@ -207,7 +181,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors: ``<base key>.<u.theta|v.theta|spectrum.lam|spectrum.mask|...>`` and the head."""
     state = {}
     for key, layer in adapted_layers(model).items():
-        prefix = key.removesuffix(".weight")
+        prefix = target_prefix(key)
         for name, tensor in layer.state_dict().items():
             if not name.startswith("base."):
                 state[f"{prefix}.{name}"] = tensor.detach().clone()
@@ -239,7 +213,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     live = {}
     for key, layer in adapted_layers(model).items():
-        prefix = key.removesuffix(".weight")
+        prefix = target_prefix(key)
         live.update({f"{prefix}.{n}": t for n, t in layer.state_dict(keep_vars=True).items()
                      if not n.startswith("base.")})
     head = adapter_config(model).head

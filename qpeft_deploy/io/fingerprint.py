@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -184,3 +185,21 @@ def check_fingerprint(expected: dict[str, bytes], base_dir: Path) -> None:
                 f"{base_dir}: tensor {key} differs from the adapter's base model "
                 "(name, shape, dtype or values; --force loads anyway)"
             )
+
+
+def check_base(fingerprint: dict[str, bytes] | None, base_dir: Path, *, source: str | Path | None = None,
+               force: bool = False) -> bool:
+    """The one base check of every tool: True when ``base_dir`` holds the tensors the adapter was trained on
+    (or the adapter stores no fingerprint). A mismatch raises BaseMismatchError (prefixed with ``source``, the
+    adapter's file) or, with ``force``, warns and returns False."""
+    if fingerprint is None:
+        return True
+    try:
+        check_fingerprint(fingerprint, base_dir)
+    except BaseMismatchError as e:
+        message = f"{source}: {e}" if source is not None else str(e)
+        if not force:
+            raise BaseMismatchError(message) from None
+        warnings.warn(f"loading despite a base mismatch (force): {message}", stacklevel=2)
+        return False
+    return True

@@ -20,13 +20,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
-import uuid
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +31,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from qpeft_deploy import __version__
+from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.attach import (
     CONFIG_ATTR,
-    AdapterConfig,
     adapted_layers,
     adapter_config,
     adapter_state,
@@ -45,8 +41,8 @@ from qpeft_deploy.core.attach import (
     detach,
     load_adapter_state,
 )
-from qpeft_deploy.core.circuit import CONSTRUCTION_ID, parameter_count
-from qpeft_deploy.core.layer import make_factor
+from qpeft_deploy.core.circuit import CONSTRUCTION_ID
+from qpeft_deploy.core.factors import circuit_angles, orthogonality_errors, target_params
 from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
     dequantize_angles,
@@ -55,12 +51,13 @@ from qpeft_deploy.core.quantize import (
     quantize_angles,
     unpack_bits,
 )
-from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError, QpeftError
+from qpeft_deploy.errors import ConfigError, FormatError, QpeftError
+from qpeft_deploy.io.atomic import atomic_file
 from qpeft_deploy.io.fingerprint import (
     ALGORITHM,
     DIGEST_SIZE,
     base_fingerprint,
-    check_fingerprint,
+    check_base,
     read_header,
     strict_json,
     tensor_entry,
@@ -102,21 +99,6 @@ _FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _RANGE_LIKE = re.compile(r"[0-9]+-[0-9]+")  # a name part that would read as a range inside braces
 _NAME_PART = re.compile(r"[^{}:;,\s]+")
 _HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
-
-
-@dataclass
-class AdapterFile:
-    """An adapter in memory: config, fp32/bool state as ``attach.adapter_state`` gives it, base digests, info.
-
-    ``info["shapes"]`` maps each target key to its (N out, M in); :func:`write_adapter` needs it for Pauli
-    adapters (a circuit's angle count does not determine its size). :func:`read_adapter` also fills
-    format_version, tool, bits, lambda_dtype, parameters and the byte breakdown.
-    """
-
-    config: AdapterConfig
-    state: dict[str, torch.Tensor]
-    fingerprint: dict[str, bytes] | None = None
-    info: dict = field(default_factory=dict)
 
 
 class _Invalid(Exception):
@@ -212,30 +194,6 @@ def expand_pattern(pattern: str, limit: int = MAX_TARGETS) -> list[str]:
 # ------------------------------------------------------------------------------------------------- layout
 
 
-@lru_cache(maxsize=1024)
-def _circuit_angles(dim: int, layers: int) -> int:
-    return parameter_count(dim, layers)
-
-
-def factor_params(variant: str, dim: int, rank: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(state suffix, shape) of one factor's parameters, in storage order."""
-    if variant == "pauli":
-        return [("theta", (_circuit_angles(dim, layers),))]
-    return [("a", (rank * (rank - 1) // 2,)), ("b", (dim - rank, rank))]
-
-
-def target_params(variant: str, key: str, dims: tuple[int, int, int], layers: int):
-    """(state key, shape) of a target's factor parameters (U's then V's), then its λ and mask keys."""
-    n, m, k = dims
-    prefix = key.removesuffix(".weight")
-    params = [
-        (f"{prefix}.{side}.{suffix}", shape)
-        for side, dim in (("u", n), ("v", m))
-        for suffix, shape in factor_params(variant, dim, k, layers)
-    ]
-    return params, f"{prefix}.spectrum.lam", f"{prefix}.spectrum.mask"
-
-
 @dataclass
 class _Layout:
     """What the config implies: targets in canonical order with (N, M, K), counts and tensor specs."""
@@ -306,26 +264,6 @@ def _compress_targets(targets: dict[str, tuple[int, int, int]]) -> tuple[list[st
 
 
 # ------------------------------------------------------------------------------------------------- writing
-
-
-def _target_dims(adapter: AdapterFile) -> dict[str, tuple[int, int, int]]:
-    config, shapes = adapter.config, adapter.info.get("shapes") or {}
-    dims = {}
-    for key, k in config.targets.items():
-        if key in shapes:
-            n, m = (int(d) for d in shapes[key])
-        elif config.variant == "taylor":
-            prefix = key.removesuffix(".weight")
-            try:
-                n, m = (adapter.state[f"{prefix}.{s}.b"].shape[0] + k for s in ("u", "v"))
-            except KeyError:
-                raise ConfigError(f"{key}: no Taylor parameters in the adapter state") from None
-        else:
-            raise ConfigError(f"{key}: AdapterFile.info['shapes'] must give (N, M) of every Pauli target")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(n, m):
-            raise ConfigError(f"{key}: rank K={k!r} must be between 1 and min(N, M) = {min(n, m)}")
-        dims[key] = (n, m, k)
-    return dims
 
 
 def _float_tensor(values: list[torch.Tensor], dtype: str, what: str) -> torch.Tensor:
@@ -426,7 +364,7 @@ def encode_adapter(
     config, state = adapter.config, adapter.state
     bits = _check_options(config.variant, bits, lambda_dtype)
     head = _check_config(config, drop_head)
-    groups, targets = _compress_targets(_target_dims(adapter))
+    groups, targets = _compress_targets(adapter.check())
     params, lams, masks, used = [], [], [], set()
     for key, dims in targets.items():
         shapes, lam_key, mask_key = target_params(config.variant, key, dims, config.layers)
@@ -483,25 +421,6 @@ def encode_adapter(
     return data
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write a temporary file beside ``path``, then rename it; the mode follows the umask (0666 & ~umask)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a file name")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
-    return path
-
-
 def write_adapter(
     path: str | Path,
     adapter: AdapterFile,
@@ -511,8 +430,8 @@ def write_adapter(
     drop_head: bool = False,
 ) -> Path:
     """Write ``adapter`` to a .qpeft file atomically: b-bit angles (None: fp32), λ/head as lambda_dtype."""
-    return _atomic_write(
-        Path(path), encode_adapter(adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
+    return atomic_file(
+        path, encode_adapter(adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
     )
 
 
@@ -521,7 +440,7 @@ def adapter_from_model(model: nn.Module, base: str | None = None) -> AdapterFile
     config = adapter_config(model)
     shapes = {key: (layer.out_features, layer.in_features) for key, layer in adapted_layers(model).items()}
     fingerprint = base_fingerprint(resolve_base(base), config.targets) if base is not None else None
-    return AdapterFile(config, adapter_state(model), fingerprint, {"shapes": shapes})
+    return AdapterFile(config, adapter_state(model), shapes, fingerprint)
 
 
 def save_adapter(
@@ -577,7 +496,7 @@ def _min_bytes(variant: str, layers: int, dims: tuple[int, int, int]) -> int:
     """A lower bound on one target's data bytes (2-bit angles, fp16 λ): bounds the work a config causes."""
     n, m, k = dims
     if variant == "pauli":
-        return (2 * (_circuit_angles(n, layers) + _circuit_angles(m, layers)) + 7) // 8 + 2 * k
+        return (2 * (circuit_angles(n, layers) + circuit_angles(m, layers)) + 7) // 8 + 2 * k
     return 2 * ((n + m) * k - k * k)
 
 
@@ -775,10 +694,11 @@ def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
     if layout.has_fingerprint:
         digests = _array(data, spans["f"], "U8", "fingerprint").numpy().reshape(-1, DIGEST_SIZE)
         fingerprint = {key: row.tobytes() for key, row in zip(layout.targets, digests, strict=True)}
-    return AdapterFile(config, state, fingerprint, _info(meta, layout, spans, start, size))
+    shapes = {k: d[:2] for k, d in layout.targets.items()}
+    return AdapterFile(config, state, shapes, fingerprint, _stored(meta, layout, spans, start, size))
 
 
-def _info(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size: int) -> dict:
+def _stored(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size: int) -> StoredInfo:
     part = {"a": "angles", "l": "lambda", "m": "mask", "h": "head", "f": "fingerprint"}
     nbytes = {"header": start} | {part[n]: e - b for n, (b, e) in spans.items()} | {"total": size}
     parameters = {
@@ -787,18 +707,17 @@ def _info(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size: 
         "head": layout.head_count(),
     }
     parameters["total"] = sum(parameters.values())
-    return {
-        "format_version": int(meta["format_version"]),
-        "tool": meta["tool"],
-        "construction": meta["construction"],
-        "bits": layout.bits,
-        "lambda_dtype": layout.float_dtype,
-        "groups": layout.groups,
-        "shapes": {k: d[:2] for k, d in layout.targets.items()},
-        "parameters": parameters,
-        "bytes": nbytes,
-        "fingerprint_algorithm": meta.get("fingerprint"),
-    }
+    return StoredInfo(
+        format_version=int(meta["format_version"]),
+        tool=meta["tool"],
+        construction=meta["construction"],
+        bits=layout.bits,
+        lambda_dtype=layout.float_dtype,
+        groups=tuple(layout.groups),
+        parameters=parameters,
+        nbytes=nbytes,
+        fingerprint_algorithm=meta.get("fingerprint"),
+    )
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -812,17 +731,6 @@ def read_adapter(path: str | Path) -> AdapterFile:
 
 
 # ------------------------------------------------------------------------------------------- using a file
-
-
-def _check_base(adapter: AdapterFile, base: str | None, force: bool) -> None:
-    if base is None or adapter.fingerprint is None:
-        return
-    try:
-        check_fingerprint(adapter.fingerprint, resolve_base(base))
-    except BaseMismatchError as e:
-        if not force:
-            raise
-        warnings.warn(f"loading despite a base mismatch (force): {e}", stacklevel=3)
 
 
 def _attach_file(model: nn.Module, adapter: AdapterFile, mode: str) -> nn.Module:
@@ -853,7 +761,8 @@ def load_adapter(
 ) -> nn.Module:
     """Attach the adapter at ``path`` to ``model`` (after checking ``base``'s fingerprint); returns it."""
     adapter = read_adapter(path)
-    _check_base(adapter, base, force)
+    if base is not None:
+        check_base(adapter.fingerprint, resolve_base(base), force=force)
     return _attach_file(model, adapter, mode)
 
 
@@ -875,7 +784,8 @@ def _plain_base_model(base: str) -> nn.Module:
 def load_adapted_model(base: str, path: str | Path, *, force: bool = False, mode: str = "auto") -> nn.Module:
     """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it."""
     adapter = read_adapter(path)
-    _check_base(adapter, base, force)
+    if base is not None:
+        check_base(adapter.fingerprint, resolve_base(base), force=force)
     config = adapter.config
     model = load_task_model(base, config.id2label) if config.head is not None else _plain_base_model(base)
     return _attach_file(model, adapter, mode)
@@ -899,62 +809,44 @@ def pack_adapter(
     adapter = read_adapter(src)
     if base is not None:
         adapter.fingerprint = base_fingerprint(resolve_base(base), adapter.config.targets)
-    bits = adapter.info["bits"] if bits == KEEP else bits
-    lambda_dtype = adapter.info["lambda_dtype"] if lambda_dtype == KEEP else lambda_dtype
+    bits = adapter.stored.bits if bits == KEEP else bits
+    lambda_dtype = adapter.stored.lambda_dtype if lambda_dtype == KEEP else lambda_dtype
     return write_adapter(out, adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
 
 
 def inspect_adapter(path: str | Path) -> dict:
     """A JSON-able summary of a .qpeft file (needs no base model)."""
     adapter = read_adapter(path)
-    config, info = adapter.config, adapter.info
+    config, info = adapter.config, adapter.stored
     return {
         "path": str(path),
-        "format_version": info["format_version"],
-        "tool": info["tool"],
+        "format_version": info.format_version,
+        "tool": info.tool,
         "variant": config.variant,
-        "construction": info["construction"],
+        "construction": info.construction,
         "layers": config.layers,
         "alpha": config.alpha,
         "targets": len(config.targets),
-        "groups": info["groups"],
+        "groups": list(info.groups),
         "ranks": sorted(set(config.targets.values())),
-        "bits": info["bits"],
-        "lambda_dtype": info["lambda_dtype"],
+        "bits": info.bits,
+        "lambda_dtype": info.lambda_dtype,
         "active_rank": int(
             sum(int(t.sum()) for k, t in adapter.state.items() if k.endswith(".spectrum.mask"))
         ),
         "head": config.head,
         "labels": [config.id2label[i] for i in sorted(config.id2label or {})],
-        "parameters": info["parameters"],
-        "bytes": info["bytes"],
+        "parameters": info.parameters,
+        "bytes": info.nbytes,
         "fingerprint": None
         if adapter.fingerprint is None
         else {
-            "algorithm": info["fingerprint_algorithm"],
+            "algorithm": info.fingerprint_algorithm,
             "targets": len(adapter.fingerprint),
             "first": next(iter(adapter.fingerprint.values())).hex(),
         },
         "extra": config.extra,
     }
-
-
-def orthogonality_errors(adapter: AdapterFile) -> dict[str, float]:
-    """max |UᵀU − I| and |VᵀV − I| per target, U and V rebuilt (in float64) from the stored parameters."""
-    config, errors = adapter.config, {}
-    with torch.no_grad():
-        for key, k in config.targets.items():
-            prefix, worst = key.removesuffix(".weight"), 0.0
-            n, m = adapter.info["shapes"][key]
-            for side, dim in (("u", n), ("v", m)):
-                factor = make_factor(config.variant, dim, k, config.layers, torch.Generator().manual_seed(0))
-                for name, param in factor.named_parameters():
-                    param.copy_(adapter.state[f"{prefix}.{side}.{name}"])
-                frame = factor.double().columns(k, torch.float64)
-                gram = frame.T @ frame - torch.eye(k, dtype=torch.float64)
-                worst = max(worst, float(gram.abs().max()))
-            errors[key] = worst
-    return errors
 
 
 def verify_adapter(path: str | Path, base: str | None = None) -> dict:
@@ -976,6 +868,6 @@ def verify_adapter(path: str | Path, base: str | None = None) -> dict:
     if base is not None:
         if adapter.fingerprint is None:
             raise FormatError(f"{path}: has no base fingerprint to check against {base}")
-        check_fingerprint(adapter.fingerprint, resolve_base(base))
+        check_base(adapter.fingerprint, resolve_base(base))
         report["fingerprint"] = f"matches {base}"
     return report

@@ -37,11 +37,10 @@ import os
 import re
 import shutil
 import struct
-import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,19 +48,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qpeft_deploy.core.layer import make_factor
+from qpeft_deploy.core.adapter import AdapterFile
+from qpeft_deploy.core.factors import target_factors
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.io.atomic import atomic_folder
 from qpeft_deploy.io.fingerprint import (
     INDEX_FILE,
     MAX_BASE_HEADER,
     SINGLE_FILE,
-    check_fingerprint,
+    check_base,
     read_header,
     strict_json,
     tensor_entry,
 )
-from qpeft_deploy.io.qpeft_file import TOOL, AdapterFile, read_adapter
+from qpeft_deploy.io.qpeft_file import TOOL, read_adapter
 from qpeft_deploy.models import resolve_base
 
 KEEP = "keep"
@@ -183,25 +184,6 @@ def _locate(key: str, tensors: dict[str, StoredTensor]) -> str | None:
 # ------------------------------------------------------------------------------------------------- the update
 
 
-def _frame(adapter: AdapterFile, prefix: str, dim: int, rank: int) -> torch.Tensor:
-    """The first ``rank`` columns of one factor (Pauli circuit or Taylor frame) from the file, fp32."""
-    config = adapter.config
-    factor = make_factor(config.variant, dim, rank, config.layers, torch.Generator())
-    with torch.no_grad():
-        for name, param in factor.named_parameters():
-            param.copy_(adapter.state[f"{prefix}.{name}"])
-        return factor.columns(rank)
-
-
-def target_factors(adapter: AdapterFile, key: str, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B), fp32 N×K and M×K, with A·Bᵀ = weight·α·U diag(λ·mask) Vᵀ: one target's ΔW, low-rank."""
-    rank, (n_out, n_in) = adapter.config.targets[key], adapter.info["shapes"][key]
-    prefix = key.removesuffix(".weight")
-    u, v = _frame(adapter, f"{prefix}.u", n_out, rank), _frame(adapter, f"{prefix}.v", n_in, rank)
-    values = adapter.state[f"{prefix}.spectrum.lam"].float() * adapter.state[f"{prefix}.spectrum.mask"]
-    return u * (adapter.config.alpha * values * weight), v
-
-
 @dataclass(frozen=True)
 class Update:
     """weight·ΔW of one target of one adapter."""
@@ -230,8 +212,9 @@ class _Entry:
 
 def _low_rank(entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with A·Bᵀ = Σ w·ΔW in the tensor's storage layout (A's rows are the stored rows)."""
-    pairs = [target_factors(u.adapter, u.key, u.weight) for u in entry.updates]
-    a, b = torch.cat([p[0] for p in pairs], dim=1), torch.cat([p[1] for p in pairs], dim=1)
+    pairs = [(target_factors(u.adapter, u.key), u.weight) for u in entry.updates]
+    a = torch.cat([f.u * (f.values * weight) for f, weight in pairs], dim=1)
+    b = torch.cat([f.v for f, _ in pairs], dim=1)
     return (b, a) if entry.transposed else (a, b)
 
 
@@ -292,7 +275,7 @@ def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapte
             if tensor.dtype not in FLOAT_DTYPES:
                 raise ConfigError(f"{tensor.file}: {stored} is {tensor.dtype}; only floating-point weights "
                                   f"({', '.join(FLOAT_DTYPES)}) can be merged into")
-            n_out, n_in = adapter.info["shapes"][key]
+            n_out, n_in = adapter.shapes[key]
             expected = (n_in, n_out) if key in conv1d else (n_out, n_in)
             if matrix_shape(tensor.shape) != expected:
                 raise BaseMismatchError(f"{path}: {key} is {n_out}x{n_in} (out x in) in the adapter but "
@@ -500,83 +483,6 @@ def _copy_extras(src: Path, dst: Path, skip: set[str]) -> None:
             shutil.copyfile(path, dst / relative)
 
 
-# -------------------------------------------------------------------------------------------- atomic output
-
-
-def _temp_name(output: Path, kind: str) -> Path:
-    return output.with_name(f".{output.name}.qpeft-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def remove_stale(output: Path) -> list[Path]:
-    """Remove the temporary folders beside ``output`` of runs whose process died (SIGKILL, power loss)."""
-    lead, removed = f".{output.name}.qpeft-", []
-    for entry in output.parent.iterdir():
-        parts = entry.name[len(lead):].split("-") if entry.name.startswith(lead) else []
-        if len(parts) == 3 and parts[0] in ("tmp", "old") and parts[1].isdigit() and int(parts[1]) > 0 \
-                and not _alive(int(parts[1])):
-            _remove(entry)
-            removed.append(entry)
-    return removed
-
-
-def _check_output(output: Path, overwrite: bool, protect: Sequence[Path]) -> None:
-    if not output.parent.is_dir():
-        raise ConfigError(f"{output}: cannot write: folder {output.parent} does not exist")
-    real = Path(os.path.realpath(output))
-    for folder in protect:
-        inside = Path(os.path.realpath(folder))
-        if real == inside or real in inside.parents or inside in real.parents:
-            raise ConfigError(f"{output}: the output must lie outside the input folder {folder}")
-    if os.path.lexists(output) and not overwrite:
-        raise ConfigError(f"{output}: already exists (--overwrite replaces it)")
-
-
-@contextmanager
-def atomic_folder(output: str | Path, *, overwrite: bool = False,
-                  protect: Sequence[Path] = ()) -> Iterator[Path]:
-    """A new folder beside ``output`` to fill: renamed to ``output`` when the block succeeds, else removed."""
-    output = Path(output).absolute()
-    _check_output(output, overwrite, protect)
-    remove_stale(output)
-    tmp = _temp_name(output, "tmp")
-    try:
-        os.mkdir(tmp, 0o777)
-    except OSError as e:
-        raise ConfigError(f"{output}: cannot write: {e.strerror or e}") from None
-    try:
-        yield tmp
-        if os.path.lexists(output):
-            old = _temp_name(output, "old")
-            os.rename(output, old)
-            os.rename(tmp, output)
-            _remove(old)
-        else:
-            os.rename(tmp, output)
-    except OSError as e:
-        _remove(tmp)
-        raise ConfigError(f"{output}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------------------------------- options
 
 
@@ -755,10 +661,7 @@ def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, over
 def _check_fingerprints(folder: Path, adapters: Sequence[tuple[Path, dict[str, bytes]]]) -> None:
     """BaseMismatchError naming the adapter file when ``folder`` is not the base an adapter was trained on."""
     for path, fingerprint in adapters:
-        try:
-            check_fingerprint(fingerprint, folder)
-        except BaseMismatchError as e:
-            raise BaseMismatchError(f"{path}: {e}") from None
+        check_base(fingerprint, folder, source=path)
 
 
 def merge_checkpoint(base: str | Path, adapters: Sequence[str | Path], output: str | Path, *,

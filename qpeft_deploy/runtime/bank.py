@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -38,14 +37,15 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import ALL_LINEAR, CONFIG_ATTR, find_head, find_target_modules
-from qpeft_deploy.core.circuit import build_schedule, rotate
+from qpeft_deploy.core.factors import frame_fn, target_params
+from qpeft_deploy.core.keys import base_key
 from qpeft_deploy.core.layer import linear_shape
-from qpeft_deploy.core.taylor import stiefel_exp
-from qpeft_deploy.errors import BaseMismatchError, ConfigError
-from qpeft_deploy.io.fingerprint import check_fingerprint
-from qpeft_deploy.io.qpeft_file import AdapterFile, read_adapter, target_params
-from qpeft_deploy.models import base_key, load_task_model, load_tokenizer, resolve_base, tokenize
+from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.io.fingerprint import check_base
+from qpeft_deploy.io.qpeft_file import read_adapter
+from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
 
 DEFAULT_CACHE_BYTES = 256 << 20
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -119,8 +119,8 @@ class Frame:
 
 def _signature(file: AdapterFile) -> tuple:
     """What determines an adapter's layout: variant, circuit layers and every target's (key, N, M, K)."""
-    config, shapes = file.config, file.info.get("shapes", {})
-    return (config.variant, config.layers, tuple((key, *shapes[key], k) for key, k in config.targets.items()))
+    config = file.config
+    return config.variant, config.layers, tuple((key, *file.dims(key)) for key in config.targets)
 
 
 def _layout(signature: tuple) -> _Layout:
@@ -155,11 +155,9 @@ def _flat(file: AdapterFile, layout: _Layout) -> tuple[torch.Tensor, torch.Tenso
 
 @lru_cache(maxsize=64)
 def _frame_fn(variant: str, dim: int, k: int, layers: int) -> Callable[..., torch.Tensor]:
-    """One factor's parameters -> its frameᵀ (k×dim), Q[:, :k]ᵀ or exp(S)[:, :k]ᵀ, vmapped over factors."""
-    if variant == "pauli":
-        schedule, basis = build_schedule(dim, layers), torch.eye(k, dim)
-        return vmap(lambda theta: rotate(schedule, theta, basis))
-    return vmap(lambda a, b: stiefel_exp(a, b).T)
+    """One factor's parameters -> its frameᵀ (k×dim), vmapped over factors."""
+    frame = frame_fn(variant, dim, k, layers)
+    return vmap(lambda *params: frame(*params).T)
 
 
 def _views(params: torch.Tensor, spans: tuple[tuple[int, tuple[int, ...]], ...]) -> list[torch.Tensor]:
@@ -479,20 +477,12 @@ class AdapterBank:
         if self.base_dir is None or file.fingerprint is None:
             return
         unseen = {k: d for k, d in file.fingerprint.items() if self._digests.get(k) != d}
-        if not unseen:
-            return
-        try:
-            check_fingerprint(unseen, self.base_dir)
-        except BaseMismatchError as error:
-            if not force:
-                raise BaseMismatchError(f"{path}: {error}") from None
-            warnings.warn(f"{path}: loading despite a base mismatch (force): {error}", stacklevel=3)
-            return
-        self._digests.update(unseen)
+        if unseen and check_base(unseen, self.base_dir, source=path, force=force):
+            self._digests.update(unseen)
 
     def _adapter(self, name: str, file: AdapterFile, path: str | Path) -> _Adapter:
         """Check the file against this bank's model and pack it into flat tensors."""
-        config, shapes = file.config, file.info.get("shapes", {})
+        config, shapes = file.config, file.shapes
         for key in config.targets:
             layer = self._layers.get(key)
             if layer is None:

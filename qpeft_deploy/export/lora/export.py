@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,15 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qpeft_deploy.core.layer import linear_shape, make_factor
+from qpeft_deploy.core.adapter import AdapterFile
+from qpeft_deploy.core.factors import target_factors
+from qpeft_deploy.core.keys import module_name_for_key
+from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError
-from qpeft_deploy.io.fingerprint import check_fingerprint
-from qpeft_deploy.io.qpeft_file import AdapterFile, read_adapter
-from qpeft_deploy.models import MINILM, module_name_for_key, resolve_base
+from qpeft_deploy.io.fingerprint import check_base
+from qpeft_deploy.io.qpeft_file import read_adapter
+from qpeft_deploy.models import MINILM, resolve_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -74,30 +76,6 @@ def skeleton_model(base: str, task_type: str, num_labels: int = 2) -> nn.Module:
         hf_logging.set_verbosity(previous)
 
 
-def target_frames(adapter: AdapterFile, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """U (N×K) and V (M×K) of one target, rebuilt in float64 from the adapter's stored parameters."""
-    config, prefix = adapter.config, key.removesuffix(".weight")
-    k, (n, m) = config.targets[key], adapter.info["shapes"][key]
-    frames = []
-    with torch.no_grad(), one_torch_thread():
-        for side, dim in (("u", n), ("v", m)):
-            factor = make_factor(
-                config.variant, dim, k, config.layers, torch.Generator().manual_seed(0)
-            ).double()
-            for name, param in factor.named_parameters():
-                param.copy_(adapter.state[f"{prefix}.{side}.{name}"])
-            frames.append(factor.columns(k, torch.float64).numpy())
-    return frames[0], frames[1]
-
-
-def target_values(adapter: AdapterFile, key: str) -> np.ndarray:
-    """α·λ with the masked directions set to 0 (float64): ΔW = U diag(values) Vᵀ."""
-    prefix = key.removesuffix(".weight")
-    lam = adapter.state[f"{prefix}.spectrum.lam"].double().numpy()
-    mask = adapter.state[f"{prefix}.spectrum.mask"].bool().numpy()
-    return adapter.config.alpha * lam * mask
-
-
 def lora_pair(
     u: np.ndarray, values: np.ndarray, v: np.ndarray, balanced: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -127,25 +105,13 @@ def base_model_name(base: str, base_name: str | None) -> str:
     return MINILM_HUB_ID if base == MINILM else resolve_base(base).name
 
 
-def check_base(adapter: AdapterFile, path: Path, base: str, force: bool) -> None:
-    """Refuse (or, with ``force``, warn about) a base whose fingerprint differs from the adapter's."""
-    if adapter.fingerprint is None:
-        return
-    try:
-        check_fingerprint(adapter.fingerprint, resolve_base(base))
-    except BaseMismatchError as e:
-        if not force:
-            raise BaseMismatchError(f"{path}: {e} (use --force to export anyway)") from None
-        warnings.warn(f"exporting despite a base mismatch (force): {e}", stacklevel=2)
-
-
 def _module_of(model: nn.Module, adapter: AdapterFile, key: str, path: Path) -> tuple[str, nn.Module]:
     try:
         name = module_name_for_key(model, key.removesuffix(".weight"))
     except ConfigError:
         raise BaseMismatchError(f"{path}: target {key} is not a module of {type(model).__name__}") from None
     module = model.get_submodule(name)
-    expected = tuple(adapter.info["shapes"][key])
+    expected = adapter.shapes[key]
     if linear_shape(module) != expected:
         raise BaseMismatchError(
             f"{path}: {key} is {expected[0]}x{expected[1]} in the adapter but "
@@ -176,8 +142,9 @@ def peft_files(
     tensors, ranks, conv1d = {}, {}, False
     for key in adapter.config.targets:
         name, module = _module_of(model, adapter, key, path)
-        u, v = target_frames(adapter, key)
-        lora_a, lora_b = lora_pair(u, target_values(adapter, key), v, balanced)
+        with one_torch_thread():
+            f = target_factors(adapter, key, torch.float64)
+        lora_a, lora_b = lora_pair(f.u.numpy(), f.values.numpy(), f.v.numpy(), balanced)
         if lora_a.shape[0] == 0:
             continue
         lora_a, lora_b = peft_layout(module, lora_a, lora_b)
@@ -189,9 +156,8 @@ def peft_files(
         raise ConfigError(f"{path}: every direction of every target is masked or zero: nothing to export")
     head = None if drop_head else adapter.config.head
     if head is not None:
-        for key, tensor in adapter.state.items():
-            if key.startswith(head + "."):
-                tensors[KEY_PREFIX + key] = tensor.to(DTYPES[dtype])
+        for name, tensor in adapter.head_state().items():
+            tensors[f"{KEY_PREFIX}{head}.{name}"] = tensor.to(DTYPES[dtype])
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -276,7 +242,7 @@ def export_lora(
     path = Path(adapter_path)
     adapter = read_adapter(path)
     task_type = _task_type(adapter, path, task_type, drop_head)
-    check_base(adapter, path, base, force)
+    check_base(adapter.fingerprint, resolve_base(base), source=path, force=force)
     model = skeleton_model(base, task_type, len(adapter.config.id2label or {0: "", 1: ""}))
     config, tensors = peft_files(
         adapter,

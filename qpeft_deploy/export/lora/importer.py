@@ -36,8 +36,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm.auto import tqdm
 
-from qpeft_deploy.core.attach import AdapterConfig, attach_exact, is_linear, load_adapter_state
+from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile
+from qpeft_deploy.core.attach import attach_exact, is_linear, load_adapter_state
 from qpeft_deploy.core.circuit import PauliCircuit
+from qpeft_deploy.core.factors import target_factors
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key
 from qpeft_deploy.core.layer import VARIANTS, linear_shape
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.data.text import load_task
@@ -48,20 +51,10 @@ from qpeft_deploy.export.lora.export import (
     TASK_MODELS,
     WEIGHTS_FILE,
     skeleton_model,
-    target_frames,
-    target_values,
 )
 from qpeft_deploy.io.fingerprint import base_fingerprint, read_header, strict_json
-from qpeft_deploy.io.qpeft_file import AdapterFile, adapter_from_model, write_adapter
-from qpeft_deploy.models import (
-    HEAD_MODULE_NAMES,
-    MINILM,
-    base_key,
-    load_task_model,
-    load_tokenizer,
-    module_name_for_key,
-    resolve_base,
-)
+from qpeft_deploy.io.qpeft_file import adapter_from_model, write_adapter
+from qpeft_deploy.models import MINILM, load_task_model, load_tokenizer, resolve_base
 from qpeft_deploy.training.train import evaluate, fit
 
 TAYLOR_TOLERANCE = 1e-5
@@ -542,7 +535,7 @@ def convert_lora(
         targets, layers, 1.0, variant, head, id2label, seed, {"imported_from": "peft-lora"}
     )
     fingerprint = base_fingerprint(resolve_base(base), targets)
-    return AdapterFile(config, state, fingerprint, {"shapes": shapes}), keys
+    return AdapterFile(config, state, shapes, fingerprint), keys
 
 
 def _check_head(lora: LoraAdapter, model: nn.Module, head: str) -> None:
@@ -566,8 +559,9 @@ def relative_errors(lora: LoraAdapter, keys: dict[str, str], adapter: AdapterFil
     """Relative ΔW error of every target against the LoRA, rebuilt from the values the file holds."""
     errors = {}
     for name, layer in lora.layers.items():
-        u, v = target_frames(adapter, keys[name])
-        errors[keys[name]] = _relative_error(layer, u, target_values(adapter, keys[name]), v)
+        with one_torch_thread():
+            f = target_factors(adapter, keys[name], torch.float64)
+        errors[keys[name]] = _relative_error(layer, f.u.numpy(), f.values.numpy(), f.v.numpy())
     return errors
 
 

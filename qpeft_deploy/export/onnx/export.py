@@ -44,8 +44,10 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from qpeft_deploy import __version__
+from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import adapted_layers, detach
-from qpeft_deploy.core.layer import make_factor
+from qpeft_deploy.core.factors import scaled_spectrum, target_factors
+from qpeft_deploy.core.keys import factor_key, target_prefix
 from qpeft_deploy.data.images import is_image_task
 from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.export.onnx.circuit import (
@@ -57,7 +59,7 @@ from qpeft_deploy.export.onnx.circuit import (
     circuit_apply_function,
 )
 from qpeft_deploy.io.fingerprint import base_fingerprint
-from qpeft_deploy.io.qpeft_file import AdapterFile, load_adapted_model, load_adapter, read_adapter
+from qpeft_deploy.io.qpeft_file import load_adapted_model, load_adapter, read_adapter
 from qpeft_deploy.models import is_image_base, load_tokenizer, resolve_base
 from qpeft_deploy.training.train import load_data, model_inputs
 
@@ -111,10 +113,10 @@ def _id31(payload: object) -> int:
 
 def structure_id(adapter: AdapterFile, swap: str) -> int:
     """Id of what a swappable model's parameters look like: swap kind, targets with (N, M, K), head tensors."""
-    config, shapes = adapter.config, adapter.info["shapes"]
-    targets = sorted((key, *shapes[key], k) for key, k in config.targets.items())
+    config = adapter.config
+    targets = sorted((key, *adapter.dims(key)) for key in config.targets)
     circuit = [config.variant, config.layers] if swap == "angles" else []
-    head = sorted(k for k in adapter.state if config.head and k.startswith(config.head + "."))
+    head = sorted(f"{config.head}.{name}" for name in adapter.head_state())
     return _id31({"swap": swap, "targets": targets, "circuit": circuit, "head": head})
 
 
@@ -127,43 +129,22 @@ def base_id(fingerprint: dict[str, bytes] | None) -> int:
 
 def param_name(key: str, name: str) -> str:
     """Graph name of an adapter parameter of target ``key`` (a base weight key)."""
-    return f"{PARAM_PREFIX}{key.removesuffix('.weight')}.{name}"
+    return f"{PARAM_PREFIX}{target_prefix(key)}.{name}"
 
 
 # ------------------------------------------------------------------------------------ adapter parameters
 
 
-def _frame(adapter: AdapterFile, key: str, side: str, dim: int) -> torch.Tensor:
-    """U (side 'u') or V (side 'v') of one target, dim×K in fp32, rebuilt from the stored parameters."""
-    config, k = adapter.config, adapter.config.targets[key]
-    factor = make_factor(config.variant, dim, k, config.layers, torch.Generator())
-    prefix = key.removesuffix(".weight")
-    factor.load_state_dict(
-        {name: adapter.state[f"{prefix}.{side}.{name}"] for name, _ in factor.named_parameters()}
-    )
-    with torch.no_grad():
-        return factor.columns(k)
-
-
-def _scaled_lambda(adapter: AdapterFile, key: str) -> torch.Tensor:
-    prefix = key.removesuffix(".weight")
-    lam, mask = adapter.state[f"{prefix}.spectrum.lam"], adapter.state[f"{prefix}.spectrum.mask"]
-    return adapter.config.alpha * lam.float() * mask.float()
-
-
 def target_parameters(adapter: AdapterFile, key: str, kind: str) -> dict[str, np.ndarray]:
     """The inputs of one target's CircuitApply node (after x), by graph name, as float32 arrays."""
-    lam = _scaled_lambda(adapter, key)
     if kind == "factors":
-        n, m = adapter.info["shapes"][key]
-        u, v = _frame(adapter, key, "u", n), _frame(adapter, key, "v", m)
-        values = {"v": v, "ut": (u * lam).T}
+        f = target_factors(adapter, key)
+        values = {"v": f.v, "ut": (f.u * f.values).T}
     else:
-        prefix = key.removesuffix(".weight")
         values = {
-            "theta_v": adapter.state[f"{prefix}.v.theta"],
-            "theta_u": adapter.state[f"{prefix}.u.theta"],
-            "lam": lam,
+            "theta_v": adapter.state[factor_key(key, "v", "theta")],
+            "theta_u": adapter.state[factor_key(key, "u", "theta")],
+            "lam": scaled_spectrum(adapter, key),
         }
     return {param_name(key, name): t.detach().float().contiguous().numpy() for name, t in values.items()}
 
@@ -171,11 +152,7 @@ def target_parameters(adapter: AdapterFile, key: str, kind: str) -> dict[str, np
 def head_parameters(adapter: AdapterFile) -> dict[str, np.ndarray]:
     """The head's tensors by graph name (``qpeft.<head>.<tensor>``)."""
     head = adapter.config.head
-    return {
-        f"{PARAM_PREFIX}{k}": t.float().contiguous().numpy()
-        for k, t in adapter.state.items()
-        if head and k.startswith(head + ".")
-    }
+    return {f"{PARAM_PREFIX}{head}.{k}": t.float().contiguous().numpy() for k, t in adapter.head_state().items()}
 
 
 def layer_kind(adapter: AdapterFile, key: str, mode: str, swap: str = "factors", apply: str = "auto") -> str:
@@ -185,8 +162,7 @@ def layer_kind(adapter: AdapterFile, key: str, mode: str, swap: str = "factors",
         return "factors"
     if apply != "auto":
         return apply
-    n, m = adapter.info["shapes"][key]
-    return cheapest_kind(n, m, adapter.config.targets[key], adapter.config.layers)
+    return cheapest_kind(*adapter.dims(key), adapter.config.layers)
 
 
 def check_swap(adapter: AdapterFile, swap: str) -> None:
@@ -593,7 +569,7 @@ def _adapter_graph(
     model = onnx.load(str(model_path))
     by_value, sites, calls, kinds, unused = initializers_by_value(model.graph), {}, {}, {}, {}
     for key, layer in layers.items():
-        n, m = adapter.info["shapes"][key]
+        n, m, k = adapter.dims(key)
         kind = layer_kind(adapter, key, mode, swap, apply)
         if isinstance(layer, nn.Conv2d) and kind == "circuit":
             kind = "dense"  # ΔW is built once per run as a kernel: circuits on I_M gain nothing
@@ -605,7 +581,7 @@ def _adapter_graph(
             continue
         sites[key], kinds[key] = node, kind
         fused = mode == "runtime" and kind == "dense" and node.op_type == "MatMul"
-        sig = Signature(kind, n, m, adapter.config.targets[key], adapter.config.layers, fused)
+        sig = Signature(kind, n, m, k, adapter.config.layers, fused)
         calls[key] = (sig, list(params))
         _add_parameters(model.graph, params, overridable=mode == "swappable")
     _add_parameters(model.graph, unused, overridable=True)
@@ -789,7 +765,7 @@ def _finish_mode(
         "tool": f"qpeft-deploy {__version__}",
         "dtype": options.dtype,
         "quantize": options.quantize or "none",
-        "labels": [config.id2label[i] for i in sorted(config.id2label or {})],
+        "labels": config.labels(),
     }
     if mode == "merged":
         model, kinds = onnx.load(str(path)), {}
@@ -797,7 +773,7 @@ def _finish_mode(
         model, kinds = _adapter_graph(path, adapter, layers, mode, swap, options.apply)
         meta |= {
             "apply": kinds,
-            "targets": {k: [*adapter.info["shapes"][k], v] for k, v in config.targets.items()},
+            "targets": {k: list(adapter.dims(k)) for k in config.targets},
         }
     if mode == "swappable":
         head = head_parameters(adapter)
