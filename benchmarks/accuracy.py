@@ -85,7 +85,7 @@ from qpeft_deploy.core.attach import (
 )
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.data.text import TASKS, load_task
-from qpeft_deploy.io.qpeft_file import load_adapted_model, save_adapter
+from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer
 from qpeft_deploy.training.train import evaluate, fit
 

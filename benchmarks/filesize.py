@@ -20,7 +20,8 @@ import torch
 
 from benchmarks.common import machine_info, markdown_table, write_results
 from qpeft_deploy.core.attach import attach
-from qpeft_deploy.io.qpeft_file import read_adapter, save_adapter
+from qpeft_deploy.io.model_io import save_adapter
+from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model
 
 LABELS = {0: "rotten", 1: "fresh"}

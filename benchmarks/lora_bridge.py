@@ -30,7 +30,7 @@ from benchmarks.common import machine_info, markdown_table, write_results
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.export.lora.export import WEIGHTS_FILE, export_lora
 from qpeft_deploy.export.lora.importer import Calibration, import_lora, read_lora
-from qpeft_deploy.io.qpeft_file import load_adapted_model
+from qpeft_deploy.io.model_io import load_adapted_model
 from qpeft_deploy.models import load_task_model, load_tokenizer
 from qpeft_deploy.training.train import evaluate, fit
 

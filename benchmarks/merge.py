@@ -163,7 +163,7 @@ def minilm_inputs(work: Path) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
 
     from qpeft_deploy.core.attach import adapter_config, attach
-    from qpeft_deploy.io.qpeft_file import save_adapter
+    from qpeft_deploy.io.model_io import save_adapter
     from qpeft_deploy.models import load_task_model
 
     generator = torch.Generator().manual_seed(0)

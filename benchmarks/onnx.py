@@ -43,7 +43,7 @@ from qpeft_deploy.export.onnx.export import (
     session_options,
     write_ort_adapter,
 )
-from qpeft_deploy.io.qpeft_file import save_adapter
+from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer
 from qpeft_deploy.training.train import fit
 

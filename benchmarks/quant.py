@@ -23,7 +23,9 @@ import torch
 from benchmarks.common import machine_info, markdown_table, write_results
 from qpeft_deploy.core.attach import attach
 from qpeft_deploy.data.text import load_task
-from qpeft_deploy.io.qpeft_file import load_adapted_model, pack_adapter, read_adapter, save_adapter
+from qpeft_deploy.io.file_tools import pack_adapter
+from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
+from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer
 from qpeft_deploy.training.train import fit, predict
 

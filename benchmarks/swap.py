@@ -34,7 +34,8 @@ from benchmarks.common import interleaved_times, machine_info, markdown_table, w
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import attach
 from qpeft_deploy.data.text import load_task
-from qpeft_deploy.io.qpeft_file import adapter_from_model, write_adapter
+from qpeft_deploy.io.model_io import adapter_from_model
+from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank, FactorCache
 

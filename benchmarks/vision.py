@@ -38,7 +38,7 @@ from qpeft_deploy.core.attach import find_head, lora_parameter_count, trainable_
 from qpeft_deploy.data.images import pixel_values
 from qpeft_deploy.data.text import TaskData
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.qpeft_file import save_adapter
+from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.models import load_task_model
 from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, load_data
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.export.onnx.export import export_onnx, export_onnx_adapter
-from qpeft_deploy.io.qpeft_file import inspect_adapter, save_adapter
+from qpeft_deploy.io.file_tools import inspect_adapter
+from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.merge.checkpoint import merge_checkpoint
 from qpeft_deploy.models import load_tokenizer, tokenize
 from qpeft_deploy.runtime import OrtAdapterSession

@@ -10,7 +10,7 @@ from click.testing import CliRunner, Result
 from torch import nn
 
 from qpeft_deploy.core.attach import adapted_layers, attach
-from qpeft_deploy.io.qpeft_file import save_adapter
+from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.models import load_task_model
 
 

@@ -25,20 +25,15 @@ from qpeft_deploy.core.circuit import parameter_count
 from qpeft_deploy.core.factors import target_params
 from qpeft_deploy.core.quantize import angle_step
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.io.file_tools import inspect_adapter, pack_adapter, verify_adapter
+from qpeft_deploy.io.model_io import load_adapted_model, load_adapter, save_adapter
+from qpeft_deploy.io.names import compress_names, expand_pattern
 from qpeft_deploy.io.qpeft_file import (
     FORMAT_VERSION,
     MAX_HEADER,
     SUFFIX,
-    compress_names,
     encode_adapter,
-    expand_pattern,
-    inspect_adapter,
-    load_adapted_model,
-    load_adapter,
-    pack_adapter,
     read_adapter,
-    save_adapter,
-    verify_adapter,
     write_adapter,
 )
 from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
@@ -125,9 +120,9 @@ def test_compress_then_expand_is_exact(names):
     ],
 )
 def test_bad_patterns_are_refused_cheaply(pattern):
-    from qpeft_deploy.io.qpeft_file import _Invalid
+    from qpeft_deploy.io.names import PatternError
 
-    with pytest.raises(_Invalid):
+    with pytest.raises(PatternError):
         expand_pattern(pattern, limit=1000)
 
 

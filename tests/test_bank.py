@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.qpeft_file import load_adapted_model, read_adapter, write_adapter
+from qpeft_deploy.io.model_io import load_adapted_model
+from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
 from tests.helpers import make_adapter

@@ -35,7 +35,8 @@ from qpeft_deploy.export.lora.importer import (
     relative_errors,
     stiefel_log,
 )
-from qpeft_deploy.io.qpeft_file import load_adapted_model, read_adapter
+from qpeft_deploy.io.model_io import load_adapted_model
+from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 
 LABELS = {0: "rotten", 1: "fresh"}

@@ -25,7 +25,7 @@ from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synth
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.fingerprint import INDEX_FILE, SINGLE_FILE
-from qpeft_deploy.io.qpeft_file import save_adapter
+from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.merge.checkpoint import (
     HEAD_SIDECAR,
     RECORD_KEY,

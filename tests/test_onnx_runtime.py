@@ -21,7 +21,7 @@ from qpeft_deploy.export.onnx.export import (
     read_onnx_adapter,
     write_ort_adapter,
 )
-from qpeft_deploy.io.qpeft_file import save_adapter
+from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.models import load_task_model
 from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 

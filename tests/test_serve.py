@@ -21,7 +21,7 @@ from qpeft_deploy.cli.main import QpeftGroup
 from qpeft_deploy.cli.serve import serve_command
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.export import export_onnx
-from qpeft_deploy.io.qpeft_file import load_adapted_model
+from qpeft_deploy.io.model_io import load_adapted_model
 from qpeft_deploy.models import load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
 from qpeft_deploy.serve.app import MicroBatcher, ServeSettings, create_app, load_folder, make_backend

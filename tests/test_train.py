@@ -6,7 +6,7 @@ import torch
 from qpeft_deploy.core.attach import adapted_layers
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.qpeft_file import load_adapted_model, save_adapter
+from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.models import load_tokenizer
 from qpeft_deploy.training.train import (
     TrainSpec,

@@ -30,7 +30,7 @@ from qpeft_deploy.core.attach import (
 from qpeft_deploy.data import images as vision
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.export import export_onnx, export_onnx_adapter
-from qpeft_deploy.io.qpeft_file import load_adapted_model, save_adapter
+from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.merge.checkpoint import merge_checkpoint, unmerge_checkpoint
 from qpeft_deploy.models import is_image_base, load_task_model
 from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, load_data, run_spec

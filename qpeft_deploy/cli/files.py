@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from qpeft_deploy.core.quantize import ANGLE_BITS
-from qpeft_deploy.io.qpeft_file import KEEP, inspect_adapter, pack_adapter, verify_adapter
+from qpeft_deploy.io.file_tools import KEEP, inspect_adapter, pack_adapter, verify_adapter
 
 BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
 FILE = click.Path(dir_okay=False, path_type=Path)

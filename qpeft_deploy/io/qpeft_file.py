@@ -1,4 +1,4 @@
-"""The .qpeft adapter file (format version 1, see docs/FORMAT.md): write, read and validate, load onto a base.
+"""The .qpeft adapter file (format version 1, see docs/FORMAT.md): encode, decode and validate.
 
 A .qpeft file is a plain safetensors file with at most five tensors and a string-only ``__metadata__``:
 
@@ -17,32 +17,20 @@ shape and offsets against the config before using it, padding bits and finitenes
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
 
 from qpeft_deploy import __version__
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
-from qpeft_deploy.core.attach import (
-    CONFIG_ATTR,
-    adapted_layers,
-    adapter_config,
-    adapter_state,
-    attach_exact,
-    detach,
-    load_adapter_state,
-)
 from qpeft_deploy.core.circuit import CONSTRUCTION_ID
-from qpeft_deploy.core.factors import circuit_angles, orthogonality_errors, target_params
+from qpeft_deploy.core.factors import circuit_angles, target_params
 from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
     dequantize_angles,
@@ -51,18 +39,16 @@ from qpeft_deploy.core.quantize import (
     quantize_angles,
     unpack_bits,
 )
-from qpeft_deploy.errors import ConfigError, FormatError, QpeftError
+from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.io.atomic import atomic_file
 from qpeft_deploy.io.fingerprint import (
     ALGORITHM,
     DIGEST_SIZE,
-    base_fingerprint,
-    check_base,
     read_header,
     strict_json,
     tensor_entry,
 )
-from qpeft_deploy.models import load_task_model, resolve_base
+from qpeft_deploy.io.names import INT, MAX_TARGETS, NAME_PART, PatternError, compress_names, expand_pattern
 
 FORMAT = "qpeft"
 FORMAT_VERSION = 1
@@ -73,11 +59,9 @@ CONSTRUCTIONS = {"pauli": CONSTRUCTION_ID, "taylor": TAYLOR_CONSTRUCTION}
 FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 FP32_BITS = 32  # ``bits`` metadata value of unquantised (float32) circuit angles
 MAX_HEADER = 1 << 20
-MAX_TARGETS = 1 << 16
 MAX_DIM = 1 << 20
 MAX_LAYERS = 64
 MAX_SEED = 2**63 - 1
-ORTHO_TOLERANCE = 1e-5
 
 _REQUIRED = (
     "format",
@@ -94,101 +78,12 @@ _REQUIRED = (
 _OPTIONAL = ("bits", "head", "head_shapes", "labels", "fingerprint", "extra")
 _ST_DTYPES = {"F16": ("<f2", 2), "F32": ("<f4", 4), "U8": ("u1", 1)}
 _TORCH_TO_ST = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
-_INT = re.compile(r"0|[1-9][0-9]{0,18}")
 _FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-_RANGE_LIKE = re.compile(r"[0-9]+-[0-9]+")  # a name part that would read as a range inside braces
-_NAME_PART = re.compile(r"[^{}:;,\s]+")
 _HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 class _Invalid(Exception):
     """A problem found while decoding; read_adapter prefixes the path and raises FormatError."""
-
-
-# ----------------------------------------------------------------------------------------- target patterns
-
-
-def _alternative_order(alt: str) -> tuple:
-    return (0, int(alt), "") if _INT.fullmatch(alt) else (1, 0, alt)
-
-
-def _render_component(alts: tuple[str, ...]) -> str:
-    if len(alts) == 1:
-        return alts[0]
-    pieces, i = [], 0
-    while i < len(alts):
-        j = i
-        while (
-            j + 1 < len(alts)
-            and _INT.fullmatch(alts[j])
-            and _INT.fullmatch(alts[j + 1])
-            and int(alts[j + 1]) == int(alts[j]) + 1
-        ):
-            j += 1
-        pieces.append(f"{alts[i]}-{alts[j]}" if j - i >= 2 else ",".join(alts[i : j + 1]))
-        i = j + 1
-    return "{" + ",".join(pieces) + "}"
-
-
-def compress_names(names: Sequence[str]) -> list[str]:
-    """Brace patterns whose expansions are exactly ``names`` (e.g. ``a.{0-5}.{query,key}.weight``)."""
-    patterns = list(dict.fromkeys(tuple((c,) for c in name.split(".")) for name in names))
-    changed = True
-    while changed:
-        changed = False
-        for i in range(max((len(p) for p in patterns), default=0)):
-            buckets: dict[tuple, list] = {}
-            for p in patterns:
-                key = (len(p), p[:i], p[i + 1 :]) if i < len(p) else (len(p), p, ())
-                buckets.setdefault(key, []).append(p)
-            patterns = []
-            for group in buckets.values():
-                if len(group) == 1 or any(_RANGE_LIKE.fullmatch(a) for p in group for a in p[i]):
-                    patterns.extend(group)
-                    continue
-                alts = tuple(sorted({a for p in group for a in p[i]}, key=_alternative_order))
-                patterns.append(group[0][:i] + (alts,) + group[0][i + 1 :])
-                changed = True
-    return [".".join(_render_component(c) for c in p) for p in patterns]
-
-
-def _brace_choices(body: str) -> list[str | range]:
-    choices: list[str | range] = []
-    for alt in body.split(","):
-        lo, dash, hi = alt.partition("-")
-        if dash and _INT.fullmatch(lo) and _INT.fullmatch(hi):
-            if int(hi) <= int(lo):
-                raise _Invalid(f"target pattern range {alt!r} is empty or reversed")
-            choices.append(range(int(lo), int(hi) + 1))
-        elif _NAME_PART.fullmatch(alt):
-            choices.append(alt)
-        else:
-            raise _Invalid(f"target pattern alternative {alt!r} is malformed")
-    return choices
-
-
-def expand_pattern(pattern: str, limit: int = MAX_TARGETS) -> list[str]:
-    """The names a brace pattern stands for, in order (leftmost brace varies slowest); at most ``limit``."""
-    options: list[list[str | range]] = []
-    for part in re.split(r"(\{[^{}]*\})", pattern):
-        if part.startswith("{") and part.endswith("}"):
-            options.append(_brace_choices(part[1:-1]))
-        elif part and not _NAME_PART.fullmatch(part):
-            raise _Invalid(f"target pattern {pattern[:80]!r} is malformed")
-        elif part:
-            options.append([part])
-    if not options:
-        raise _Invalid("empty target pattern")
-    total = 1
-    for choice in options:
-        total *= sum(c.stop - c.start if isinstance(c, range) else 1 for c in choice)
-        if total > limit:
-            raise _Invalid(f"target patterns expand to more than {limit} targets")
-    flat = [[str(x) for c in choice for x in (c if isinstance(c, range) else [c])] for choice in options]
-    names = ["".join(combo) for combo in itertools.product(*flat)]
-    if len(set(names)) != len(names):
-        raise _Invalid(f"target pattern {pattern[:80]!r} repeats a name")
-    return names
 
 
 # ------------------------------------------------------------------------------------------------- layout
@@ -247,7 +142,7 @@ def _compress_targets(targets: dict[str, tuple[int, int, int]]) -> tuple[list[st
     """Group strings for the metadata, and the targets re-ordered canonically (as a reader expands them)."""
     by_dims: dict[tuple[int, int, int], list[str]] = {}
     for key, dims in targets.items():
-        if not _NAME_PART.fullmatch(key):
+        if not NAME_PART.fullmatch(key):
             raise ConfigError(
                 f"{key!r}: target names may not contain braces, commas, colons, semicolons or "
                 "spaces in a .qpeft file"
@@ -435,35 +330,12 @@ def write_adapter(
     )
 
 
-def adapter_from_model(model: nn.Module, base: str | None = None) -> AdapterFile:
-    """The AdapterFile of an attached model (with the base's fingerprint when ``base`` is given)."""
-    config = adapter_config(model)
-    shapes = {key: (layer.out_features, layer.in_features) for key, layer in adapted_layers(model).items()}
-    fingerprint = base_fingerprint(resolve_base(base), config.targets) if base is not None else None
-    return AdapterFile(config, adapter_state(model), shapes, fingerprint)
-
-
-def save_adapter(
-    model: nn.Module,
-    path: str | Path,
-    *,
-    bits: int | None = None,
-    lambda_dtype: str = "fp32",
-    drop_head: bool = False,
-    base: str | None = None,
-) -> Path:
-    """Save the adapter attached to ``model`` as a .qpeft file; ``base`` (HF folder) adds its fingerprint."""
-    return write_adapter(
-        path, adapter_from_model(model, base), bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head
-    )
-
-
 # ------------------------------------------------------------------------------------------------- reading
 
 
 def _int(meta: dict[str, str], key: str, low: int, high: int) -> int:
     value = meta[key]
-    if not _INT.fullmatch(value) or not low <= int(value) <= high:
+    if not INT.fullmatch(value) or not low <= int(value) <= high:
         raise _Invalid(f"metadata {key}={value[:40]!r} is not an integer in [{low}, {high}]")
     return int(value)
 
@@ -509,7 +381,7 @@ def _parse_targets(
         pattern, sep2, shape = pattern.rpartition(":")
         n_text, x, m_text = shape.partition("x")
         if not (
-            sep1 and sep2 and x and _INT.fullmatch(n_text) and _INT.fullmatch(m_text) and _INT.fullmatch(rest)
+            sep1 and sep2 and x and INT.fullmatch(n_text) and INT.fullmatch(m_text) and INT.fullmatch(rest)
         ):
             raise _Invalid(f"target group {group[:80]!r} is not 'pattern:NxM:K'")
         n, m, k = int(n_text), int(m_text), int(rest)
@@ -543,7 +415,7 @@ def _parse_head(meta: dict[str, str]) -> tuple[str | None, list[tuple[str, tuple
             colon
             and re.fullmatch(r"[A-Za-z0-9_.]+", name)
             and len(parts) <= 8
-            and all(_INT.fullmatch(p) for p in parts)
+            and all(INT.fullmatch(p) for p in parts)
         ):
             raise _Invalid(f"head shape {item[:40]!r} is not 'name:AxB'")
         shapes.append((name, tuple(int(p) for p in parts)))
@@ -726,148 +598,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     header, start, size = read_header(path, MAX_HEADER)
     try:
         return _decode(path, header, start, size)
-    except _Invalid as e:
+    except (_Invalid, PatternError) as e:
         raise FormatError(f"{path}: {e}") from None
 
 
-# ------------------------------------------------------------------------------------------- using a file
-
-
-def _attach_file(model: nn.Module, adapter: AdapterFile, mode: str) -> nn.Module:
-    config = adapter.config
-    if hasattr(model, CONFIG_ATTR):
-        raise ConfigError("model already has a Quantum-PEFT adapter attached; detach() it first")
-    try:
-        attach_exact(
-            model,
-            config.targets,
-            config.layers,
-            config.alpha,
-            config.variant,
-            mode,
-            config.seed,
-            train_head=config.head is not None,
-        )
-        load_adapter_state(model, adapter.state)
-    except QpeftError:
-        detach(model)  # leave the model as it was: no half-attached adapter
-        raise
-    adapter_config(model).extra = dict(config.extra)
-    return model
-
-
-def load_adapter(
-    model: nn.Module, path: str | Path, *, base: str | None = None, force: bool = False, mode: str = "auto"
-) -> nn.Module:
-    """Attach the adapter at ``path`` to ``model`` (after checking ``base``'s fingerprint); returns it."""
-    adapter = read_adapter(path)
-    if base is not None:
-        check_base(adapter.fingerprint, resolve_base(base), force=force)
-    return _attach_file(model, adapter, mode)
-
-
-def _plain_base_model(base: str) -> nn.Module:
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    folder, previous = resolve_base(base), hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = AutoModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{folder}: cannot build the base model: {str(e).splitlines()[0][:200]}") from None
-    finally:
-        hf_logging.set_verbosity(previous)
-    return model.float().eval()
-
-
-def load_adapted_model(base: str, path: str | Path, *, force: bool = False, mode: str = "auto") -> nn.Module:
-    """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it."""
-    adapter = read_adapter(path)
-    if base is not None:
-        check_base(adapter.fingerprint, resolve_base(base), force=force)
-    config = adapter.config
-    model = load_task_model(base, config.id2label) if config.head is not None else _plain_base_model(base)
-    return _attach_file(model, adapter, mode)
-
-
-# ------------------------------------------------------------------------------------ pack, inspect, verify
-
-KEEP = "keep"
-
-
-def pack_adapter(
-    src: str | Path,
-    out: str | Path,
-    *,
-    bits: int | None | str = KEEP,
-    lambda_dtype: str = KEEP,
-    drop_head: bool = False,
-    base: str | None = None,
-) -> Path:
-    """Re-pack a .qpeft file with other options (``KEEP``: as in ``src``); ``base`` stores its fingerprint."""
-    adapter = read_adapter(src)
-    if base is not None:
-        adapter.fingerprint = base_fingerprint(resolve_base(base), adapter.config.targets)
-    bits = adapter.stored.bits if bits == KEEP else bits
-    lambda_dtype = adapter.stored.lambda_dtype if lambda_dtype == KEEP else lambda_dtype
-    return write_adapter(out, adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
-
-
-def inspect_adapter(path: str | Path) -> dict:
-    """A JSON-able summary of a .qpeft file (needs no base model)."""
-    adapter = read_adapter(path)
-    config, info = adapter.config, adapter.stored
-    return {
-        "path": str(path),
-        "format_version": info.format_version,
-        "tool": info.tool,
-        "variant": config.variant,
-        "construction": info.construction,
-        "layers": config.layers,
-        "alpha": config.alpha,
-        "targets": len(config.targets),
-        "groups": list(info.groups),
-        "ranks": sorted(set(config.targets.values())),
-        "bits": info.bits,
-        "lambda_dtype": info.lambda_dtype,
-        "active_rank": int(
-            sum(int(t.sum()) for k, t in adapter.state.items() if k.endswith(".spectrum.mask"))
-        ),
-        "head": config.head,
-        "labels": [config.id2label[i] for i in sorted(config.id2label or {})],
-        "parameters": info.parameters,
-        "bytes": info.nbytes,
-        "fingerprint": None
-        if adapter.fingerprint is None
-        else {
-            "algorithm": info.fingerprint_algorithm,
-            "targets": len(adapter.fingerprint),
-            "first": next(iter(adapter.fingerprint.values())).hex(),
-        },
-        "extra": config.extra,
-    }
-
-
-def verify_adapter(path: str | Path, base: str | None = None) -> dict:
-    """Check a file (structure, finiteness, orthogonality of U/V to 1e-5, and ``base``'s fingerprint)."""
-    adapter = read_adapter(path)
-    errors = orthogonality_errors(adapter)
-    worst_key = max(errors, key=errors.get)
-    if errors[worst_key] > ORTHO_TOLERANCE or not math.isfinite(errors[worst_key]):
-        raise FormatError(
-            f"{path}: rebuilt factors of {worst_key} are not orthonormal "
-            f"(max |UᵀU − I| = {errors[worst_key]:.2e} > {ORTHO_TOLERANCE:g})"
-        )
-    report = {
-        "path": str(path),
-        "targets": len(errors),
-        "max_orthogonality_error": errors[worst_key],
-        "fingerprint": "not checked",
-    }
-    if base is not None:
-        if adapter.fingerprint is None:
-            raise FormatError(f"{path}: has no base fingerprint to check against {base}")
-        check_base(adapter.fingerprint, resolve_base(base))
-        report["fingerprint"] = f"matches {base}"
-    return report

@@ -38,7 +38,7 @@ from qpeft_deploy.core.spectrum import scheduled_rank
 from qpeft_deploy.data.images import image_inputs, is_image_task, load_image_task
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.qpeft_file import load_adapted_model, save_adapter
+from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer, tokenize
 
 Example = tuple[object, int]  # (text, label) or (image, label)

@@ -53,7 +53,8 @@ from qpeft_deploy.export.lora.export import (
     skeleton_model,
 )
 from qpeft_deploy.io.fingerprint import base_fingerprint, read_header, strict_json
-from qpeft_deploy.io.qpeft_file import adapter_from_model, write_adapter
+from qpeft_deploy.io.model_io import adapter_from_model
+from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.models import MINILM, load_task_model, load_tokenizer, resolve_base
 from qpeft_deploy.training.train import evaluate, fit
 

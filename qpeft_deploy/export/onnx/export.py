@@ -59,7 +59,8 @@ from qpeft_deploy.export.onnx.circuit import (
     circuit_apply_function,
 )
 from qpeft_deploy.io.fingerprint import base_fingerprint
-from qpeft_deploy.io.qpeft_file import load_adapted_model, load_adapter, read_adapter
+from qpeft_deploy.io.model_io import load_adapted_model, load_adapter
+from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import is_image_base, load_tokenizer, resolve_base
 from qpeft_deploy.training.train import load_data, model_inputs
 

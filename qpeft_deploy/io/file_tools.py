@@ -1,0 +1,93 @@
+"""File tools that need no model: re-pack (``qpeft pack``), describe (``inspect``) and check (``verify``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from qpeft_deploy.core.factors import orthogonality_errors
+from qpeft_deploy.errors import FormatError
+from qpeft_deploy.io.fingerprint import base_fingerprint, check_base
+from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
+from qpeft_deploy.models import resolve_base
+
+ORTHO_TOLERANCE = 1e-5
+
+KEEP = "keep"  # pack: keep the source file's setting
+
+
+def pack_adapter(
+    src: str | Path,
+    out: str | Path,
+    *,
+    bits: int | None | str = KEEP,
+    lambda_dtype: str = KEEP,
+    drop_head: bool = False,
+    base: str | None = None,
+) -> Path:
+    """Re-pack a .qpeft file with other options (``KEEP``: as in ``src``); ``base`` stores its fingerprint."""
+    adapter = read_adapter(src)
+    if base is not None:
+        adapter.fingerprint = base_fingerprint(resolve_base(base), adapter.config.targets)
+    bits = adapter.stored.bits if bits == KEEP else bits
+    lambda_dtype = adapter.stored.lambda_dtype if lambda_dtype == KEEP else lambda_dtype
+    return write_adapter(out, adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
+
+
+def inspect_adapter(path: str | Path) -> dict:
+    """A JSON-able summary of a .qpeft file (needs no base model)."""
+    adapter = read_adapter(path)
+    config, info = adapter.config, adapter.stored
+    return {
+        "path": str(path),
+        "format_version": info.format_version,
+        "tool": info.tool,
+        "variant": config.variant,
+        "construction": info.construction,
+        "layers": config.layers,
+        "alpha": config.alpha,
+        "targets": len(config.targets),
+        "groups": list(info.groups),
+        "ranks": sorted(set(config.targets.values())),
+        "bits": info.bits,
+        "lambda_dtype": info.lambda_dtype,
+        "active_rank": int(
+            sum(int(t.sum()) for k, t in adapter.state.items() if k.endswith(".spectrum.mask"))
+        ),
+        "head": config.head,
+        "labels": [config.id2label[i] for i in sorted(config.id2label or {})],
+        "parameters": info.parameters,
+        "bytes": info.nbytes,
+        "fingerprint": None
+        if adapter.fingerprint is None
+        else {
+            "algorithm": info.fingerprint_algorithm,
+            "targets": len(adapter.fingerprint),
+            "first": next(iter(adapter.fingerprint.values())).hex(),
+        },
+        "extra": config.extra,
+    }
+
+
+def verify_adapter(path: str | Path, base: str | None = None) -> dict:
+    """Check a file (structure, finiteness, orthogonality of U/V to 1e-5, and ``base``'s fingerprint)."""
+    adapter = read_adapter(path)
+    errors = orthogonality_errors(adapter)
+    worst_key = max(errors, key=errors.get)
+    if errors[worst_key] > ORTHO_TOLERANCE or not math.isfinite(errors[worst_key]):
+        raise FormatError(
+            f"{path}: rebuilt factors of {worst_key} are not orthonormal "
+            f"(max |UᵀU − I| = {errors[worst_key]:.2e} > {ORTHO_TOLERANCE:g})"
+        )
+    report = {
+        "path": str(path),
+        "targets": len(errors),
+        "max_orthogonality_error": errors[worst_key],
+        "fingerprint": "not checked",
+    }
+    if base is not None:
+        if adapter.fingerprint is None:
+            raise FormatError(f"{path}: has no base fingerprint to check against {base}")
+        check_base(adapter.fingerprint, resolve_base(base))
+        report["fingerprint"] = f"matches {base}"
+    return report

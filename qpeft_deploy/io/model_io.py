@@ -1,0 +1,104 @@
+"""Adapters between models and files: save the adapter attached to a model, load a .qpeft file onto one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpeft_deploy.core.adapter import AdapterFile
+from qpeft_deploy.core.attach import (
+    CONFIG_ATTR,
+    adapted_layers,
+    adapter_config,
+    adapter_state,
+    attach_exact,
+    detach,
+    load_adapter_state,
+)
+from qpeft_deploy.errors import ConfigError, QpeftError
+from qpeft_deploy.io.fingerprint import base_fingerprint, check_base
+from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
+from qpeft_deploy.models import load_task_model, resolve_base
+
+
+def adapter_from_model(model: nn.Module, base: str | None = None) -> AdapterFile:
+    """The AdapterFile of an attached model (with the base's fingerprint when ``base`` is given)."""
+    config = adapter_config(model)
+    shapes = {key: (layer.out_features, layer.in_features) for key, layer in adapted_layers(model).items()}
+    fingerprint = base_fingerprint(resolve_base(base), config.targets) if base is not None else None
+    return AdapterFile(config, adapter_state(model), shapes, fingerprint)
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    bits: int | None = None,
+    lambda_dtype: str = "fp32",
+    drop_head: bool = False,
+    base: str | None = None,
+) -> Path:
+    """Save the adapter attached to ``model`` as a .qpeft file; ``base`` (HF folder) adds its fingerprint."""
+    return write_adapter(
+        path, adapter_from_model(model, base), bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head
+    )
+
+
+def _attach_file(model: nn.Module, adapter: AdapterFile, mode: str) -> nn.Module:
+    config = adapter.config
+    if hasattr(model, CONFIG_ATTR):
+        raise ConfigError("model already has a Quantum-PEFT adapter attached; detach() it first")
+    try:
+        attach_exact(
+            model,
+            config.targets,
+            config.layers,
+            config.alpha,
+            config.variant,
+            mode,
+            config.seed,
+            train_head=config.head is not None,
+        )
+        load_adapter_state(model, adapter.state)
+    except QpeftError:
+        detach(model)  # leave the model as it was: no half-attached adapter
+        raise
+    adapter_config(model).extra = dict(config.extra)
+    return model
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, *, base: str | None = None, force: bool = False, mode: str = "auto"
+) -> nn.Module:
+    """Attach the adapter at ``path`` to ``model`` (after checking ``base``'s fingerprint); returns it."""
+    adapter = read_adapter(path)
+    if base is not None:
+        check_base(adapter.fingerprint, resolve_base(base), force=force)
+    return _attach_file(model, adapter, mode)
+
+
+def _plain_base_model(base: str) -> nn.Module:
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    folder, previous = resolve_base(base), hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{folder}: cannot build the base model: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        hf_logging.set_verbosity(previous)
+    return model.float().eval()
+
+
+def load_adapted_model(base: str, path: str | Path, *, force: bool = False, mode: str = "auto") -> nn.Module:
+    """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it."""
+    adapter = read_adapter(path)
+    if base is not None:
+        check_base(adapter.fingerprint, resolve_base(base), force=force)
+    config = adapter.config
+    model = load_task_model(base, config.id2label) if config.head is not None else _plain_base_model(base)
+    return _attach_file(model, adapter, mode)
