@@ -38,9 +38,10 @@ from safetensors.torch import save_file
 from benchmarks.common import machine_info, markdown_table, write_results
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile
 from qpeft_deploy.core.circuit import parameter_count
-from qpeft_deploy.io.fingerprint import INDEX_FILE, base_fingerprint
+from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.qpeft_file import write_adapter
-from qpeft_deploy.merge.checkpoint import merge_checkpoint, read_checkpoint
+from qpeft_deploy.io.safetensors import INDEX_FILE, read_checkpoint
+from qpeft_deploy.merge.checkpoint import merge_checkpoint
 from qpeft_deploy.models import resolve_base
 
 SHAPES = {

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qpeft_deploy.core.keys import HEAD_MODULE_NAMES
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, target_prefix
 from qpeft_deploy.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,3 +160,59 @@ def tokenize(
         texts = [texts]
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return dict(batch)
+
+
+def _mentions_conv1d(model_type: str) -> bool:
+    """Whether the model type's modeling source calls Conv1D (read as text: no heavy import)."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = model_type_to_module_name(model_type)
+    try:
+        spec = importlib.util.find_spec(f"transformers.models.{module}.modeling_{module}")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None and "Conv1D(" in Path(spec.origin).read_text("utf-8")
+
+
+def conv1d_keys(folder: Path, config: dict, keys: set[str]) -> set[str]:
+    """Target keys whose layer is an HF Conv1D (weight stored in×out), found on a meta-device base model;
+    built only for model types whose modeling code uses Conv1D (importing it costs seconds and ~80 MB)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not _mentions_conv1d(model_type):
+        return set()
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    from transformers.pytorch_utils import Conv1D
+
+    name = MODEL_MAPPING_NAMES.get(model_type)
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if model_class is None:
+        return set()
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = model_class(transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True))
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{folder / 'config.json'}: cannot build the model's layout: {reason}") from None
+    modules = dict(model.named_modules())
+    return {key for key in keys if isinstance(modules.get(target_prefix(key)), Conv1D)}
+
+
+def task_class(folder: Path, config: dict) -> tuple[str, str]:
+    """(class name, base_model_prefix) of the base's sequence- (or else image-) classification model."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_type = config.get("model_type")
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(
+        model_type, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type))
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if model_class is None:
+        raise ConfigError(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} has no "
+                          "classification model in transformers to merge a head adapter into")
+    return name, model_class.base_model_prefix

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from qpeft_deploy.cli.main import cli
 from qpeft_deploy.core.attach import attach
-from qpeft_deploy.io.fingerprint import INDEX_FILE, SINGLE_FILE
 from qpeft_deploy.io.model_io import save_adapter
+from qpeft_deploy.io.safetensors import INDEX_FILE, SINGLE_FILE
 from qpeft_deploy.models import load_task_model, resolve_base
 from tests.helpers import assert_one_line_error, run
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io import fingerprint
-from qpeft_deploy.io.fingerprint import DIGEST_SIZE, base_fingerprint, check_fingerprint, read_header
+from qpeft_deploy.io.fingerprint import DIGEST_SIZE, base_fingerprint, check_fingerprint
+from qpeft_deploy.io.safetensors import read_header
 from qpeft_deploy.models import resolve_base
 
 KEYS = [

@@ -24,14 +24,13 @@ from transformers import AutoModelForSequenceClassification, BertModel, GPT2Conf
 from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synthetic_llama
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.fingerprint import INDEX_FILE, SINGLE_FILE
 from qpeft_deploy.io.model_io import save_adapter
+from qpeft_deploy.io.safetensors import INDEX_FILE, SINGLE_FILE, read_checkpoint
 from qpeft_deploy.merge.checkpoint import (
     HEAD_SIDECAR,
     RECORD_KEY,
     merge_checkpoint,
     parse_size,
-    read_checkpoint,
     read_record,
     unmerge_checkpoint,
 )

@@ -41,14 +41,10 @@ from qpeft_deploy.core.quantize import (
 )
 from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.io.atomic import atomic_file
-from qpeft_deploy.io.fingerprint import (
-    ALGORITHM,
-    DIGEST_SIZE,
-    read_header,
-    strict_json,
-    tensor_entry,
-)
+from qpeft_deploy.io.fingerprint import ALGORITHM, DIGEST_SIZE
 from qpeft_deploy.io.names import INT, MAX_TARGETS, NAME_PART, PatternError, compress_names, expand_pattern
+from qpeft_deploy.io.safetensors import read_header, tensor_entry
+from qpeft_deploy.io.strict_json import strict_json
 
 FORMAT = "qpeft"
 FORMAT_VERSION = 1

@@ -2,10 +2,9 @@
 
 Works on safetensors files, never on a built model:
 
-- Streamed: a targeted tensor is read in blocks of rows (at most ``CHUNK_BYTES`` of fp32), the same rows of
-  ΔW are added in fp32 and the sum is cast once and written; every other tensor goes file to file with
-  ``sendfile``. Output shards are written in the safetensors format directly (the header first, from the
-  planned layout), so memory holds a few row blocks and one target's factors, never the model or a tensor.
+- Streamed (merge/writer.py): a targeted tensor is read in blocks of rows, the same rows of ΔW are added in
+  fp32 and the sum is cast once and written; every other tensor goes file to file. Memory holds a few row
+  blocks and one target's factors, never the model or a tensor.
 - Exact: ΔW = Σᵢ wᵢ·αᵢ·Uᵢ diag(λᵢ·maskᵢ) Vᵢᵀ stays low-rank (A·Bᵀ, with Uᵢ, Vᵢ rebuilt from the stored circuit
   parameters exactly as ``QuantumPeftLinear.delta_weight`` builds them); an HF ``Conv1D`` weight (stored
   in×out) gets ΔWᵀ; an nn.Conv2d kernel (out, in, kh, kw) is read as its out × in·kh·kw rows, the N×M of the
@@ -14,9 +13,8 @@ Works on safetensors files, never on a built model:
   keys of a bare base re-prefixed with ``base_model_prefix``, head tensors added (or replaced: the replaced
   ones are kept in ``HEAD_SIDECAR`` for unmerge), ``config.json`` rewritten (architectures, id2label,
   label2id). Every base tensor is kept, so unmerge can restore all of them.
-- Atomic: the output is written to a temporary folder beside it and renamed at the end; a failure or an
-  interrupt removes it, and temporary folders of killed processes are removed by the next run for the same
-  output. The base is only ever opened read-only; its fingerprint is checked (in a thread, while the output
+- Atomic (io/atomic.py): the output is written to a temporary folder beside it and renamed at the end; a
+  failure or an interrupt removes it. The base is only ever opened read-only; its fingerprint is checked (in a thread, while the output
   is written) before the output is renamed into place, so a mismatch leaves nothing behind.
 - Reversible: every shard's metadata (``RECORD_KEY``) records what was merged: adapter digests and weights,
   the tool, the key, head, dtype and config.json changes. Unmerge subtracts the same ΔW and undoes them.
@@ -30,136 +28,44 @@ fp16 subnormals: merging into fp16/bf16 is lossy.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
-import os
 import re
 import shutil
-import struct
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from qpeft_deploy.core.adapter import AdapterFile
-from qpeft_deploy.core.factors import target_factors
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.atomic import atomic_folder
-from qpeft_deploy.io.fingerprint import (
-    INDEX_FILE,
-    MAX_BASE_HEADER,
-    SINGLE_FILE,
-    check_base,
-    read_header,
-    strict_json,
-    tensor_entry,
-)
+from qpeft_deploy.io.fingerprint import check_base
 from qpeft_deploy.io.qpeft_file import TOOL, read_adapter
-from qpeft_deploy.models import resolve_base
+from qpeft_deploy.io.safetensors import (
+    Checkpoint,
+    StoredTensor,
+    locate_key,
+    read_checkpoint,
+    read_safetensors,
+)
+from qpeft_deploy.io.strict_json import strict_json
+from qpeft_deploy.merge.writer import FLOAT_DTYPES, Entry, Update, write_json, write_weights
+from qpeft_deploy.models import conv1d_keys, resolve_base, task_class
 
 KEEP = "keep"
 DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CONFIG_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 RECORD_KEY = "qpeft_merge"
 CONFIG_FILE = "config.json"
 HEAD_SIDECAR = "qpeft_replaced_head.safetensors"
-CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
                              ".gguf"})
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SEND_LIMIT = 1 << 30
-
-
-# -------------------------------------------------------------------------------------- reading checkpoints
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor inside a safetensors file: dtype, shape and where its bytes lie (absolute offset)."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-@dataclass
-class Checkpoint:
-    """The safetensors weights of a folder: tensors by key (in file and offset order), metadata."""
-
-    folder: Path
-    tensors: dict[str, StoredTensor]
-    metadata: dict[str, str]
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
-    """Tensors (in offset order) and string metadata of one safetensors file, each entry checked."""
-    header, start, size = read_header(path, MAX_BASE_HEADER)
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise FormatError(f"{path}: __metadata__ must map strings to strings")
-    tensors = {}
-    for key in header.keys() - {"__metadata__"}:
-        dtype, shape, begin, end = tensor_entry(path, header, key)
-        if dtype not in ITEM_SIZE:
-            raise FormatError(f"{path}: tensor {key} has unsupported dtype {dtype}")
-        if end - begin != math.prod(shape) * ITEM_SIZE[dtype] or start + end > size:
-            raise FormatError(f"{path}: tensor {key} has data_offsets that disagree with its shape or file")
-        tensors[key] = StoredTensor(path, dtype, tuple(shape), start + begin, end - begin)
-    return dict(sorted(tensors.items(), key=lambda item: item[1].offset)), metadata
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map = strict_json(index.read_bytes())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"{index}: unreadable shard index ({type(e).__name__}: {e})") from None
-    names = weight_map.values() if isinstance(weight_map, dict) else [None]
-    if not all(isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..") for v in names):
-        raise FormatError(f"{index}: weight_map must map tensor names to shard file names in the same folder")
-    return weight_map
-
-
-def read_checkpoint(folder: str | Path) -> Checkpoint:
-    """The weights of an HF folder: ``model.safetensors``, else the shards that its index names."""
-    folder = Path(folder)
-    if (folder / SINGLE_FILE).is_file():
-        tensors, metadata = read_safetensors(folder / SINGLE_FILE)
-        return Checkpoint(folder, tensors, metadata)
-    index = folder / INDEX_FILE
-    if not index.is_file():
-        raise ConfigError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (merge needs safetensors weights)")
-    weight_map = _weight_map(index)
-    names = sorted(set(weight_map.values()))
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise ConfigError(f"{index}: names shard {missing[0]}, which does not exist")
-    tensors, metadata = {}, None
-    for name in names:
-        shard, shard_metadata = read_safetensors(folder / name)
-        stray = [key for key in shard if weight_map.get(key) != name]
-        if stray:
-            raise FormatError(f"{folder / name}: holds {stray[0]}, which {INDEX_FILE} maps elsewhere")
-        tensors.update(shard)
-        metadata = shard_metadata if metadata is None else metadata
-    absent = [key for key in weight_map if key not in tensors]
-    if absent:
-        raise FormatError(f"{index}: maps {absent[0]} to {weight_map[absent[0]]}, which does not hold it")
-    return Checkpoint(folder, tensors, metadata or {})
 
 
 def _read_config(folder: Path) -> dict:
@@ -173,85 +79,7 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _locate(key: str, tensors: dict[str, StoredTensor]) -> str | None:
-    """The stored key of a base checkpoint key: itself, or the one key ending in '.' + key (prefixed)."""
-    if key in tensors:
-        return key
-    candidates = [k for k in tensors if k.endswith("." + key)]
-    return candidates[0] if len(candidates) == 1 else None
-
-
 # ------------------------------------------------------------------------------------------------- the update
-
-
-@dataclass(frozen=True)
-class Update:
-    """weight·ΔW of one target of one adapter."""
-
-    adapter: AdapterFile
-    key: str
-    weight: float
-
-
-@dataclass
-class _Entry:
-    """One output tensor: key, dtype, shape, the source of its bytes, and the updates added in fp32."""
-
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-    source: StoredTensor | torch.Tensor
-    updates: list[Update] = field(default_factory=list)
-    transposed: bool = False  # stored in×out (HF Conv1D): add ΔWᵀ
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensor's data in the output file."""
-        return math.prod(self.shape) * ITEM_SIZE[self.dtype]
-
-
-def _low_rank(entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with A·Bᵀ = Σ w·ΔW in the tensor's storage layout (A's rows are the stored rows)."""
-    pairs = [(target_factors(u.adapter, u.key), u.weight) for u in entry.updates]
-    a = torch.cat([f.u * (f.values * weight) for f, weight in pairs], dim=1)
-    b = torch.cat([f.v for f, _ in pairs], dim=1)
-    return (b, a) if entry.transposed else (a, b)
-
-
-def _mentions_conv1d(model_type: str) -> bool:
-    """Whether the model type's modeling source calls Conv1D (read as text: no heavy import)."""
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
-    module = model_type_to_module_name(model_type)
-    try:
-        spec = importlib.util.find_spec(f"transformers.models.{module}.modeling_{module}")
-    except (ImportError, ValueError):
-        return False
-    return spec is not None and spec.origin is not None and "Conv1D(" in Path(spec.origin).read_text("utf-8")
-
-
-def _conv1d_keys(folder: Path, config: dict, keys: set[str]) -> set[str]:
-    """Target keys whose layer is an HF Conv1D (weight stored in×out), found on a meta-device base model;
-    built only for model types whose modeling code uses Conv1D (importing it costs seconds and ~80 MB)."""
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or not _mentions_conv1d(model_type):
-        return set()
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-    from transformers.pytorch_utils import Conv1D
-
-    name = MODEL_MAPPING_NAMES.get(model_type)
-    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
-    if model_class is None:
-        return set()
-    try:
-        with torch.device("meta"):
-            model = model_class(transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True))
-    except (OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{folder / CONFIG_FILE}: cannot build the model's layout: {reason}") from None
-    modules = dict(model.named_modules())
-    return {key for key in keys if isinstance(modules.get(key.removesuffix(".weight")), Conv1D)}
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -263,11 +91,11 @@ def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapte
              weights: Sequence[float]) -> dict[str, tuple[list[Update], bool]]:
     """Stored key -> (its updates, transposed), after checking every target against the checkpoint."""
     keys = {key for adapter in adapters for key in adapter.config.targets}
-    conv1d = _conv1d_keys(checkpoint.folder, config, keys)
+    conv1d = conv1d_keys(checkpoint.folder, config, keys)
     updates: dict[str, tuple[list[Update], bool]] = {}
     for path, adapter, weight in zip(files, adapters, weights):
         for key in adapter.config.targets:
-            stored = _locate(key, checkpoint.tensors)
+            stored = locate_key(key, checkpoint.tensors)
             if stored is None:
                 raise BaseMismatchError(f"{path}: targets {key}, which {checkpoint.folder} does not have "
                                         "(an adapter for another base?)")
@@ -282,192 +110,6 @@ def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapte
                                         f"{'x'.join(map(str, tensor.shape))} in {tensor.file}")
             updates.setdefault(stored, ([], key in conv1d))[0].append(Update(adapter, key, weight))
     return updates
-
-
-# ------------------------------------------------------------------------------------------ streaming writes
-
-
-def _read_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
-    done = 0
-    while done < len(view):
-        try:
-            count = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as e:
-            raise FormatError(f"{file}: cannot read: {e.strerror or e}") from None
-        if count == 0:
-            raise FormatError(f"{file}: ended early (changed while reading?)")
-        done += count
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while len(data):
-        data = data[os.write(fd, data):]
-
-
-def _send(dst: int, tensor: StoredTensor, src: int) -> None:
-    """Copy a tensor's bytes file to file inside the kernel (``sendfile``, as ``shutil.copyfile`` does)."""
-    done = 0
-    while done < tensor.nbytes:
-        count = os.sendfile(dst, src, tensor.offset + done, min(tensor.nbytes - done, _SEND_LIMIT))
-        if count == 0:
-            raise FormatError(f"{tensor.file}: ended early (changed while reading?)")
-        done += count
-
-
-class _Writer:
-    """Writes to one file in order from a background thread, at most ``DEPTH`` writes behind the caller, so
-    the kernel's copying overlaps the next block's reading and math (a block's buffer is reused ``DEPTH`` + 1
-    blocks later, when its write has finished)."""
-
-    DEPTH = 2
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self._pool = ThreadPoolExecutor(1)
-        self._pending: deque[Future] = deque()
-
-    def submit(self, write: Callable[..., None], *args: object) -> None:
-        """Queue ``write(fd, *args)``; raises the error of a finished earlier write."""
-        self._pending.append(self._pool.submit(write, self.fd, *args))
-        while len(self._pending) > self.DEPTH:
-            self._pending.popleft().result()
-
-    def drain(self) -> None:
-        """Wait for every queued write; raises the first error."""
-        while self._pending:
-            self._pending.popleft().result()
-
-    def stop(self) -> None:
-        """Drop queued writes and end the thread (after the write in progress)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _stream_rows(src: int, writer: _Writer, entry: _Entry, bar: tqdm) -> None:
-    """Write ``entry`` block by block: read stored rows, add the update's rows in fp32 (fp64), cast once."""
-    source = entry.source
-    rows = source.shape[0] if source.shape else 1
-    if rows == 0 or source.nbytes == 0:
-        return
-    cols, item = math.prod(source.shape) // rows, ITEM_SIZE[source.dtype]
-    compute = torch.float64 if source.dtype == "F64" else torch.float32
-    a, b = _low_rank(entry) if entry.updates else (None, None)
-    if a is not None:
-        a, b = a.to(compute), b.T.to(compute)
-    step = min(rows, max(1, CHUNK_BYTES // (cols * 4)))
-    slots = [_Slot(step, cols, source.dtype, compute, entry.dtype) for _ in range(_Writer.DEPTH + 1)]
-    for number, first in enumerate(range(0, rows, step)):
-        slot, count = slots[number % len(slots)], min(step, rows - first)
-        offset = source.offset + first * cols * item
-        _read_into(src, memoryview(slot.buffer)[: count * cols * item], offset, source.file)
-        if slot.work is not slot.stored:
-            slot.work[:count].copy_(slot.stored[:count])
-        if a is not None:
-            slot.work[:count].addmm_(a[first : first + count], b)
-        if slot.out is not slot.work:
-            slot.out[:count].copy_(slot.work[:count])
-        size = count * cols * slot.out.element_size()
-        writer.submit(_write_all, memoryview(slot.raw[:size]))
-        bar.update(size)
-
-
-class _Slot:
-    """Buffers for one block of rows, reused for every block (allocating them per block was 2x slower)."""
-
-    def __init__(self, rows: int, cols: int, stored: str, compute: torch.dtype, out: str):
-        self.buffer = bytearray(rows * cols * ITEM_SIZE[stored])
-        self.stored = torch.frombuffer(self.buffer, dtype=FLOAT_DTYPES[stored]).view(rows, cols)
-        same = self.stored.dtype == compute
-        self.work = self.stored if same else torch.empty(rows, cols, dtype=compute)
-        same = FLOAT_DTYPES[out] == compute
-        self.out = self.work if same else torch.empty(rows, cols, dtype=FLOAT_DTYPES[out])
-        self.raw = self.out.view(torch.uint8).numpy().reshape(-1)
-
-
-def _write_entry(entry: _Entry, writer: _Writer, sources: dict[Path, int], bar: tqdm) -> None:
-    source = entry.source
-    if isinstance(source, torch.Tensor):
-        data = source.detach().to(FLOAT_DTYPES[entry.dtype]).contiguous().reshape(-1).view(torch.uint8)
-        writer.submit(_write_all, memoryview(data.numpy()))
-    elif entry.updates or entry.dtype != source.dtype:
-        _stream_rows(sources[source.file], writer, entry, bar)
-        return
-    else:
-        writer.submit(_send, source, sources[source.file])
-    bar.update(entry.nbytes)
-
-
-def _header(entries: Sequence[_Entry], metadata: dict[str, str]) -> bytes:
-    """Length prefix and JSON header of a safetensors file (space-padded to 8 bytes, as safetensors does)."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for entry in entries:
-        header[entry.key] = {"dtype": entry.dtype, "shape": list(entry.shape),
-                             "data_offsets": [offset, offset + entry.nbytes]}
-        offset += entry.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _write_safetensors(path: Path, entries: Sequence[_Entry], metadata: dict[str, str],
-                       sources: dict[Path, int], bar: tqdm) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    writer = _Writer(fd)
-    try:
-        writer.submit(_write_all, memoryview(_header(entries, metadata)))
-        for entry in entries:
-            _write_entry(entry, writer, sources, bar)
-        writer.drain()
-    finally:
-        writer.stop()
-        os.close(fd)
-
-
-def _split(entries: Sequence[_Entry], max_bytes: int) -> list[list[_Entry]]:
-    """Consecutive entries in shards of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
-    shards: list[list[_Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        if shards[-1] and size + entry.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry.nbytes
-    return shards
-
-
-def _open_sources(entries: Sequence[_Entry], stack: ExitStack) -> dict[Path, int]:
-    sources = {}
-    for file in {e.source.file for e in entries if isinstance(e.source, StoredTensor)}:
-        try:
-            sources[file] = os.open(file, os.O_RDONLY)
-        except OSError as e:
-            raise FormatError(f"{file}: cannot read: {e.strerror or e}") from None
-        stack.callback(os.close, sources[file])
-    return sources
-
-
-def write_weights(folder: Path, entries: Sequence[_Entry], metadata: dict[str, str], max_bytes: int,
-                  *, desc: str, quiet: bool, single: str = SINGLE_FILE) -> None:
-    """Stream ``entries`` into the file ``single``, or into numbered shards and their index."""
-    shards = _split(entries, max_bytes)
-    names = [single] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    total = sum(e.nbytes for e in entries)
-    with ExitStack() as stack:
-        sources = _open_sources(entries, stack)
-        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                                       disable=quiet))
-        for name, shard in zip(names, shards):
-            _write_safetensors(folder / name, shard, metadata, sources, bar)
-    if len(shards) > 1:
-        weight_map = {e.key: name for name, shard in zip(names, shards) for e in shard}
-        _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "x", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _copy_extras(src: Path, dst: Path, skip: set[str]) -> None:
@@ -549,24 +191,6 @@ def _head_index(files: Sequence[Path], adapters: Sequence[AdapterFile], head_fro
     return matches[0]
 
 
-def _task_class(folder: Path, config: dict) -> tuple[str, str]:
-    """(class name, base_model_prefix) of the base's sequence- (or else image-) classification model."""
-    import transformers
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    model_type = config.get("model_type")
-    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(
-        model_type, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type))
-    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
-    if model_class is None:
-        raise ConfigError(f"{folder / CONFIG_FILE}: model_type {config.get('model_type')!r} has no "
-                          "classification model in transformers to merge a head adapter into")
-    return name, model_class.base_model_prefix
-
-
 def _majority_float_dtype(checkpoint: Checkpoint) -> str:
     sizes: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():
@@ -582,16 +206,16 @@ def _majority_float_dtype(checkpoint: Checkpoint) -> str:
 class _Plan:
     """Everything an output folder is made of."""
 
-    entries: list[_Entry]
+    entries: list[Entry]
     metadata: dict[str, str]
     config: dict | None = None  # config.json to write (None: copy the input's)
-    sidecar: list[_Entry] = field(default_factory=list)
+    sidecar: list[Entry] = field(default_factory=list)
 
 
 def _task_model(checkpoint: Checkpoint, config: dict, adapter: AdapterFile) -> tuple[str | None, dict, dict]:
     """What makes the output the head adapter's task model: the prefix for every base key (None when the
     base already is a prefixed checkpoint), the head tensors, and the new config.json."""
-    class_name, base_prefix = _task_class(checkpoint.folder, config)
+    class_name, base_prefix = task_class(checkpoint.folder, config)
     bare = not any(key.startswith(base_prefix + ".") for key in checkpoint.tensors)  # e.g. a BertModel
     labels = adapter.config.id2label
     head = {k: v for k, v in adapter.state.items() if k.startswith(adapter.config.head + ".")}
@@ -600,7 +224,7 @@ def _task_model(checkpoint: Checkpoint, config: dict, adapter: AdapterFile) -> t
         "label2id": {name: i for i, name in labels.items()}}
 
 
-def _merge_record(files: list[Path], weights: list[float], head: int | None, entries: list[_Entry],
+def _merge_record(files: list[Path], weights: list[float], head: int | None, entries: list[Entry],
                   changes: dict) -> str:
     """The JSON that unmerge reads back (RECORD_KEY): adapters by digest, and every change to undo."""
     return json.dumps({
@@ -625,12 +249,12 @@ def _merge_plan(checkpoint: Checkpoint, config: dict, files: list[Path], adapter
     for key, tensor in checkpoint.tensors.items():
         out_key = f"{prefix}.{key}" if prefix else key
         if out_key in head_tensors:  # the base already has a head: keep it aside for unmerge
-            replaced.append(_Entry(out_key, tensor.dtype, tensor.shape, tensor))
+            replaced.append(Entry(out_key, tensor.dtype, tensor.shape, tensor))
             continue
         found, transposed = updates.get(key, ([], False))
-        entries.append(_Entry(out_key, _cast(tensor.dtype, dtype), tensor.shape, tensor, found, transposed))
+        entries.append(Entry(out_key, _cast(tensor.dtype, dtype), tensor.shape, tensor, found, transposed))
     head_dtype = dtype or (replaced[0].dtype if replaced else _majority_float_dtype(checkpoint))
-    entries += [_Entry(k, head_dtype, tuple(v.shape), v) for k, v in head_tensors.items()]
+    entries += [Entry(k, head_dtype, tuple(v.shape), v) for k, v in head_tensors.items()]
     replaced_keys = [e.key for e in replaced]
     record = _merge_record(files, weights, head, entries, {
         "prefix": prefix, "added_head": [k for k in head_tensors if k not in replaced_keys],
@@ -647,7 +271,7 @@ def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, over
         pending = pool.submit(verify) if verify is not None else None
         _copy_extras(source, tmp, skip={CONFIG_FILE} if plan.config is not None else set())
         if plan.config is not None:
-            _write_json(tmp / CONFIG_FILE, plan.config)
+            write_json(tmp / CONFIG_FILE, plan.config)
         with one_torch_thread():
             if plan.sidecar:  # a classification head: small, always one file
                 write_weights(tmp, plan.sidecar, {"format": "pt"}, 1 << 62, desc="head", quiet=True,
@@ -726,11 +350,11 @@ def _recorded_weights(folder: Path, record: dict, files: Sequence[Path]) -> list
     return weights
 
 
-def _sidecar_entries(folder: Path, keys: list[str]) -> list[_Entry]:
+def _sidecar_entries(folder: Path, keys: list[str]) -> list[Entry]:
     tensors, _ = read_safetensors(folder / HEAD_SIDECAR)
     if sorted(tensors) != sorted(keys):
         raise FormatError(f"{folder / HEAD_SIDECAR}: does not hold the replaced head {keys}")
-    return [_Entry(k, t.dtype, t.shape, t) for k, t in tensors.items()]
+    return [Entry(k, t.dtype, t.shape, t) for k, t in tensors.items()]
 
 
 def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: list[Path],
@@ -744,7 +368,7 @@ def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: lis
         found, transposed = updates.get(key, ([], False))
         out_dtype = _cast(tensor.dtype, dtype) if dtype else record["base_dtypes"].get(key, tensor.dtype)
         base_key = key.removeprefix(prefix + ".") if prefix else key
-        entries.append(_Entry(base_key, out_dtype, tensor.shape, tensor, found, transposed))
+        entries.append(Entry(base_key, out_dtype, tensor.shape, tensor, found, transposed))
     if record["replaced_head"]:
         entries += _sidecar_entries(checkpoint.folder, record["replaced_head"])
     metadata = {k: v for k, v in checkpoint.metadata.items() if k != RECORD_KEY}

@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError, QpeftError
-from qpeft_deploy.io.fingerprint import strict_json
+from qpeft_deploy.io.strict_json import strict_json
 from qpeft_deploy.models import load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import DEFAULT_CACHE_BYTES, AdapterBank, Prediction, check_name
 

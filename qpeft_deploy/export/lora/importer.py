@@ -52,9 +52,11 @@ from qpeft_deploy.export.lora.export import (
     WEIGHTS_FILE,
     skeleton_model,
 )
-from qpeft_deploy.io.fingerprint import base_fingerprint, read_header, strict_json
+from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.model_io import adapter_from_model
 from qpeft_deploy.io.qpeft_file import write_adapter
+from qpeft_deploy.io.safetensors import read_header
+from qpeft_deploy.io.strict_json import strict_json
 from qpeft_deploy.models import MINILM, load_task_model, load_tokenizer, resolve_base
 from qpeft_deploy.training.train import evaluate, fit
 
