@@ -334,3 +334,15 @@ def test_load_adapter_state_is_all_or_nothing(model):
     with pytest.raises(ConfigError, match="NaN"):
         load_adapter_state(model, bad)
     assert all(torch.equal(v, fresh[k]) for k, v in adapter_state(model).items())
+
+
+def test_module_apply_works_on_an_adapted_model(model, batch):
+    """nn.Module.apply(fn) visits every module (init helpers and minLoRA-style code call it); circuits must not
+    shadow it."""
+    attach(model, rank=4)
+    visited = []
+    assert model.apply(lambda m: visited.append(type(m).__name__)) is model
+    assert visited.count("QuantumPeftLinear") == 37 and visited.count("PauliCircuit") == 2 * 37
+    before = logits(model, batch)
+    model.apply(lambda m: None)
+    assert torch.equal(logits(model, batch), before)

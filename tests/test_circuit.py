@@ -262,9 +262,9 @@ def test_large_columns_orthonormal_and_round_trip(dim):
     u64 = c.columns(64, torch.float64)
     assert (u64.T @ u64 - torch.eye(64, dtype=torch.float64)).abs().max() <= 1e-12
     x = torch.randn(dim, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    qx = c.apply(x)
-    assert torch.allclose(c.apply_t(qx), x, atol=1e-12)
-    assert torch.allclose(c.apply(c.apply_t(x)), x, atol=1e-12)
+    qx = c.rotate_columns(x)
+    assert torch.allclose(c.rotate_columns(qx, transpose=True), x, atol=1e-12)
+    assert torch.allclose(c.rotate_columns(c.rotate_columns(x, transpose=True)), x, atol=1e-12)
     # norm preserving, and genuinely mixing (not the identity)
     assert torch.allclose(qx.norm(dim=0), x.norm(dim=0), atol=1e-10)
     assert (qx - x).abs().max() > 0.1
@@ -347,17 +347,17 @@ def test_apply_matches_matrix(dim):
     x2 = torch.randn(dim, 5, dtype=torch.float64, generator=g)
     x1 = torch.randn(dim, dtype=torch.float64, generator=g)
     x3 = torch.randn(dim, 3, 2, dtype=torch.float64, generator=g)
-    assert torch.allclose(c.apply(x2), q @ x2, atol=1e-12)
-    assert torch.allclose(c.apply_t(x2), q.T @ x2, atol=1e-12)
-    assert c.apply(x1).shape == (dim,)
-    assert torch.allclose(c.apply(x1), q @ x1, atol=1e-12)
-    assert torch.allclose(c.apply_t(x1), q.T @ x1, atol=1e-12)
-    out3 = c.apply(x3)
+    assert torch.allclose(c.rotate_columns(x2), q @ x2, atol=1e-12)
+    assert torch.allclose(c.rotate_columns(x2, transpose=True), q.T @ x2, atol=1e-12)
+    assert c.rotate_columns(x1).shape == (dim,)
+    assert torch.allclose(c.rotate_columns(x1), q @ x1, atol=1e-12)
+    assert torch.allclose(c.rotate_columns(x1, transpose=True), q.T @ x1, atol=1e-12)
+    out3 = c.rotate_columns(x3)
     assert out3.shape == x3.shape
     assert torch.allclose(out3, torch.einsum("ij,jab->iab", q, x3), atol=1e-12)
     # fp32 input stays fp32
-    assert c.apply(x2.float()).dtype == torch.float32
-    assert torch.allclose(c.apply(x2.float()).double(), q @ x2, atol=1e-5)
+    assert c.rotate_columns(x2.float()).dtype == torch.float32
+    assert torch.allclose(c.rotate_columns(x2.float()).double(), q @ x2, atol=1e-5)
 
 
 @pytest.mark.parametrize("dim", [8, 40])
@@ -497,9 +497,9 @@ def test_bad_columns_and_vector_size():
     with pytest.raises(ConfigError):
         c.rotate(torch.zeros(3, 7))
     with pytest.raises(ConfigError):
-        c.apply(torch.zeros(9, 2))
+        c.rotate_columns(torch.zeros(9, 2))
     with pytest.raises(ConfigError):
-        c.apply_t(torch.zeros(4))
+        c.rotate_columns(torch.zeros(4), transpose=True)
     assert c.columns(8).shape == (8, 8)
     # ConfigError is a ValueError (one exception family)
     assert issubclass(ConfigError, ValueError)

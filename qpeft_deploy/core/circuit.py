@@ -315,15 +315,9 @@ class PauliCircuit(nn.Module):
             raise ConfigError(f"circuit of size {self.dim} got vectors of size {x.shape[-1]}")
         return rotate(self.schedule, self.angles().to(x.dtype), x, transpose)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Q·X for X of shape (dim,) or (dim, *batch)."""
-        return self._columns_op(x, transpose=False)
-
-    def apply_t(self, x: torch.Tensor) -> torch.Tensor:
-        """Qᵀ·X for X of shape (dim,) or (dim, *batch)."""
-        return self._columns_op(x, transpose=True)
-
-    def _columns_op(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def rotate_columns(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Q·X (or Qᵀ·X) for X of shape (dim,) or (dim, *batch). (Not ``apply``: nn.Module.apply(fn) must keep
+        working on adapted models.)"""
         rows = x.reshape(x.shape[0], -1).T
         return self.rotate(rows, transpose).T.reshape(x.shape)
 
