@@ -58,3 +58,7 @@ import_group.add_command(import_lora_command)
 def main() -> None:
     """Console-script entry point."""
     sys.exit(cli.main(prog_name="qpeft", standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()
