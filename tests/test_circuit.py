@@ -82,7 +82,7 @@ def dense_from_schedule(schedule, theta: np.ndarray) -> np.ndarray:
 
 
 def dense_from_spec(dim: int, layers: int, theta: np.ndarray, first: int = 0) -> tuple[np.ndarray, int]:
-    """Dense Q written from METHOD.md alone (no schedule objects); returns (Q, next angle index).
+    """Dense Q written from docs/METHOD.md alone (no schedule objects); returns (Q, next angle index).
 
     Angle order: depth first, first summand, second summand, then φ; inside a block stage by stage,
     ascending qubits.
@@ -113,7 +113,7 @@ def dense_from_spec(dim: int, layers: int, theta: np.ndarray, first: int = 0) ->
 
 
 def np_apply_spec(dim: int, layers: int, theta: np.ndarray, x: np.ndarray, first: int = 0) -> tuple[np.ndarray, int]:
-    """Q @ x (x: dim × B) one qubit at a time (no Kronecker grouping), following METHOD.md; for large dims."""
+    """Q @ x (x: dim × B) one qubit at a time (no Kronecker grouping), following docs/METHOD.md; for large dims."""
     n = dim.bit_length() - 1
     size = 1 << n
     idx = first

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import click
 
-from qpeft_deploy.core.quantize import ANGLE_BITS
-from qpeft_deploy.io.file_tools import KEEP, inspect_adapter, pack_adapter, verify_adapter
+from qpeft_deploy.cli.choices import ANGLE_BITS, KEEP
 
 BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
 FILE = click.Path(dir_okay=False, path_type=Path)
@@ -45,6 +44,8 @@ def pack_command(
     quiet: bool,
 ) -> None:
     """Re-pack an adapter file ADAPTER with other storage options."""
+    from qpeft_deploy.io.file_tools import pack_adapter
+
     out = pack_adapter(
         adapter,
         output,
@@ -94,6 +95,8 @@ def _human(summary: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(adapter: Path, as_json: bool) -> None:
     """Describe an adapter file (targets, K, L, sizes by part, bits, fingerprint); needs no base model."""
+    from qpeft_deploy.io.file_tools import inspect_adapter
+
     summary = inspect_adapter(adapter)
     click.echo(json.dumps(summary, indent=2, ensure_ascii=False) if as_json else _human(summary))
 
@@ -106,6 +109,8 @@ def inspect_command(adapter: Path, as_json: bool) -> None:
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 def verify_command(adapter: Path, base: str | None, quiet: bool) -> None:
     """Check an adapter file: structure, finite values, orthonormal U/V, and (--base) the fingerprint."""
+    from qpeft_deploy.io.file_tools import verify_adapter
+
     report = verify_adapter(adapter, base=base)
     if not quiet:
         click.echo(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
+from qpeft_deploy.cli.choices import LORA_DTYPES, LORA_TASK_TYPES
 from qpeft_deploy.cli.options import base_option, quiet_option
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.export.lora.export import DTYPES, TASK_MODELS, export_lora
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
@@ -30,14 +30,14 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 )
 @click.option(
     "--task-type",
-    type=click.Choice(list(TASK_MODELS)),
+    type=click.Choice(LORA_TASK_TYPES),
     default=None,
     help="PEFT task type naming the modules (default: SEQ_CLS with a head, else FEATURE_EXTRACTION; "
     "CAUSAL_LM for decoder LLMs served by vLLM or LoRAX).",
 )
 @click.option(
     "--dtype",
-    type=click.Choice(list(DTYPES)),
+    type=click.Choice(LORA_DTYPES),
     default="fp32",
     show_default=True,
     help="Precision of lora_A, lora_B and the head.",
@@ -63,6 +63,8 @@ def export_lora_command(
     quiet: bool,
 ) -> None:
     """Write the adapter file ADAPTER as a PEFT LoRA folder whose ΔW equals α·U diag(λ) Vᵀ exactly."""
+    from qpeft_deploy.export.lora.export import export_lora
+
     report = export_lora(
         adapter,
         output,

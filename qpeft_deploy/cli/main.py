@@ -10,6 +10,7 @@ import sys
 import click
 
 from qpeft_deploy import __version__
+from qpeft_deploy.cli.data import data_group
 from qpeft_deploy.cli.files import inspect_command, pack_command, verify_command
 from qpeft_deploy.cli.lora import export_lora_command, import_lora_command
 from qpeft_deploy.cli.merge import merge_command, unmerge_command
@@ -47,7 +48,7 @@ def import_group() -> None:
 
 
 for command in (train_command, eval_command, pack_command, inspect_command, verify_command, merge_command,
-                unmerge_command, serve_command):
+                unmerge_command, serve_command, data_group):
     cli.add_command(command)
 for command in (export_onnx_command, export_onnx_adapter_command, export_lora_command):
     export_group.add_command(command)
@@ -57,3 +58,7 @@ import_group.add_command(import_lora_command)
 def main() -> None:
     """Console-script entry point."""
     sys.exit(cli.main(prog_name="qpeft", standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
+from qpeft_deploy.cli.choices import DEFAULT_MAX_SHARD_SIZE, KEEP
 from qpeft_deploy.cli.options import base_option, quiet_option
-from qpeft_deploy.merge.checkpoint import DEFAULT_MAX_SHARD_SIZE, KEEP, merge_checkpoint, unmerge_checkpoint
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
@@ -66,6 +66,8 @@ def merge_command(base: str, adapters: tuple[Path, ...], weights: tuple[float, .
                   output: Path, dtype: str, max_shard_size: str, overwrite: bool, force: bool,
                   quiet: bool) -> None:
     """Merge adapters into a base checkpoint (streamed, sharded, atomic); a head makes the task model."""
+    from qpeft_deploy.merge.checkpoint import merge_checkpoint
+
     with sigterm_unwinds():
         out = merge_checkpoint(base, adapters, output, weights=weights, head_from=head_from, dtype=dtype,
                                max_shard_size=max_shard_size, overwrite=overwrite, force=force, quiet=quiet)
@@ -86,6 +88,8 @@ def merge_command(base: str, adapters: tuple[Path, ...], weights: tuple[float, .
 def unmerge_command(merged: Path, adapters: tuple[Path, ...], output: Path, dtype: str, max_shard_size: str,
                     overwrite: bool, quiet: bool) -> None:
     """Take merged adapters out again: restores the base checkpoint (exact to ~1e-7 for fp32 weights)."""
+    from qpeft_deploy.merge.checkpoint import unmerge_checkpoint
+
     with sigterm_unwinds():
         out = unmerge_checkpoint(merged, adapters, output, dtype=dtype, max_shard_size=max_shard_size,
                                  overwrite=overwrite, quiet=quiet)

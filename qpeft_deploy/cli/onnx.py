@@ -7,17 +7,13 @@ from pathlib import Path
 
 import click
 
+from qpeft_deploy.cli.choices import ONNX_APPLIES as APPLIES
+from qpeft_deploy.cli.choices import ONNX_DTYPES as DTYPES
+from qpeft_deploy.cli.choices import ONNX_MODES as MODES
+from qpeft_deploy.cli.choices import ONNX_SWAPS as SWAPS
+from qpeft_deploy.cli.choices import ONNX_TASKS as TASKS
+from qpeft_deploy.cli.choices import ONNX_VIAS as VIAS
 from qpeft_deploy.cli.options import base_option, quiet_option
-from qpeft_deploy.export.onnx.export import (
-    APPLIES,
-    DTYPES,
-    MODES,
-    SWAPS,
-    TASKS,
-    VIAS,
-    export_onnx,
-    export_onnx_adapter,
-)
 
 SWAP_HELP = (
     "swappable adapters carry: factors (materialised U, V: fast runs, LoRA-sized files) or angles "
@@ -76,6 +72,8 @@ SWAP_HELP = (
 @quiet_option
 def export_onnx_command(base: str, adapter: Path, output: Path, **options) -> None:
     """Export a base model with an adapter to ONNX."""
+    from qpeft_deploy.export.onnx.export import export_onnx
+
     click.echo(json.dumps(export_onnx(base, adapter, output, **options), indent=2))
 
 
@@ -91,4 +89,6 @@ def export_onnx_command(base: str, adapter: Path, output: Path, **options) -> No
 )
 def export_onnx_adapter_command(adapter: Path, swap: str, output: Path) -> None:
     """Write ADAPTER as an onnxruntime adapter file for a swappable export."""
+    from qpeft_deploy.export.onnx.export import export_onnx_adapter
+
     click.echo(json.dumps(export_onnx_adapter(adapter, output, swap=swap)))

@@ -7,7 +7,6 @@ import json
 import click
 
 from qpeft_deploy.cli.options import base_option, quiet_option
-from qpeft_deploy.training.train import TrainSpec, evaluate_adapter, train_adapter
 
 
 def parse_targets(value: str) -> str | list[str]:
@@ -57,6 +56,8 @@ def parse_rank(value: str) -> int | str:
 def train_command(base: str, task: str, targets: str, rank: str, output: str, no_eval: bool, quiet: bool,
                   **options) -> None:
     """Train an adapter (angles, λ and the task head) on a text- or image-classification task."""
+    from qpeft_deploy.training.train import TrainSpec, train_adapter
+
     spec = TrainSpec(base=base, task=task, targets=parse_targets(targets), rank=parse_rank(rank), **options)
     report = train_adapter(spec, output, evaluate=not no_eval, quiet=quiet)
     click.echo(json.dumps(report, indent=2))
@@ -73,6 +74,8 @@ def train_command(base: str, task: str, targets: str, rank: str, output: str, no
 def eval_command(base: str, adapter: str, task: str, max_examples: int | None, max_length: int, force: bool,
                  quiet: bool) -> None:
     """Evaluate an adapter on a task's test split."""
+    from qpeft_deploy.training.train import evaluate_adapter
+
     report = evaluate_adapter(base, adapter, task, max_examples=max_examples, max_length=max_length,
                               force=force, quiet=quiet)
     click.echo(json.dumps(report, indent=2))

@@ -71,7 +71,7 @@ def data_file(package: str, relative: str) -> Path:
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise ConfigError(f"{package}: package is not installed (needed for its data file {relative})")
+        raise ConfigError(f"{package}: not installed (has the data file {relative}); run: qpeft data install")
     path = Path(locations[0]) / relative
     if not path.is_file():
         raise ConfigError(f"{path}: data file missing from the installed {package} package")

