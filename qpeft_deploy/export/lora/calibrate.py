@@ -14,7 +14,7 @@ from torch import nn
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import attach_exact, load_adapter_state
 from qpeft_deploy.core.keys import module_name_for_key, target_prefix
-from qpeft_deploy.data.text import load_task
+from qpeft_deploy.data.text import TaskData, load_task
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.lora.peft_folder import LoraAdapter, target_keys
 from qpeft_deploy.io.qpeft_file import adapter_from_model
@@ -51,25 +51,24 @@ class Calibration:
     max_length: int = 128
 
 
-def calibrate(
-    adapter: AdapterFile, lora: LoraAdapter, base: str, spec: Calibration, seed: int = 0, quiet: bool = True
-) -> tuple[AdapterFile, dict]:
-    """Fine-tune the circuits (and λ and head) on task data; returns the new adapter and accuracies."""
+def _task_data(adapter: AdapterFile, lora: LoraAdapter, spec: Calibration, seed: int) -> TaskData:
+    """The task's examples, after checking the head has one output per label."""
     if adapter.config.head is None:
         raise ConfigError(f"{lora.path}: the LoRA has no classification head; --calibrate needs one")
     data = load_task(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=seed)
-    id2label = dict(enumerate(data.labels))
-    if len(id2label) != len(adapter.config.id2label):
+    if len(data.labels) != len(adapter.config.id2label):
         raise ConfigError(
             f"{lora.path}: the head has {len(adapter.config.id2label)} outputs but task "
-            f"{spec.task} has {len(id2label)} labels"
+            f"{spec.task} has {len(data.labels)} labels"
         )
-    config, tokenizer = adapter.config, load_tokenizer(base)
-    config.id2label = id2label
-    measure = {"max_length": spec.max_length, "quiet": quiet}
-    accuracy = {"lora": evaluate(lora_reference_model(lora, base, id2label), tokenizer, data.test, **measure)}
+    return data
+
+
+def _adapted_model(adapter: AdapterFile, base: str, seed: int) -> nn.Module:
+    """The base task model with ``adapter``'s layers attached and its state loaded, ready to train."""
+    config = adapter.config
     model = attach_exact(
-        load_task_model(base, id2label, seed),
+        load_task_model(base, config.id2label, seed),
         config.targets,
         config.layers,
         config.alpha,
@@ -78,7 +77,24 @@ def calibrate(
         seed,
     )
     load_adapter_state(model, adapter.state)
-    accuracy["before"] = evaluate(model, tokenizer, data.test, **measure)
+    return model
+
+
+def calibrate(
+    adapter: AdapterFile, lora: LoraAdapter, base: str, spec: Calibration, seed: int = 0, quiet: bool = True
+) -> tuple[AdapterFile, dict]:
+    """Fine-tune the circuits (and λ and head) on task data; returns the new adapter and accuracies."""
+    data = _task_data(adapter, lora, spec, seed)
+    adapter.config.id2label = data.id2label
+    tokenizer = load_tokenizer(base)
+
+    def accuracy(model: nn.Module) -> float:
+        metrics = evaluate(model, tokenizer, data.test, max_length=spec.max_length, quiet=quiet)
+        return round(metrics["accuracy"], 4)
+
+    report = {"lora": accuracy(lora_reference_model(lora, base, adapter.config.id2label))}
+    model = _adapted_model(adapter, base, seed)
+    report["before"] = accuracy(model)
     fit(
         model,
         tokenizer,
@@ -91,13 +107,11 @@ def calibrate(
         seed=seed,
         quiet=quiet,
     )
-    accuracy["after"] = evaluate(model, tokenizer, data.test, **measure)
+    report["after"] = accuracy(model)
     calibrated = adapter_from_model(model, base)
-    calibrated.config.extra = dict(config.extra)
-    report = {name: round(m["accuracy"], 4) for name, m in accuracy.items()}
+    calibrated.config.extra = dict(adapter.config.extra)
     return calibrated, report | {
         "task": spec.task,
         "train_examples": len(data.train),
         "test_examples": len(data.test),
     }
-

@@ -94,18 +94,10 @@ def _rank_config(ranks: dict[str, int]) -> dict:
     return {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
 
 
-def peft_files(
-    adapter: AdapterFile,
-    model: nn.Module,
-    path: Path,
-    *,
-    base_name: str,
-    task_type: str,
-    dtype: str = "fp32",
-    balanced: bool = False,
-    drop_head: bool = False,
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The PEFT ``adapter_config.json`` (as a dict) and tensors of ``adapter`` on the skeleton ``model``."""
+def _lora_tensors(
+    adapter: AdapterFile, model: nn.Module, path: Path, dtype: torch.dtype, balanced: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int], bool]:
+    """(lora_A/lora_B tensors, rank by target module, whether any target is a Conv1D) of the active targets."""
     tensors, ranks, conv1d = {}, {}, False
     for key in adapter.config.targets:
         name, module = _module_of(model, adapter, key, path)
@@ -117,15 +109,18 @@ def peft_files(
         lora_a, lora_b = peft_layout(module, lora_a, lora_b)
         target = name.removeprefix(f"{model.base_model_prefix}.")
         ranks[target], conv1d = lora_a.shape[0], conv1d or isinstance(module, Conv1D)
-        tensors[lora_key(name, "A")] = torch.from_numpy(lora_a).to(DTYPES[dtype])
-        tensors[lora_key(name, "B")] = torch.from_numpy(lora_b).to(DTYPES[dtype])
+        tensors[lora_key(name, "A")] = torch.from_numpy(lora_a).to(dtype)
+        tensors[lora_key(name, "B")] = torch.from_numpy(lora_b).to(dtype)
     if not ranks:
         raise ConfigError(f"{path}: every direction of every target is masked or zero: nothing to export")
-    head = None if drop_head else adapter.config.head
-    if head is not None:
-        for name, tensor in adapter.head_state().items():
-            tensors[saved_key(head, name)] = tensor.to(DTYPES[dtype])
-    config = {
+    return tensors, ranks, conv1d
+
+
+def _peft_config(
+    task_type: str, base_name: str, ranks: dict[str, int], conv1d: bool, head: str | None
+) -> dict:
+    """``adapter_config.json`` of an inference-only LoRA with these per-module ranks, every scale 1."""
+    return {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_name,
@@ -143,6 +138,26 @@ def peft_files(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+
+
+def peft_files(
+    adapter: AdapterFile,
+    model: nn.Module,
+    path: Path,
+    *,
+    base_name: str,
+    task_type: str,
+    dtype: str = "fp32",
+    balanced: bool = False,
+    drop_head: bool = False,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The PEFT ``adapter_config.json`` (as a dict) and tensors of ``adapter`` on the skeleton ``model``."""
+    tensors, ranks, conv1d = _lora_tensors(adapter, model, path, DTYPES[dtype], balanced)
+    head = None if drop_head else adapter.config.head
+    if head is not None:
+        for name, tensor in adapter.head_state().items():
+            tensors[saved_key(head, name)] = tensor.to(DTYPES[dtype])
+    config = _peft_config(task_type, base_name, ranks, conv1d, head)
     return config, {k: t.contiguous() for k, t in tensors.items()}
 
 
