@@ -28,8 +28,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from benchmarks.common import machine_info, markdown_table, write_results
 from qpeft_deploy.data.text import load_task
-from qpeft_deploy.export.lora.export import WEIGHTS_FILE, export_lora
-from qpeft_deploy.export.lora.importer import Calibration, import_lora, read_lora
+from qpeft_deploy.export.lora.calibrate import Calibration
+from qpeft_deploy.export.lora.export import export_lora
+from qpeft_deploy.export.lora.importer import import_lora
+from qpeft_deploy.export.lora.peft_folder import WEIGHTS_FILE, read_lora
 from qpeft_deploy.io.model_io import load_adapted_model
 from qpeft_deploy.models import load_task_model, load_tokenizer
 from qpeft_deploy.training.train import evaluate, fit

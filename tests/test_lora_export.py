@@ -22,8 +22,9 @@ from qpeft_deploy.cli.lora import export_lora_command
 from qpeft_deploy.cli.main import QpeftGroup
 from qpeft_deploy.core.attach import adapted_layers, attach, detach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.export.lora.export import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, export_lora, lora_pair
+from qpeft_deploy.export.lora.export import export_lora, lora_pair
 from qpeft_deploy.export.lora.importer import import_lora
+from qpeft_deploy.export.lora.peft_folder import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE
 from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize

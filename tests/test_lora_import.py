@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy.export.lora.importer: Stiefel logarithm, exact Taylor import of real PEFT LoRA, Pauli fits."""
+"""Tests of qpeft_deploy.export.lora.importer and .peft_folder: exact Taylor import of real PEFT LoRA, Pauli fits."""
 
 from __future__ import annotations
 
@@ -12,32 +12,28 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from qpeft_deploy.cli.lora import import_lora_command
 from qpeft_deploy.cli.main import QpeftGroup
 from qpeft_deploy.core.circuit import PauliCircuit
-from qpeft_deploy.core.taylor import stiefel_exp
+from qpeft_deploy.core.taylor import stiefel_exp, stiefel_log
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.export.lora import importer as lora_import
+from qpeft_deploy.export.lora.calibrate import Calibration
 from qpeft_deploy.export.lora.importer import (
-    Calibration,
-    LoraLayer,
     align,
     convert_lora,
     fit_pauli,
     import_lora,
     lora_svd,
-    read_lora,
     relative_errors,
-    stiefel_log,
 )
+from qpeft_deploy.export.lora.peft_folder import LoraLayer, read_lora
 from qpeft_deploy.io.model_io import load_adapted_model
 from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
+from tests.test_taylor import random_frame
 
 LABELS = {0: "rotten", 1: "fresh"}
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "not bad at all"]
@@ -93,50 +89,6 @@ def small(lora, tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs():
     return tokenize(load_tokenizer("minilm"), TEXTS)
-
-
-def random_frame(n: int, k: int, rng: np.random.Generator, scale: float) -> np.ndarray:
-    a = rng.standard_normal(k * (k - 1) // 2) * scale
-    b = rng.standard_normal((n - k, k)) * scale
-    return stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy()
-
-
-@settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 12), data=st.data())
-def test_stiefel_log_inverts_stiefel_exp(n, data):
-    k = data.draw(st.integers(1, n))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    u = random_frame(n, k, rng, data.draw(st.sampled_from([0.0, 0.1, 1.0, 3.0])))
-    a, b = stiefel_log(u)
-    assert a.shape == (k * (k - 1) // 2,) and b.shape == (n - k, k)
-    np.testing.assert_allclose(stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy(), u, atol=1e-10)
-
-
-@pytest.mark.parametrize("n, k", [(384, 8), (1536, 8), (384, 16)])
-def test_stiefel_log_of_random_subspaces(n, k):
-    """SVD frames of a LoRA are generic: nearly orthogonal to the base point's span, the hard case."""
-    rng = np.random.default_rng(n + k)
-    u, _, v = align(
-        np.linalg.qr(rng.standard_normal((n, k)))[0],
-        rng.standard_normal(k),
-        np.linalg.qr(rng.standard_normal((n, k)))[0],
-    )
-    for frame in (u, v):
-        a, b = stiefel_log(frame)
-        np.testing.assert_allclose(
-            stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy(), frame, atol=1e-10
-        )
-
-
-def test_newton_finishes_where_zimmermann_stops(monkeypatch):
-    monkeypatch.setattr(lora_import, "ZIMMERMANN_STEPS", 2)
-    rng = np.random.default_rng(3)
-    for n, k in [(30, 4), (12, 8)]:
-        u = random_frame(n, k, rng, 1.5)
-        a, b = stiefel_log(u)
-        np.testing.assert_allclose(
-            stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy(), u, atol=1e-10
-        )
 
 
 def test_taylor_round_trip_of_random_taylor_parameters():

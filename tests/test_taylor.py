@@ -1,12 +1,18 @@
-"""Tests of qpeft_deploy.core.taylor: the low-rank Stiefel exponential against the dense matrix exponential."""
+"""Tests of qpeft_deploy.core.taylor: the low-rank Stiefel exponential against the dense matrix exponential, and
+the Stiefel logarithm that inverts it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from qpeft_deploy.core.taylor import TaylorFrame, stiefel_exp
+from qpeft_deploy.core import taylor
+from qpeft_deploy.core.taylor import TaylorFrame, stiefel_exp, stiefel_log
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.export.lora.importer import align
 
 
 def random_params(n: int, k: int, seed: int, scale: float = 0.5):
@@ -135,3 +141,47 @@ def test_bad_columns():
         frame.columns(4)
     with pytest.raises(ConfigError):
         frame.columns(0)
+
+
+def random_frame(n: int, k: int, rng: np.random.Generator, scale: float) -> np.ndarray:
+    a = rng.standard_normal(k * (k - 1) // 2) * scale
+    b = rng.standard_normal((n - k, k)) * scale
+    return stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), data=st.data())
+def test_stiefel_log_inverts_stiefel_exp(n, data):
+    k = data.draw(st.integers(1, n))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    u = random_frame(n, k, rng, data.draw(st.sampled_from([0.0, 0.1, 1.0, 3.0])))
+    a, b = stiefel_log(u)
+    assert a.shape == (k * (k - 1) // 2,) and b.shape == (n - k, k)
+    np.testing.assert_allclose(stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy(), u, atol=1e-10)
+
+
+@pytest.mark.parametrize("n, k", [(384, 8), (1536, 8), (384, 16)])
+def test_stiefel_log_of_random_subspaces(n, k):
+    """SVD frames of a LoRA are generic: nearly orthogonal to the base point's span, the hard case."""
+    rng = np.random.default_rng(n + k)
+    u, _, v = align(
+        np.linalg.qr(rng.standard_normal((n, k)))[0],
+        rng.standard_normal(k),
+        np.linalg.qr(rng.standard_normal((n, k)))[0],
+    )
+    for frame in (u, v):
+        a, b = stiefel_log(frame)
+        np.testing.assert_allclose(
+            stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy(), frame, atol=1e-10
+        )
+
+
+def test_newton_finishes_where_zimmermann_stops(monkeypatch):
+    monkeypatch.setattr(taylor, "ZIMMERMANN_STEPS", 2)
+    rng = np.random.default_rng(3)
+    for n, k in [(30, 4), (12, 8)]:
+        u = random_frame(n, k, rng, 1.5)
+        a, b = stiefel_log(u)
+        np.testing.assert_allclose(
+            stiefel_exp(torch.from_numpy(a), torch.from_numpy(b)).numpy(), u, atol=1e-10
+        )

@@ -132,7 +132,8 @@ def import_lora_command(
 ) -> None:
     """Convert the PEFT LoRA folder PEFT_DIR into a .qpeft adapter; prints a JSON report."""
     try:  # scipy (the matrix logarithm, the assignment) is the optional extra qpeft-deploy[lora]
-        from qpeft_deploy.export.lora.importer import Calibration, import_lora
+        from qpeft_deploy.export.lora.calibrate import Calibration
+        from qpeft_deploy.export.lora.importer import import_lora
     except ModuleNotFoundError as e:
         raise ConfigError(f"qpeft import lora needs {e.name}: pip install 'qpeft-deploy[lora]'") from None
     if task is None and (max_examples is not None or max_test is not None):

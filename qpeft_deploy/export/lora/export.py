@@ -9,71 +9,38 @@ target whose directions are all masked (or λ = 0) is left out. An nn.Conv2d tar
 kernel) becomes PEFT's conv LoRA: ``lora_A`` an (r, in, kh, kw) kernel, ``lora_B`` a 1×1 conv (N, r, 1, 1).
 Targets are named by their module path without the model prefix (``encoder.layer.0.attention.self.query``),
 which PEFT matches by suffix; the head goes to ``modules_to_save``. No local path is written:
-``base_model_name_or_path`` is a hub id or a folder name.
-
-The folder mirrors what PEFT 0.21.2's ``save_pretrained`` writes: ``adapter_config.json`` and
-``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
-``base_model.model.<head>.weight`` / ``.bias`` (no adapter name inside the keys).
+``base_model_name_or_path`` is a hub id or a folder name. The folder layout is :mod:`.peft_folder`'s.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.factors import target_factors
-from qpeft_deploy.core.keys import module_name_for_key
+from qpeft_deploy.core.keys import module_name_for_key, target_prefix
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError
+from qpeft_deploy.export.lora.peft_folder import (
+    TASK_MODELS,
+    WEIGHTS_FILE,
+    lora_key,
+    saved_key,
+    skeleton_model,
+    write_folder,
+)
 from qpeft_deploy.io.fingerprint import check_base
 from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import MINILM, resolve_base
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# The PEFT task types export and import name modules for, and the transformers Auto class of each.
-TASK_MODELS = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "FEATURE_EXTRACTION": "AutoModel",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-}
-# What an output folder may hold for export to replace it: a previous export (PEFT also writes README.md).
-REPLACEABLE = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
-
-
-def skeleton_model(base: str, task_type: str, num_labels: int = 2) -> nn.Module:
-    """The base's model for a PEFT task type (SEQ_CLS: ``num_labels`` outputs) on the meta device."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    folder, previous = resolve_base(base), hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        config = transformers.AutoConfig.from_pretrained(
-            str(folder), num_labels=num_labels, local_files_only=True
-        )
-        with torch.device("meta"):
-            return getattr(transformers, TASK_MODELS[task_type]).from_config(config)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"{folder}: cannot build the model skeleton: {str(e).splitlines()[0][:200]}"
-        ) from None
-    finally:
-        hf_logging.set_verbosity(previous)
 
 
 def lora_pair(
@@ -107,7 +74,7 @@ def base_model_name(base: str, base_name: str | None) -> str:
 
 def _module_of(model: nn.Module, adapter: AdapterFile, key: str, path: Path) -> tuple[str, nn.Module]:
     try:
-        name = module_name_for_key(model, key.removesuffix(".weight"))
+        name = module_name_for_key(model, target_prefix(key))
     except ConfigError:
         raise BaseMismatchError(f"{path}: target {key} is not a module of {type(model).__name__}") from None
     module = model.get_submodule(name)
@@ -127,18 +94,10 @@ def _rank_config(ranks: dict[str, int]) -> dict:
     return {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
 
 
-def peft_files(
-    adapter: AdapterFile,
-    model: nn.Module,
-    path: Path,
-    *,
-    base_name: str,
-    task_type: str,
-    dtype: str = "fp32",
-    balanced: bool = False,
-    drop_head: bool = False,
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The PEFT ``adapter_config.json`` (as a dict) and tensors of ``adapter`` on the skeleton ``model``."""
+def _lora_tensors(
+    adapter: AdapterFile, model: nn.Module, path: Path, dtype: torch.dtype, balanced: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int], bool]:
+    """(lora_A/lora_B tensors, rank by target module, whether any target is a Conv1D) of the active targets."""
     tensors, ranks, conv1d = {}, {}, False
     for key in adapter.config.targets:
         name, module = _module_of(model, adapter, key, path)
@@ -150,15 +109,18 @@ def peft_files(
         lora_a, lora_b = peft_layout(module, lora_a, lora_b)
         target = name.removeprefix(f"{model.base_model_prefix}.")
         ranks[target], conv1d = lora_a.shape[0], conv1d or isinstance(module, Conv1D)
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = torch.from_numpy(lora_a).to(DTYPES[dtype])
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = torch.from_numpy(lora_b).to(DTYPES[dtype])
+        tensors[lora_key(name, "A")] = torch.from_numpy(lora_a).to(dtype)
+        tensors[lora_key(name, "B")] = torch.from_numpy(lora_b).to(dtype)
     if not ranks:
         raise ConfigError(f"{path}: every direction of every target is masked or zero: nothing to export")
-    head = None if drop_head else adapter.config.head
-    if head is not None:
-        for name, tensor in adapter.head_state().items():
-            tensors[f"{KEY_PREFIX}{head}.{name}"] = tensor.to(DTYPES[dtype])
-    config = {
+    return tensors, ranks, conv1d
+
+
+def _peft_config(
+    task_type: str, base_name: str, ranks: dict[str, int], conv1d: bool, head: str | None
+) -> dict:
+    """``adapter_config.json`` of an inference-only LoRA with these per-module ranks, every scale 1."""
+    return {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_name,
@@ -176,41 +138,27 @@ def peft_files(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+
+
+def peft_files(
+    adapter: AdapterFile,
+    model: nn.Module,
+    path: Path,
+    *,
+    base_name: str,
+    task_type: str,
+    dtype: str = "fp32",
+    balanced: bool = False,
+    drop_head: bool = False,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The PEFT ``adapter_config.json`` (as a dict) and tensors of ``adapter`` on the skeleton ``model``."""
+    tensors, ranks, conv1d = _lora_tensors(adapter, model, path, DTYPES[dtype], balanced)
+    head = None if drop_head else adapter.config.head
+    if head is not None:
+        for name, tensor in adapter.head_state().items():
+            tensors[saved_key(head, name)] = tensor.to(DTYPES[dtype])
+    config = _peft_config(task_type, base_name, ranks, conv1d, head)
     return config, {k: t.contiguous() for k, t in tensors.items()}
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode follows the umask
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_folder(output: Path, files: dict[str, bytes]) -> Path:
-    """Write ``files`` to a temporary folder beside ``output``, then rename it (replacing only an empty folder
-    or a previous export)."""
-    output = Path(output)
-    if output.exists() and not (output.is_dir() and {p.name for p in output.iterdir()} <= REPLACEABLE):
-        raise ConfigError(
-            f"{output}: exists and is not an exported PEFT folder; remove it or choose another -o"
-        )
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
-    old = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.old")
-    try:
-        os.mkdir(tmp)  # 0o777 & ~umask, unlike tempfile.mkdtemp's 0o700
-        for name, data in files.items():
-            _write_file(tmp / name, data)
-        if output.exists():
-            os.rename(output, old)
-        os.rename(tmp, output)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not output.exists():
-            os.rename(old, output)
-        raise ConfigError(f"{output}: cannot write: {e.strerror or e}") from None
-    shutil.rmtree(old, ignore_errors=True)
-    return output
 
 
 def _task_type(adapter: AdapterFile, path: Path, task_type: str | None, drop_head: bool) -> str:
@@ -254,11 +202,7 @@ def export_lora(
         balanced=balanced,
         drop_head=drop_head,
     )
-    files = {
-        CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode(),
-        WEIGHTS_FILE: safetensors_bytes(tensors, metadata={"format": "pt"}),
-    }
-    folder = write_folder(Path(output), files)
+    folder = write_folder(output, config, tensors)
     ranks = {name: config["rank_pattern"].get(name, config["r"]) for name in config["target_modules"]}
     return {
         "output": str(folder),
