@@ -20,7 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile
-from qpeft_deploy.core.attach import adapted_layers, adapter_config, adapter_state, attach, prune_to_rank
+from qpeft_deploy.core.attach import (
+    adapted_layers,
+    adapter_config,
+    adapter_state,
+    attach,
+    prune_to_rank,
+    trainable_parameters,
+)
 from qpeft_deploy.core.circuit import parameter_count
 from qpeft_deploy.core.factors import target_params
 from qpeft_deploy.core.quantize import angle_step
@@ -735,3 +742,30 @@ def test_adapter_that_does_not_fit_leaves_the_model_untouched(model, tmp_path):
     loaded = load_adapter(load_task_model("minilm", LABELS), path)
     with pytest.raises(ConfigError, match="already"):
         load_adapter(loaded, path)
+
+
+def test_loaded_model_is_ready_for_inference_unless_asked(model, inputs, tmp_path):
+    path = save_adapter(model, tmp_path / "a.qpeft")
+    loaded = load_adapted_model("minilm", path)
+    assert not loaded.training and trainable_parameters(loaded) == 0
+    to_train = load_adapted_model("minilm", path, trainable=True)
+    assert trainable_parameters(to_train) == trainable_parameters(model) > 0
+    assert torch.equal(logits(loaded, inputs), logits(to_train.eval(), inputs))
+
+
+def test_the_file_records_its_base_and_a_mismatch_names_it(model, tmp_path):
+    path = save_adapter(model, tmp_path / "a.qpeft", base="minilm")
+    summary = inspect_adapter(path)
+    assert summary["base"]["name"] == "minilm" and len(summary["base"]["id"]) == 12
+    assert inspect_adapter(save_adapter(model, tmp_path / "b.qpeft"))["base"] is None
+    other = tmp_path / "other-base"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((resolve_base("minilm") / name).read_bytes())
+    weights = load_file(str(other / "model.safetensors"))
+    weights["encoder.layer.0.attention.self.query.weight"] *= 2
+    save_file(weights, str(other / "model.safetensors"))
+    with pytest.raises(BaseMismatchError, match="trained on minilm"):
+        verify_adapter(path, base=str(other))
+    repacked = pack_adapter(path, tmp_path / "c.qpeft", base=str(other))
+    assert inspect_adapter(repacked)["base"]["name"] == "other-base"

@@ -65,10 +65,11 @@ def _human(summary: dict) -> str:
     )
     parts = " | ".join(f"{k} {v:,}" for k, v in summary["bytes"].items() if k != "total")
     params = summary["parameters"]
-    fingerprint = summary["fingerprint"]
+    fingerprint, base = summary["fingerprint"], summary["base"] or {}
     lines = [
         f"file          {summary['path']} ({summary['bytes']['total']:,} bytes)",
         f"format        qpeft version {summary['format_version']}, written by {summary['tool']}",
+        f"base          {base.get('name', 'not recorded')}" + (f" (id {base['id']})" if "id" in base else ""),
         (f"variant       {summary['variant']} ({summary['construction']}), L={summary['layers']}, "
         f"alpha={summary['alpha']:g}"),
         (f"targets       {summary['targets']}, K={','.join(map(str, summary['ranks']))}, "

@@ -39,6 +39,12 @@ class AdapterConfig:
             data["id2label"] = {int(k): v for k, v in data["id2label"].items()}
         return cls(**data)
 
+    def trained_on(self) -> str | None:
+        """The base the adapter recorded (``extra["base"]["name"]``, written with its fingerprint), if any."""
+        base = self.extra.get("base")
+        name = base.get("name") if isinstance(base, dict) else None
+        return name if isinstance(name, str) else None
+
     def labels(self) -> list[str]:
         """The label names in id order (empty without a head)."""
         return [self.id2label[i] for i in sorted(self.id2label or {})]

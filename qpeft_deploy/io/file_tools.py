@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qpeft_deploy.core.factors import orthogonality_errors
 from qpeft_deploy.errors import FormatError
-from qpeft_deploy.io.fingerprint import base_fingerprint, check_base
+from qpeft_deploy.io.fingerprint import check_base, with_base
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
 from qpeft_deploy.models import resolve_base
 
@@ -28,7 +28,7 @@ def pack_adapter(
     """Re-pack a .qpeft file with other options (``KEEP``: as in ``src``); ``base`` stores its fingerprint."""
     adapter = read_adapter(src)
     if base is not None:
-        adapter.fingerprint = base_fingerprint(resolve_base(base), adapter.config.targets)
+        adapter = with_base(adapter, base)
     bits = adapter.stored.bits if bits == KEEP else bits
     lambda_dtype = adapter.stored.lambda_dtype if lambda_dtype == KEEP else lambda_dtype
     return write_adapter(out, adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
@@ -65,6 +65,7 @@ def inspect_adapter(path: str | Path) -> dict:
             "targets": len(adapter.fingerprint),
             "first": next(iter(adapter.fingerprint.values())).hex(),
         },
+        "base": config.extra.get("base"),
         "extra": config.extra,
     }
 
@@ -88,6 +89,6 @@ def verify_adapter(path: str | Path, base: str | None = None) -> dict:
     if base is not None:
         if adapter.fingerprint is None:
             raise FormatError(f"{path}: has no base fingerprint to check against {base}")
-        check_base(adapter.fingerprint, resolve_base(base))
+        check_base(adapter.fingerprint, resolve_base(base), trained_on=adapter.config.trained_on())
         report["fingerprint"] = f"matches {base}"
     return report

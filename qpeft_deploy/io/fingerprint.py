@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
+from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.safetensors import StoredTensor, locate_key, read_checkpoint
+from qpeft_deploy.models import MINILM, resolve_base
 
 ALGORITHM = "blake2b-8"
 DIGEST_SIZE = 8
@@ -69,17 +72,38 @@ def check_fingerprint(expected: dict[str, bytes], base_dir: Path) -> None:
             )
 
 
+def fingerprint_id(fingerprint: dict[str, bytes]) -> str:
+    """A short id of a base (12 hex digits over the sorted target digests), shown by ``qpeft inspect``."""
+    h = hashlib.blake2b(digest_size=6)
+    for key in sorted(fingerprint):
+        h.update(key.encode() + b"\0" + fingerprint[key])
+    return h.hexdigest()
+
+
+def with_base(adapter: AdapterFile, base: str) -> AdapterFile:
+    """``adapter`` with the fingerprint of ``base`` (an alias or HF folder) and a record of that base in
+    ``config.extra["base"]``: its name (the alias, or the folder's name) and :func:`fingerprint_id`."""
+    folder = resolve_base(base)
+    fingerprint = base_fingerprint(folder, adapter.config.targets)
+    record = {"name": base if base == MINILM else folder.name, "id": fingerprint_id(fingerprint)}
+    config = replace(adapter.config, extra={**adapter.config.extra, "base": record})
+    return replace(adapter, config=config, fingerprint=fingerprint)
+
+
 def check_base(fingerprint: dict[str, bytes] | None, base_dir: Path, *, source: str | Path | None = None,
-               force: bool = False) -> bool:
+               trained_on: str | None = None, force: bool = False) -> bool:
     """The one base check of every tool: True when ``base_dir`` holds the tensors the adapter was trained on
     (or the adapter stores no fingerprint). A mismatch raises BaseMismatchError (prefixed with ``source``, the
-    adapter's file) or, with ``force``, warns and returns False."""
+    adapter's file, and naming ``trained_on``, the base the adapter recorded) or, with ``force``, warns and
+    returns False."""
     if fingerprint is None:
         return True
     try:
         check_fingerprint(fingerprint, base_dir)
     except BaseMismatchError as e:
         message = f"{source}: {e}" if source is not None else str(e)
+        if trained_on is not None:
+            message += f"; the adapter was trained on {trained_on}"
         if not force:
             raise BaseMismatchError(message) from None
         warnings.warn(f"loading despite a base mismatch (force): {message}", stacklevel=2)

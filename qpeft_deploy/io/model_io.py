@@ -18,17 +18,17 @@ from qpeft_deploy.core.attach import (
     load_adapter_state,
 )
 from qpeft_deploy.errors import ConfigError, QpeftError
-from qpeft_deploy.io.fingerprint import base_fingerprint, check_base
+from qpeft_deploy.io.fingerprint import check_base, with_base
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, resolve_base
 
 
 def adapter_from_model(model: nn.Module, base: str | None = None) -> AdapterFile:
-    """The AdapterFile of an attached model (with the base's fingerprint when ``base`` is given)."""
+    """The AdapterFile of an attached model (with the base's fingerprint and name when ``base`` is given)."""
     config = adapter_config(model)
     shapes = {key: (layer.out_features, layer.in_features) for key, layer in adapted_layers(model).items()}
-    fingerprint = base_fingerprint(resolve_base(base), config.targets) if base is not None else None
-    return AdapterFile(config, adapter_state(model), shapes, fingerprint)
+    adapter = AdapterFile(config, adapter_state(model), shapes)
+    return adapter if base is None else with_base(adapter, base)
 
 
 def save_adapter(
@@ -75,7 +75,7 @@ def load_adapter(
     """Attach the adapter at ``path`` to ``model`` (after checking ``base``'s fingerprint); returns it."""
     adapter = read_adapter(path)
     if base is not None:
-        check_base(adapter.fingerprint, resolve_base(base), force=force)
+        check_base(adapter.fingerprint, resolve_base(base), trained_on=adapter.config.trained_on(), force=force)
     return _attach_file(model, adapter, mode)
 
 
@@ -94,11 +94,16 @@ def _plain_base_model(base: str) -> nn.Module:
     return model.float().eval()
 
 
-def load_adapted_model(base: str, path: str | Path, *, force: bool = False, mode: str = "auto") -> nn.Module:
-    """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it."""
+def load_adapted_model(base: str, path: str | Path, *, force: bool = False, mode: str = "auto",
+                       trainable: bool = False) -> nn.Module:
+    """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it:
+    ready for inference (eval mode, nothing trainable), or with ``trainable`` the adapter and head trainable
+    as after ``attach``, to train on."""
     adapter = read_adapter(path)
-    if base is not None:
-        check_base(adapter.fingerprint, resolve_base(base), force=force)
+    check_base(adapter.fingerprint, resolve_base(base), trained_on=adapter.config.trained_on(), force=force)
     config = adapter.config
     model = load_task_model(base, config.id2label) if config.head is not None else _plain_base_model(base)
-    return _attach_file(model, adapter, mode)
+    model = _attach_file(model, adapter, mode)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model

@@ -282,10 +282,10 @@ def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, over
     return Path(output)
 
 
-def _check_fingerprints(folder: Path, adapters: Sequence[tuple[Path, dict[str, bytes]]]) -> None:
+def _check_fingerprints(folder: Path, adapters: Sequence[tuple[Path, AdapterFile]]) -> None:
     """BaseMismatchError naming the adapter file when ``folder`` is not the base an adapter was trained on."""
-    for path, fingerprint in adapters:
-        check_base(fingerprint, folder, source=path)
+    for path, adapter in adapters:
+        check_base(adapter.fingerprint, folder, source=path, trained_on=adapter.config.trained_on())
 
 
 def merge_checkpoint(base: str | Path, adapters: Sequence[str | Path], output: str | Path, *,
@@ -304,7 +304,7 @@ def merge_checkpoint(base: str | Path, adapters: Sequence[str | Path], output: s
     head = _head_index(files, loaded, head_from)
     checkpoint, config = read_checkpoint(folder), _read_config(folder)
     plan = _merge_plan(checkpoint, config, files, loaded, weights, head, out_dtype)
-    fingerprints = [] if force else [(p, a.fingerprint) for p, a in zip(files, loaded) if a.fingerprint]
+    fingerprints = [] if force else [(p, a) for p, a in zip(files, loaded) if a.fingerprint]
     verify = partial(_check_fingerprints, folder, fingerprints) if fingerprints else None
     return _write_plan(plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="merge",
                        quiet=quiet, verify=verify)

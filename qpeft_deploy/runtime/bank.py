@@ -477,7 +477,8 @@ class AdapterBank:
         if self.base_dir is None or file.fingerprint is None:
             return
         unseen = {k: d for k, d in file.fingerprint.items() if self._digests.get(k) != d}
-        if unseen and check_base(unseen, self.base_dir, source=path, force=force):
+        trained_on = file.config.trained_on()
+        if unseen and check_base(unseen, self.base_dir, source=path, trained_on=trained_on, force=force):
             self._digests.update(unseen)
 
     def _adapter(self, name: str, file: AdapterFile, path: str | Path) -> _Adapter:

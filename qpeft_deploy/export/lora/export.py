@@ -190,7 +190,9 @@ def export_lora(
     path = Path(adapter_path)
     adapter = read_adapter(path)
     task_type = _task_type(adapter, path, task_type, drop_head)
-    check_base(adapter.fingerprint, resolve_base(base), source=path, force=force)
+    check_base(
+        adapter.fingerprint, resolve_base(base), source=path, trained_on=adapter.config.trained_on(), force=force
+    )
     model = skeleton_model(base, task_type, len(adapter.config.id2label or {0: "", 1: ""}))
     config, tensors = peft_files(
         adapter,
