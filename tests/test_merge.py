@@ -24,6 +24,8 @@ from transformers import AutoModelForSequenceClassification, BertModel, GPT2Conf
 from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synthetic_llama
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.io.file_tools import verify_adapter
+from qpeft_deploy.io.fingerprint import UNMERGED_FILE
 from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.io.safetensors import INDEX_FILE, SINGLE_FILE, read_checkpoint
 from qpeft_deploy.merge.checkpoint import (
@@ -442,3 +444,20 @@ def test_parse_size_reads_transformers_units():
     for bad in ("0MB", "-1GB", "2 apples", 0, True):
         with pytest.raises(ConfigError):
             parse_size(bad)
+
+
+def test_an_unmerged_base_still_verifies_and_a_later_change_does_not(tmp_path, head_adapter):
+    """Unmerge rounds (within the bound above), so its output is not byte-identical to the base; it attests the
+    base digests of the tensors it wrote, and the fingerprint accepts exactly those bytes, nothing else."""
+    merged = merge_checkpoint("minilm", [head_adapter], tmp_path / "merged", quiet=True)
+    back = unmerge_checkpoint(merged, [head_adapter], tmp_path / "back", quiet=True)
+    base, restored = load_file(MINILM / SINGLE_FILE), load_file(back / SINGLE_FILE)
+    assert any(not torch.equal(restored[key], tensor) for key, tensor in base.items())  # rounding is real
+    assert verify_adapter(head_adapter, base=str(back))["fingerprint"] == f"matches {back}"
+    assert not (merged / UNMERGED_FILE).exists()
+    key = "encoder.layer.0.attention.self.query.weight"
+    restored[key] = restored[key].clone()
+    restored[key][0, 0] += 1e-3
+    save_file(restored, str(back / SINGLE_FILE))
+    with pytest.raises(BaseMismatchError, match=key.replace(".", r"\.")):
+        verify_adapter(head_adapter, base=str(back))

@@ -5,11 +5,14 @@ Shards are streamed in ``CHUNK`` pieces: no model is built and no whole tensor i
 folder is read as a checkpoint (io/safetensors.py: ``model.safetensors`` or the shards its index names).
 Keys are the base checkpoint's (no ``base_model_prefix``); a checkpoint saved with the prefix
 (``bert.encoder...``) is matched by its unique key ending in ``"." + key``, digested under the unprefixed key.
+A checkpoint that ``qpeft unmerge`` wrote carries ``UNMERGED_FILE``, so an adapter still verifies against the
+base it was unmerged back to (see :func:`attest_unmerged`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -18,11 +21,13 @@ from pathlib import Path
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.safetensors import StoredTensor, locate_key, read_checkpoint
+from qpeft_deploy.io.strict_json import strict_json
 from qpeft_deploy.models import MINILM, resolve_base
 
 ALGORITHM = "blake2b-8"
 DIGEST_SIZE = 8
 CHUNK = 1 << 20
+UNMERGED_FILE = "qpeft_unmerged.json"  # written by qpeft unmerge: see attest_unmerged
 
 
 def _digest(tensor: StoredTensor, key: str) -> bytes:
@@ -40,11 +45,43 @@ def _digest(tensor: StoredTensor, key: str) -> bytes:
     return h.digest()
 
 
+def _attested(base_dir: Path) -> dict[str, dict[str, str]]:
+    """The ``UNMERGED_FILE`` of a folder that ``qpeft unmerge`` wrote ({} when there is none)."""
+    path = Path(base_dir) / UNMERGED_FILE
+    if not path.is_file():
+        return {}
+    try:
+        attested = strict_json(path.read_bytes())
+        valid = isinstance(attested, dict) and all(
+            isinstance(v, dict) and set(v) == {"base", "unmerged"} and all(isinstance(d, str) for d in v.values())
+            for v in attested.values())
+    except (OSError, ValueError):
+        valid = False
+    if not valid:
+        raise FormatError(f"{path}: malformed unmerge record")
+    return attested
+
+
 def _iter_digests(base_dir: Path, keys: Iterable[str]) -> Iterator[tuple[str, bytes | None]]:
-    tensors = read_checkpoint(base_dir).tensors
+    tensors, attested = read_checkpoint(base_dir).tensors, _attested(base_dir)
     for key in keys:
         stored = locate_key(key, tensors)
-        yield key, None if stored is None else _digest(tensors[stored], key)
+        digest = None if stored is None else _digest(tensors[stored], key)
+        if digest is not None and key in attested and digest.hex() == attested[key]["unmerged"]:
+            digest = bytes.fromhex(attested[key]["base"])  # unmerge's rounding of this tensor, untouched since
+        yield key, digest
+
+
+def attest_unmerged(folder: Path, base_digests: dict[str, str]) -> None:
+    """Write ``UNMERGED_FILE`` into an unmerged checkpoint ``folder``: for each base key, the digest the base
+    had before the merge and the digest of the tensor unmerge wrote (equal to the base within the rounding
+    bound of merge/checkpoint.py). A fingerprint check accepts the base digest for a tensor whose bytes are
+    still exactly those unmerge wrote; any later change to it is a mismatch again."""
+    tensors = read_checkpoint(folder).tensors
+    record = {key: {"base": digest, "unmerged": _digest(tensors[locate_key(key, tensors)], key).hex()}
+              for key, digest in base_digests.items()}
+    with open(folder / UNMERGED_FILE, "x", encoding="utf-8") as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def base_fingerprint(base_dir: Path, keys: Iterable[str]) -> dict[str, bytes]:

@@ -17,7 +17,9 @@ Works on safetensors files, never on a built model:
   failure or an interrupt removes it. The base is only ever opened read-only; its fingerprint is checked (in a thread, while the output
   is written) before the output is renamed into place, so a mismatch leaves nothing behind.
 - Reversible: every shard's metadata (``RECORD_KEY``) records what was merged: adapter digests and weights,
-  the tool, the key, head, dtype and config.json changes. Unmerge subtracts the same ΔW and undoes them.
+  the tool, the key, head, dtype and config.json changes, and the verified base digests of the targets.
+  Unmerge subtracts the same ΔW and undoes them, and attests the rounded tensors it wrote (``UNMERGED_FILE``,
+  io/fingerprint.py), so ``qpeft verify --base <unmerged>`` accepts the adapters it was unmerged with.
 
 Round-trip bounds (merge, then unmerge): an fp32 checkpoint comes back within two fp32 roundings (~1e-7
 relative, far inside 1e-6). Where a tensor is stored with unit roundoff u (bf16: 2⁻⁸, fp16: 2⁻¹¹), merge
@@ -42,7 +44,7 @@ from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.atomic import atomic_folder
-from qpeft_deploy.io.fingerprint import check_base
+from qpeft_deploy.io.fingerprint import UNMERGED_FILE, attest_unmerged, check_base
 from qpeft_deploy.io.qpeft_file import TOOL, read_adapter
 from qpeft_deploy.io.safetensors import (
     Checkpoint,
@@ -210,6 +212,7 @@ class _Plan:
     metadata: dict[str, str]
     config: dict | None = None  # config.json to write (None: copy the input's)
     sidecar: list[Entry] = field(default_factory=list)
+    attest: dict[str, str] = field(default_factory=dict)  # base key -> base digest (hex) to attest (unmerge)
 
 
 def _task_model(checkpoint: Checkpoint, config: dict, adapter: AdapterFile) -> tuple[str | None, dict, dict]:
@@ -238,7 +241,7 @@ def _merge_record(files: list[Path], weights: list[float], head: int | None, ent
 
 
 def _merge_plan(checkpoint: Checkpoint, config: dict, files: list[Path], adapters: list[AdapterFile],
-                weights: list[float], head: int | None, dtype: str | None) -> _Plan:
+                weights: list[float], head: int | None, dtype: str | None, verified: bool) -> _Plan:
     updates = _updates(checkpoint, config, files, adapters, weights)
     prefix, head_tensors, new_config = None, {}, config
     if head is not None:
@@ -259,7 +262,8 @@ def _merge_plan(checkpoint: Checkpoint, config: dict, files: list[Path], adapter
     record = _merge_record(files, weights, head, entries, {
         "prefix": prefix, "added_head": [k for k in head_tensors if k not in replaced_keys],
         "replaced_head": replaced_keys, "base_config": config if new_config != config else None,
-        "previous": checkpoint.metadata.get(RECORD_KEY)})
+        "previous": checkpoint.metadata.get(RECORD_KEY),
+        "base_digests": {k: d.hex() for a in adapters if verified and a.fingerprint for k, d in a.fingerprint.items()}})
     metadata = {"format": "pt"} | checkpoint.metadata | {RECORD_KEY: record}
     return _Plan(entries, metadata, new_config if new_config != config else None, replaced)
 
@@ -269,7 +273,7 @@ def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, over
     """Write the output folder; ``verify`` runs in a thread meanwhile and its error discards the output."""
     with ThreadPoolExecutor(1) as pool, atomic_folder(output, overwrite=overwrite, protect=[source]) as tmp:
         pending = pool.submit(verify) if verify is not None else None
-        _copy_extras(source, tmp, skip={CONFIG_FILE} if plan.config is not None else set())
+        _copy_extras(source, tmp, skip={UNMERGED_FILE} | ({CONFIG_FILE} if plan.config is not None else set()))
         if plan.config is not None:
             write_json(tmp / CONFIG_FILE, plan.config)
         with one_torch_thread():
@@ -277,6 +281,8 @@ def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, over
                 write_weights(tmp, plan.sidecar, {"format": "pt"}, 1 << 62, desc="head", quiet=True,
                               single=HEAD_SIDECAR)
             write_weights(tmp, plan.entries, plan.metadata, max_bytes, desc=desc, quiet=quiet)
+        if plan.attest:
+            attest_unmerged(tmp, plan.attest)
         if pending is not None:
             pending.result()
     return Path(output)
@@ -303,7 +309,7 @@ def merge_checkpoint(base: str | Path, adapters: Sequence[str | Path], output: s
     loaded = [read_adapter(p) for p in files]
     head = _head_index(files, loaded, head_from)
     checkpoint, config = read_checkpoint(folder), _read_config(folder)
-    plan = _merge_plan(checkpoint, config, files, loaded, weights, head, out_dtype)
+    plan = _merge_plan(checkpoint, config, files, loaded, weights, head, out_dtype, verified=not force)
     fingerprints = [] if force else [(p, a) for p, a in zip(files, loaded) if a.fingerprint]
     verify = partial(_check_fingerprints, folder, fingerprints) if fingerprints else None
     return _write_plan(plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="merge",
@@ -327,7 +333,9 @@ def read_record(checkpoint: Checkpoint) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"{checkpoint.folder}: malformed qpeft merge record ({type(e).__name__}: {e})") \
             from None
-    strings = isinstance(prefix, str | None) and isinstance(record.get("previous"), str | None)
+    digests = record.get("base_digests") or {}
+    strings = isinstance(prefix, str | None) and isinstance(record.get("previous"), str | None) and isinstance(
+        digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())
     if not strings or not set(base_dtypes.values()) <= FLOAT_DTYPES.keys():
         raise FormatError(f"{checkpoint.folder}: malformed qpeft merge record (bad field types)")
     return record
@@ -361,7 +369,7 @@ def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: lis
                   adapters: list[AdapterFile], weights: list[float], dtype: str | None) -> _Plan:
     updates = _updates(checkpoint, config, files, adapters, [-w for w in weights])
     prefix, skip = record["prefix"], set(record["added_head"]) | set(record["replaced_head"])
-    entries = []
+    entries, digests, attest = [], record.get("base_digests") or {}, {}
     for key, tensor in checkpoint.tensors.items():
         if key in skip:
             continue
@@ -369,6 +377,8 @@ def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: lis
         out_dtype = _cast(tensor.dtype, dtype) if dtype else record["base_dtypes"].get(key, tensor.dtype)
         base_key = key.removeprefix(prefix + ".") if prefix else key
         entries.append(Entry(base_key, out_dtype, tensor.shape, tensor, found, transposed))
+        if found and base_key in digests:
+            attest[base_key] = digests[base_key]
     if record["replaced_head"]:
         entries += _sidecar_entries(checkpoint.folder, record["replaced_head"])
     metadata = {k: v for k, v in checkpoint.metadata.items() if k != RECORD_KEY}
@@ -377,7 +387,7 @@ def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: lis
     new_config = record["base_config"] if isinstance(record.get("base_config"), dict) else config
     if dtype is not None:
         new_config = _set_config_dtype(new_config, dtype)
-    return _Plan(entries, metadata, new_config if new_config != config else None)
+    return _Plan(entries, metadata, new_config if new_config != config else None, attest=attest)
 
 
 def unmerge_checkpoint(merged: str | Path, adapters: Sequence[str | Path], output: str | Path, *,
