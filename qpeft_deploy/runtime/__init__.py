@@ -1,5 +1,5 @@
 """Run one base model with many task adapters, picked per request: torch (`AdapterBank`) and ONNX Runtime
-(`OrtAdapterSession`), both with the runtime API of CONVENTIONS.md (load / unload / names / adapter per call)."""
+(`OrtAdapterSession`), both with the runtime API of docs/CONVENTIONS.md (load / unload / names / adapter per call)."""
 
 from qpeft_deploy.runtime.bank import AdapterBank
 

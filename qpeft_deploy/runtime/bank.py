@@ -6,7 +6,7 @@ holds adapter state. A call resolves each row's adapter, builds a :class:`CallPl
 ContextVar for the duration of that one forward, so concurrent calls (threads) each see only their own plan:
 there is no global "active adapter". Loading or unloading never touches the model.
 
-For row r with adapter a, every wrapped layer computes y = W x + U_a (α λ_a ⊙ (V_aᵀ x)) (METHOD.md). A batch
+For row r with adapter a, every wrapped layer computes y = W x + U_a (α λ_a ⊙ (V_aᵀ x)) (docs/METHOD.md). A batch
 that names one adapter uses one GEMM per factor; a mixed batch gathers each row's Vᵀ, α·λ and Uᵀ and runs one
 batched matmul per factor (never a loop of forwards). A row whose adapter does not target a layer gets no
 delta there.
