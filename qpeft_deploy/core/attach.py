@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qpeft_deploy.core.adapter import AdapterConfig
-from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key, target_prefix
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key, target_prefix, weight_key
 from qpeft_deploy.core.layer import VARIANTS, QuantumPeftLinear, linear_shape
 from qpeft_deploy.errors import ConfigError
 
@@ -75,7 +75,7 @@ def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[
             raise ConfigError(f"invalid target regex {targets!r}: {e}") from None
         chosen = [n for n in adaptable if pattern.fullmatch(n) or pattern.fullmatch(base_key(model, n))]
     else:
-        wanted = [t.removesuffix(".weight") for t in targets]
+        wanted = [target_prefix(t) for t in targets]
         chosen = [n for n in adaptable if any(_name_matches(model, n, t) for t in wanted)]
     if not chosen:
         raise ConfigError(
@@ -108,7 +108,7 @@ def attach(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR, rank: in
         with _naming(name):
             shape = linear_shape(model.get_submodule(name))
         ranks[name] = _resolve_rank(rank, shape, name)
-    return attach_exact(model, {base_key(model, n) + ".weight": k for n, k in ranks.items()},
+    return attach_exact(model, {weight_key(model, n): k for n, k in ranks.items()},
                         layers, alpha, variant, mode, seed, train_head)
 
 
@@ -164,7 +164,7 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
 
 def adapted_layers(model: nn.Module) -> dict[str, QuantumPeftLinear]:
     """Base weight key -> QuantumPeftLinear, in model order."""
-    return {base_key(model, n) + ".weight": m for n, m in model.named_modules() if isinstance(m, QuantumPeftLinear)}
+    return {weight_key(model, n): m for n, m in model.named_modules() if isinstance(m, QuantumPeftLinear)}
 
 
 def trainable_parameters(model: nn.Module) -> int:

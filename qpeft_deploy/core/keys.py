@@ -58,6 +58,11 @@ def base_key(model: nn.Module, module_name: str) -> str:
     return module_name
 
 
+def weight_key(model: nn.Module, module_name: str) -> str:
+    """The target key of a module: its base checkpoint key with ``.weight`` (what adapters name targets by)."""
+    return base_key(model, module_name) + ".weight"
+
+
 def module_name_for_key(model: nn.Module, key: str) -> str:
     """Module path in ``model`` of a base checkpoint key prefix (the inverse of ``base_key``)."""
     modules = dict(model.named_modules())

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from qpeft_deploy.core.factors import orthogonality_errors
+from qpeft_deploy.core.keys import mask_key
 from qpeft_deploy.errors import FormatError
 from qpeft_deploy.io.fingerprint import check_base, with_base
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
@@ -52,7 +53,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "bits": info.bits,
         "lambda_dtype": info.lambda_dtype,
         "active_rank": int(
-            sum(int(t.sum()) for k, t in adapter.state.items() if k.endswith(".spectrum.mask"))
+            sum(int(adapter.state[mask_key(k)].sum()) for k in config.targets)
         ),
         "head": config.head,
         "labels": [config.id2label[i] for i in sorted(config.id2label or {})],

@@ -40,7 +40,7 @@ from torch.func import vmap
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import ALL_LINEAR, CONFIG_ATTR, find_head, find_target_modules
 from qpeft_deploy.core.factors import frame_fn, target_params
-from qpeft_deploy.core.keys import base_key
+from qpeft_deploy.core.keys import weight_key
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.fingerprint import check_base
@@ -397,7 +397,7 @@ class AdapterBank:
     def _wrap_layers(self) -> dict[str, BankLinear]:
         layers = {}
         for name in find_target_modules(self.model, ALL_LINEAR):
-            key = base_key(self.model, name) + ".weight"
+            key = weight_key(self.model, name)
             parent, _, child = name.rpartition(".")
             layers[key] = BankLinear(self.model.get_submodule(name), key)
             setattr(self.model.get_submodule(parent), child, layers[key])

@@ -30,7 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from qpeft_deploy.core.attach import is_linear
-from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, head_tensors, module_name_for_key
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, head_tensors, module_name_for_key, weight_key
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.atomic import atomic_folder
@@ -313,7 +313,7 @@ def _target_key(
             f"{path}: {name} is {layer.b.shape[0]}x{layer.a.shape[1]} in the LoRA but "
             f"{shape[0]}x{shape[1]} in the base"
         )
-    return base_key(model, module_name) + ".weight"
+    return weight_key(model, module_name)
 
 
 def target_keys(lora: LoraAdapter, model: nn.Module) -> dict[str, str]:
