@@ -36,11 +36,12 @@ from safetensors.torch import save_file
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
 from qpeft_deploy.core.attach import find_head, lora_parameter_count, trainable_parameters
 from qpeft_deploy.data.images import pixel_values
+from qpeft_deploy.data.tasks import load_data
 from qpeft_deploy.data.text import TaskData
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.qpeft_file import save_adapter
 from qpeft_deploy.models import load_task_model
-from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, load_data
+from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit
 
 BASE = str(Path(__file__).resolve().parents[1] / "samples" / "vit-fmnist5")
 METHODS = ("head-only", "qpeft K=8", "qpeft full", "LoRA r=8")

@@ -49,6 +49,7 @@ from qpeft_deploy.core.attach import adapted_layers, detach
 from qpeft_deploy.core.factors import scaled_spectrum, target_factors
 from qpeft_deploy.core.keys import factor_key, target_prefix
 from qpeft_deploy.data.images import is_image_task
+from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.export.onnx.circuit import (
     DOMAIN,
@@ -61,7 +62,6 @@ from qpeft_deploy.export.onnx.circuit import (
 from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.qpeft_file import load_adapted_model, load_adapter, read_adapter
 from qpeft_deploy.models import is_image_base, load_tokenizer, resolve_base
-from qpeft_deploy.training.train import load_data, model_inputs
 
 MODES = ("merged", "runtime", "swappable")
 APPLIES = ("auto", "circuit", "dense")
