@@ -109,7 +109,8 @@ def onnx_latency(adapters: dict[str, Path], images: np.ndarray, repeats: int, fo
     """ORT latency of merged vs runtime exports of the given adapters at batch 1 and 32."""
     import onnxruntime as ort
 
-    from qpeft_deploy.export.onnx.export import export_onnx, session_options
+    from qpeft_deploy.export.onnx.export import export_onnx
+    from qpeft_deploy.io.ort import session_options
 
     sessions, reports = {}, {}
     for name, path in adapters.items():
