@@ -31,19 +31,12 @@ from onnx import helper, numpy_helper
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.data.text import load_task
-from qpeft_deploy.export.onnx.export import (
-    MODEL_FILE,
-    TASKS,
-    export_onnx,
-    export_onnx_adapter,
-    export_torch,
-    find_linear,
-    initializers_by_value,
-    probe_inputs,
-    session_options,
-    write_ort_adapter,
-)
+from qpeft_deploy.export.onnx.compare import probe_inputs
+from qpeft_deploy.export.onnx.export import TASKS, export_onnx, export_onnx_adapter, export_torch
+from qpeft_deploy.export.onnx.graph import find_linear, initializers_by_value
 from qpeft_deploy.io.model_io import save_adapter
+from qpeft_deploy.io.onnx_adapter import MODEL_FILE, write_ort_adapter
+from qpeft_deploy.io.ort import session_options
 from qpeft_deploy.models import load_task_model, load_tokenizer
 from qpeft_deploy.training.train import fit
 

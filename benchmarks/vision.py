@@ -36,11 +36,12 @@ from safetensors.torch import save_file
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
 from qpeft_deploy.core.attach import find_head, lora_parameter_count, trainable_parameters
 from qpeft_deploy.data.images import pixel_values
+from qpeft_deploy.data.tasks import load_data
 from qpeft_deploy.data.text import TaskData
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.models import load_task_model
-from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, load_data
+from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit
 
 BASE = str(Path(__file__).resolve().parents[1] / "samples" / "vit-fmnist5")
 METHODS = ("head-only", "qpeft K=8", "qpeft full", "LoRA r=8")
@@ -108,7 +109,8 @@ def onnx_latency(adapters: dict[str, Path], images: np.ndarray, repeats: int, fo
     """ORT latency of merged vs runtime exports of the given adapters at batch 1 and 32."""
     import onnxruntime as ort
 
-    from qpeft_deploy.export.onnx.export import export_onnx, session_options
+    from qpeft_deploy.export.onnx.export import export_onnx
+    from qpeft_deploy.io.ort import session_options
 
     sessions, reports = {}, {}
     for name, path in adapters.items():

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qpeft_deploy"
 
 # Rank of each top-level part of the package, lowest first. Parts of equal rank must not import each other.
 LAYERS = {
-    "__init__": 0, "errors": 0,
+    "__init__": 0, "errors": 0, "installed": 0,
     "core": 1,
     "models": 2,
     "data": 3, "io": 3,
@@ -71,6 +71,12 @@ def test_imports_go_down(module, path):
         if LAYERS[other] >= LAYERS[own] and name != "qpeft_deploy":
             wrong.append(name)
     assert not wrong, f"{module} (layer {own}) imports {wrong}: lower layers never import higher ones"
+
+
+def test_only_lora_calibration_among_the_exporters_imports_training():
+    importers = {module for module, path in modules()
+                 if part(module) == "export" and "training" in {part(n) for n in imported(module, path)}}
+    assert importers <= {"qpeft_deploy.export.lora.calibrate"}, importers
 
 
 def test_core_is_free_of_the_upper_layers():

@@ -35,8 +35,10 @@ from qpeft_deploy.export.onnx.circuit import (
     circuit_apply_function,
     circuit_columns,
 )
-from qpeft_deploy.export.onnx.export import MODEL_FILE, convert_precision, export_onnx, session_options
+from qpeft_deploy.export.onnx.export import convert_precision, export_onnx
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
+from qpeft_deploy.io.onnx_adapter import MODEL_FILE
+from qpeft_deploy.io.ort import session_options
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.training.train import fit

@@ -15,13 +15,9 @@ from test_onnx_export import adapter_file, exported, other_base_adapter, probe_b
 
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.export.onnx.export import (
-    MODEL_FILE,
-    export_onnx_adapter,
-    read_onnx_adapter,
-    write_ort_adapter,
-)
+from qpeft_deploy.export.onnx.export import export_onnx_adapter
 from qpeft_deploy.io.model_io import save_adapter
+from qpeft_deploy.io.onnx_adapter import MODEL_FILE, read_onnx_adapter, write_ort_adapter
 from qpeft_deploy.models import load_task_model
 from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 

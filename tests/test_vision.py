@@ -28,12 +28,13 @@ from qpeft_deploy.core.attach import (
     unmerge_adapter,
 )
 from qpeft_deploy.data import images as vision
+from qpeft_deploy.data.tasks import load_data
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.export import export_onnx, export_onnx_adapter
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.merge.checkpoint import merge_checkpoint, unmerge_checkpoint
 from qpeft_deploy.models import is_image_base, load_task_model
-from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, load_data, run_spec
+from qpeft_deploy.training.train import TrainSpec, build_model, evaluate, fit, run_spec
 
 BASE = str(Path(__file__).resolve().parents[1] / "samples" / "vit-fmnist5")
 LABELS5 = dict(enumerate(vision.FMNIST_LABELS[5:]))

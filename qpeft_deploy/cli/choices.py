@@ -8,7 +8,7 @@ KEEP = "keep"  # qpeft_deploy.io.file_tools.KEEP, qpeft_deploy.merge.checkpoint.
 ANGLE_BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # qpeft_deploy.core.quantize.ANGLE_BITS
 DEFAULT_MAX_SHARD_SIZE = "2GB"  # qpeft_deploy.merge.checkpoint.DEFAULT_MAX_SHARD_SIZE
 
-# qpeft_deploy.export.onnx.export: MODES, DTYPES, SWAPS, APPLIES, VIAS, TASKS (its keys)
+# qpeft_deploy.export.onnx.export: MODES, DTYPES, APPLIES, VIAS, TASKS (its keys); io.onnx_adapter: SWAPS
 ONNX_MODES = ("merged", "runtime", "swappable")
 ONNX_DTYPES = ("fp32", "fp16")
 ONNX_SWAPS = ("factors", "angles")

@@ -22,16 +22,15 @@ import numpy as np
 import onnxruntime as ort
 
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.export.onnx.export import (
+from qpeft_deploy.io.onnx_adapter import (
     PARAM_PREFIX,
     base_id,
-    ort_errors,
     read_onnx_adapter,
-    session_options,
     structure_id,
     swap_parameters,
     write_ort_adapter,
 )
+from qpeft_deploy.io.ort import cpu_session, ort_errors
 from qpeft_deploy.io.qpeft_file import SUFFIX, read_adapter
 
 _DEFAULT = object()
@@ -51,9 +50,7 @@ class OrtAdapterSession:
     def __init__(self, model_path: str | Path, *, threads: int | None = None):
         self.path = Path(model_path)
         try:
-            self._session = ort.InferenceSession(
-                str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
-            )
+            self._session = cpu_session(self.path, threads)
         except ort_errors() as e:
             raise FormatError(
                 f"{self.path}: cannot load the ONNX model ({str(e).splitlines()[0][:160]})"

@@ -237,7 +237,7 @@ def make_backend(kind: str, base: str, *, onnx_model: str | Path | None = None,
         raise ConfigError("the onnx backend serves a swappable ONNX export: give its folder (qpeft export "
                           "onnx --mode swappable) as onnx_model / --onnx-model")
     try:
-        from qpeft_deploy.export.onnx.export import MODEL_FILE
+        from qpeft_deploy.io.onnx_adapter import MODEL_FILE
         from qpeft_deploy.runtime.ort_session import OrtAdapterSession
     except ImportError as error:
         raise ConfigError(f"the onnx backend needs the [onnx] extra (onnxruntime): {error}") from None

@@ -7,7 +7,8 @@ With ``bits`` set, training is quantisation-aware (``quantization_aware``): the 
 grid with straight-through gradients, so the saved b-bit file reproduces the trained model.
 
 Examples are ``(text, label)`` for text tasks and ``(28×28 uint8 image, label)`` for the image tasks of
-:mod:`qpeft_deploy.data.images`; pass ``tokenizer=None`` for images (their inputs are ``pixel_values``).
+:mod:`qpeft_deploy.data.images`; pass ``tokenizer=None`` for images (their inputs are ``pixel_values``). Data
+and inputs of either kind come from :mod:`qpeft_deploy.data.tasks`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from qpeft_deploy.core.attach import (
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES
 from qpeft_deploy.core.quantize import angle_step
 from qpeft_deploy.core.spectrum import scheduled_rank
-from qpeft_deploy.data.images import image_inputs, is_image_task, load_image_task
-from qpeft_deploy.data.text import load_task
+from qpeft_deploy.data.images import is_image_task
+from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
-from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer, tokenize
+from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer
 
 Example = tuple[object, int]  # (text, label) or (image, label)
 
@@ -61,23 +62,9 @@ def batches(examples: Sequence[Example], batch_size: int, rng: random.Random | N
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def model_inputs(tokenizer, items: Sequence, max_length: int = 128) -> dict[str, torch.Tensor]:
-    """The model's inputs: a token batch of texts, or ``pixel_values`` of images (``tokenizer`` None)."""
-    if tokenizer is None:
-        return image_inputs(items)
-    return tokenize(tokenizer, list(items), max_length=max_length)
-
-
 def _encode(tokenizer, batch: Sequence[Example], max_length: int) -> tuple[dict, torch.Tensor]:
     inputs = model_inputs(tokenizer, [x for x, _ in batch], max_length)
     return inputs, torch.tensor([label for _, label in batch])
-
-
-def load_data(task: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0):
-    """A task's data: :func:`qpeft_deploy.data.text.load_task`, or :func:`qpeft_deploy.data.images.load_image_task`."""
-    if is_image_task(task):
-        return load_image_task(task, max_train=max_train, max_test=max_test, seed=seed)
-    return load_task(task, max_train=max_train, max_test=max_test, seed=seed)
 
 
 def load_preprocessor(base: str, task: str):
