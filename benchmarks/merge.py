@@ -74,11 +74,19 @@ def llama_tensors(shape: dict[str, int]) -> Iterator[tuple[str, tuple[int, ...]]
 
 
 def _llama_config(shape: dict[str, int]) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape["hidden"],
-            "intermediate_size": shape["intermediate"], "num_hidden_layers": shape["layers"],
-            "num_attention_heads": shape["heads"], "num_key_value_heads": shape["heads"],
-            "vocab_size": shape["vocab"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-            "torch_dtype": "bfloat16"}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["intermediate"],
+        "num_hidden_layers": shape["layers"],
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["heads"],
+        "vocab_size": shape["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "torch_dtype": "bfloat16",
+    }
 
 
 def synthetic_llama(folder: Path, name: str, max_shard_bytes: int = 2 * 10**9, seed: int = 0) -> Path:
@@ -175,8 +183,10 @@ def minilm_inputs(work: Path) -> tuple[Path, Path]:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     adapter = save_adapter(model, work / "minilm.qpeft", base="minilm")
     modules = [f"bert.{k.removesuffix('.weight')}" for k in adapter_config(model).targets]
-    lora = get_peft_model(load_task_model("minilm", LABELS),
-                          LoraConfig(r=8, lora_alpha=8, target_modules=modules, task_type="SEQ_CLS"))
+    lora = get_peft_model(
+        load_task_model("minilm", LABELS),
+        LoraConfig(r=8, lora_alpha=8, target_modules=modules, task_type="SEQ_CLS"),
+    )
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
@@ -231,8 +241,9 @@ def run_child(method: str, base: Path, adapter: Path, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def round_robin(methods: dict[str, tuple[Callable[[], object], Callable[[object], None]]], repeats: int,
-                warmup: int = 1) -> dict[str, list[float]]:
+def round_robin(
+    methods: dict[str, tuple[Callable[[], object], Callable[[object], None]]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds of each method's run(setup()), setup untimed, one call of each per round after ``warmup``."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     for round_ in range(warmup + repeats):
@@ -260,17 +271,26 @@ def bench_minilm(work: Path, repeats: int) -> dict:
         "qpeft merge --force": (lambda: next(outputs), lambda out: qpeft_merge(base, adapter, out, True)),
         "copy": (lambda: next(outputs), lambda out: copy_safetensors(base, out)),
         "peft merge+save": (lambda: (_load_peft(base, lora), next(outputs)), lambda a: peft_merge_save(*a)),
-        "peft load+merge+save": (lambda: next(outputs),
-                                 lambda out: peft_merge_save(_load_peft(base, lora), out)),
+        "peft load+merge+save": (
+            lambda: next(outputs),
+            lambda out: peft_merge_save(_load_peft(base, lora), out),
+        ),
     }
     times = round_robin(methods, repeats)
-    rss = {"qpeft merge": run_child("qpeft", base, adapter, work / "rss-qpeft"),
-           "qpeft merge --force": run_child("qpeft-force", base, adapter, work / "rss-qpeft-force"),
-           "copy": run_child("copy", base, adapter, work / "rss-copy"),
-           "peft merge+save": run_child("peft", base, lora, work / "rss-peft")}
-    return {"base": str(base), "largest_tensor_bytes": largest_tensor(base), "repeats": repeats,
-            "seconds": {name: statistics.median(t) for name, t in times.items()}, "samples": times,
-            "extra_rss_bytes": {name: r["extra_rss_bytes"] for name, r in rss.items()}}
+    rss = {
+        "qpeft merge": run_child("qpeft", base, adapter, work / "rss-qpeft"),
+        "qpeft merge --force": run_child("qpeft-force", base, adapter, work / "rss-qpeft-force"),
+        "copy": run_child("copy", base, adapter, work / "rss-copy"),
+        "peft merge+save": run_child("peft", base, lora, work / "rss-peft"),
+    }
+    return {
+        "base": str(base),
+        "largest_tensor_bytes": largest_tensor(base),
+        "repeats": repeats,
+        "seconds": {name: statistics.median(t) for name, t in times.items()},
+        "samples": times,
+        "extra_rss_bytes": {name: r["extra_rss_bytes"] for name, r in rss.items()},
+    }
 
 
 def bench_synthetic(work: Path, name: str) -> dict:
@@ -294,12 +314,22 @@ def bench_synthetic(work: Path, name: str) -> dict:
         shutil.rmtree(base, ignore_errors=True)
     labels = {"qpeft": "qpeft merge", "qpeft-force": "qpeft merge --force", "copy": "copy"}
     copies = [r for m, r in runs if m == "copy"]
-    result = dict(runs[1:3]) | {"copy": {"seconds": statistics.mean(r["seconds"] for r in copies),
-                                         "extra_rss_bytes": max(r["extra_rss_bytes"] for r in copies)}}
-    return {"checkpoint_bytes": size, "largest_tensor_bytes": largest, "setup_seconds": setup_seconds,
-            "adapter_bytes": adapter.stat().st_size, "targets": 7 * SHAPES[name]["layers"], "runs": runs,
-            "seconds": {labels[m]: r["seconds"] for m, r in result.items()},
-            "extra_rss_bytes": {labels[m]: r["extra_rss_bytes"] for m, r in result.items()}}
+    result = dict(runs[1:3]) | {
+        "copy": {
+            "seconds": statistics.mean(r["seconds"] for r in copies),
+            "extra_rss_bytes": max(r["extra_rss_bytes"] for r in copies),
+        }
+    }
+    return {
+        "checkpoint_bytes": size,
+        "largest_tensor_bytes": largest,
+        "setup_seconds": setup_seconds,
+        "adapter_bytes": adapter.stat().st_size,
+        "targets": 7 * SHAPES[name]["layers"],
+        "runs": runs,
+        "seconds": {labels[m]: r["seconds"] for m, r in result.items()},
+        "extra_rss_bytes": {labels[m]: r["extra_rss_bytes"] for m, r in result.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -315,8 +345,16 @@ def table(data: dict) -> str:
         copy, largest = result["seconds"]["copy"], result["largest_tensor_bytes"]
         for method, seconds in result["seconds"].items():
             extra = result["extra_rss_bytes"].get(method)
-            rows.append([case, method, seconds, seconds / copy, "-" if extra is None else extra / 2**20,
-                         "-" if extra is None else extra / largest])
+            rows.append(
+                [
+                    case,
+                    method,
+                    seconds,
+                    seconds / copy,
+                    "-" if extra is None else extra / 2**20,
+                    "-" if extra is None else extra / largest,
+                ]
+            )
     headers = ["checkpoint", "method", "seconds", "x copy", "extra peak RSS (MiB)", "x largest tensor"]
     return markdown_table(headers, rows)
 
@@ -327,8 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", choices=sorted(SHAPES), help="also merge a generated Llama checkpoint")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: temp folder)")
-    parser.add_argument("--child", nargs=4, metavar=("METHOD", "BASE", "ADAPTER", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=4, metavar=("METHOD", "BASE", "ADAPTER", "OUT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.child:
         method, base, adapter, out = args.child

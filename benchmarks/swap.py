@@ -46,13 +46,17 @@ ADAPTERS = 64
 
 def qpeft_files(folder: Path, count: int) -> list[Path]:
     """``count`` distinct .qpeft files (random angles, λ and heads; even ones 2 labels, odd ones 6)."""
-    templates = [adapter_from_model(attach(load_task_model("minilm", labels), rank=8), base="minilm")
-                 for labels in (TWO, SIX)]
+    templates = [
+        adapter_from_model(attach(load_task_model("minilm", labels), rank=8), base="minilm")
+        for labels in (TWO, SIX)
+    ]
     g, paths = torch.Generator().manual_seed(0), []
     for i in range(count):
         template = templates[i % 2]
-        state = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
-                 for k, v in template.state.items()}
+        state = {
+            k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+            for k, v in template.state.items()
+        }
         adapter = AdapterFile(template.config, state, template.shapes, template.fingerprint)
         paths.append(write_adapter(folder / f"q{i}.qpeft", adapter))
     return paths
@@ -86,8 +90,9 @@ def timed(fn, *args) -> float:
         gc.enable()
 
 
-def bench_servable(bank: AdapterBank, paths: list[Path], peft: PeftModel, dirs: list[Path], repeats: int,
-                   warmup: int = 3) -> dict:
+def bench_servable(
+    bank: AdapterBank, paths: list[Path], peft: PeftModel, dirs: list[Path], repeats: int, warmup: int = 3
+) -> dict:
     """(a) median seconds to make a new adapter servable, the three ways timed round-robin."""
 
     def bank_new(name: str, path: Path, warm: bool) -> None:
@@ -99,12 +104,18 @@ def bench_servable(bank: AdapterBank, paths: list[Path], peft: PeftModel, dirs: 
         peft.load_adapter(str(path), adapter_name=name)
         peft.set_adapter(name)
 
-    times: dict[str, list[float]] = {"bank_load_s": [], "bank_load_and_materialise_s": [],
-                                     "peft_load_adapter_set_adapter_s": []}
+    times: dict[str, list[float]] = {
+        "bank_load_s": [],
+        "bank_load_and_materialise_s": [],
+        "peft_load_adapter_set_adapter_s": [],
+    }
     for i in range(warmup + repeats):
         path, folder = paths[i % len(paths)], dirs[i % len(dirs)]
-        rounds = [timed(bank_new, "lazy", path, False), timed(bank_new, "warm", path, True),
-                  timed(peft_new, "new", folder)]
+        rounds = [
+            timed(bank_new, "lazy", path, False),
+            timed(bank_new, "warm", path, True),
+            timed(peft_new, "new", folder),
+        ]
         bank.unload("lazy")
         bank.unload("warm")
         peft.set_adapter("default")
@@ -122,6 +133,7 @@ def cycling(fn, names: list[str]):
     def run():
         state["i"] += 1
         return fn(names[state["i"] % len(names)])
+
     return run
 
 
@@ -135,10 +147,12 @@ def bench_latency(bank: AdapterBank, peft: PeftModel, inputs: dict, repeats: int
         with torch.inference_mode():
             return peft(**inputs).logits
 
-    fns = {"bank_different": cycling(lambda n: bank(inputs, adapter=n), names),
-           "bank_same": lambda: bank(inputs, adapter="a0"),
-           "peft_different": cycling(peft_forward, peft_names),
-           "peft_same": lambda: peft_forward("a0")}
+    fns = {
+        "bank_different": cycling(lambda n: bank(inputs, adapter=n), names),
+        "bank_same": lambda: bank(inputs, adapter="a0"),
+        "peft_different": cycling(peft_forward, peft_names),
+        "peft_same": lambda: peft_forward("a0"),
+    }
     samples = interleaved_times(fns, repeats, warmup=ADAPTERS // 8)
     times = {k: statistics.median(v) for k, v in samples.items()}
     warm_cache, bank.cache = bank.cache, FactorCache(0)
@@ -161,9 +175,12 @@ def bench_mixed(bank: AdapterBank, peft: PeftModel, inputs: dict, repeats: int) 
         with torch.inference_mode():
             return peft(**inputs, adapter_names=adapter_names).logits
 
-    fns = {"bank_mixed": lambda: bank(inputs, adapter=names),
-           "bank_single": lambda: bank(inputs, adapter="a0"),
-           "peft_mixed": lambda: peft_batch(peft_names), "peft_single": lambda: peft_batch(["a0"] * rows)}
+    fns = {
+        "bank_mixed": lambda: bank(inputs, adapter=names),
+        "bank_single": lambda: bank(inputs, adapter="a0"),
+        "peft_mixed": lambda: peft_batch(peft_names),
+        "peft_single": lambda: peft_batch(["a0"] * rows),
+    }
     return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats, warmup=1).items()}
 
 
@@ -186,15 +203,20 @@ def bench_memory(bank: AdapterBank, paths: list[Path], count: int) -> dict:
     for i in range(count):
         bank.unload(f"m{i}")
     bank.cache = warm_cache
-    return {"adapters": count, "rss_bytes_per_adapter": grown / count,
-            "tensor_bytes_per_adapter": tensor_bytes / count, "rss_bytes_for_10000": grown / count * 10_000,
-            "load_seconds_total": seconds}
+    return {
+        "adapters": count,
+        "rss_bytes_per_adapter": grown / count,
+        "tensor_bytes_per_adapter": tensor_bytes / count,
+        "rss_bytes_for_10000": grown / count * 10_000,
+        "load_seconds_total": seconds,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: the machine is shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)"
+    )
     parser.add_argument("--repeats", type=int, default=64, help="timed calls per latency measurement")
     parser.add_argument("--batch-repeats", type=int, default=7, help="timed rounds of the 64-row batches")
     parser.add_argument("--request-texts", type=int, default=4, help="rows per request in (b)")
@@ -225,10 +247,19 @@ def servable_rows(servable: dict) -> list[list]:
     rows = []
     for held, times in servable.items():
         peer = times["peft_load_adapter_set_adapter_s"]
-        for label, key in (("bank.load, U/V lazy", "bank_load_s"),
-                           ("bank.load + U/V materialised", "bank_load_and_materialise_s")):
-            rows.append([f"(a) new adapter servable, ms: {label} (PEFT holds {held.rsplit('_', 1)[1]})",
-                         times[key] * 1e3, peer * 1e3, f"{peer / times[key]:.1f}x faster", ">= 10x faster"])
+        for label, key in (
+            ("bank.load, U/V lazy", "bank_load_s"),
+            ("bank.load + U/V materialised", "bank_load_and_materialise_s"),
+        ):
+            rows.append(
+                [
+                    f"(a) new adapter servable, ms: {label} (PEFT holds {held.rsplit('_', 1)[1]})",
+                    times[key] * 1e3,
+                    peer * 1e3,
+                    f"{peer / times[key]:.1f}x faster",
+                    ">= 10x faster",
+                ]
+            )
     return rows
 
 
@@ -236,29 +267,51 @@ def report(args, servable: dict, latency: dict, mixed: dict, memory: dict) -> No
     """Print and write the table of the four goals."""
     lat, ms, tensors = latency, 1e3, memory["tensor_bytes_per_adapter"]
     rows = servable_rows(servable) + [
-        ["(b) request latency, ms: different / same adapter, cache warm",
-         f"{lat['bank_different'] * ms:.1f} / {lat['bank_same'] * ms:.1f}",
-         f"{lat['peft_different'] * ms:.1f} / {lat['peft_same'] * ms:.1f}",
-         (f"{lat['bank_different'] / lat['bank_same']:.3f}x "
-          f"(PEFT {lat['peft_different'] / lat['peft_same']:.3f}x)"),
-         "<= 1.05x"],
-        ["(b) request latency, ms: different adapter, cache off / same",
-         f"{lat['bank_different_cache_off'] * ms:.1f} / {lat['bank_same'] * ms:.1f}", "",
-         f"{lat['bank_different_cache_off'] / lat['bank_same']:.2f}x", "<= 1.05x"],
-        ["(c) 64-row batch, rows/s: 64 adapters / 1 adapter",
-         f"{64 / mixed['bank_mixed']:.1f} / {64 / mixed['bank_single']:.1f}",
-         f"{64 / mixed['peft_mixed']:.1f} / {64 / mixed['peft_single']:.1f} (32 adapters)",
-         (f"{mixed['bank_single'] / mixed['bank_mixed']:.3f}x "
-          f"(PEFT {mixed['peft_single'] / mixed['peft_mixed']:.3f}x)"),
-         ">= 0.9x"],
-        [f"(d) RSS bytes per adapter ({memory['adapters']} loaded, tensors {tensors:.0f} B)",
-         memory["rss_bytes_per_adapter"], "",
-         f"{memory['rss_bytes_for_10000'] / 1e9:.3f} GB per 10,000", "< 1 GB"],
+        [
+            "(b) request latency, ms: different / same adapter, cache warm",
+            f"{lat['bank_different'] * ms:.1f} / {lat['bank_same'] * ms:.1f}",
+            f"{lat['peft_different'] * ms:.1f} / {lat['peft_same'] * ms:.1f}",
+            (
+                f"{lat['bank_different'] / lat['bank_same']:.3f}x "
+                f"(PEFT {lat['peft_different'] / lat['peft_same']:.3f}x)"
+            ),
+            "<= 1.05x",
+        ],
+        [
+            "(b) request latency, ms: different adapter, cache off / same",
+            f"{lat['bank_different_cache_off'] * ms:.1f} / {lat['bank_same'] * ms:.1f}",
+            "",
+            f"{lat['bank_different_cache_off'] / lat['bank_same']:.2f}x",
+            "<= 1.05x",
+        ],
+        [
+            "(c) 64-row batch, rows/s: 64 adapters / 1 adapter",
+            f"{64 / mixed['bank_mixed']:.1f} / {64 / mixed['bank_single']:.1f}",
+            f"{64 / mixed['peft_mixed']:.1f} / {64 / mixed['peft_single']:.1f} (32 adapters)",
+            (
+                f"{mixed['bank_single'] / mixed['bank_mixed']:.3f}x "
+                f"(PEFT {mixed['peft_single'] / mixed['peft_mixed']:.3f}x)"
+            ),
+            ">= 0.9x",
+        ],
+        [
+            f"(d) RSS bytes per adapter ({memory['adapters']} loaded, tensors {tensors:.0f} B)",
+            memory["rss_bytes_per_adapter"],
+            "",
+            f"{memory['rss_bytes_for_10000'] / 1e9:.3f} GB per 10,000",
+            "< 1 GB",
+        ],
     ]
     table = markdown_table(["measure", "qpeft bank", "PEFT LoRA r=8 (peer)", "result", "goal"], rows)
     print(table)
-    data = {"machine": machine_info(), "args": vars(args), "servable_seconds": servable,
-            "request_latency_seconds": latency, "batch64_seconds": mixed, "memory": memory}
+    data = {
+        "machine": machine_info(),
+        "args": vars(args),
+        "servable_seconds": servable,
+        "request_latency_seconds": latency,
+        "batch64_seconds": mixed,
+        "memory": memory,
+    }
     write_results("swap", data, f"{run_note(data['machine'])}\n\n" + table)
 
 
@@ -266,8 +319,10 @@ def run_note(machine: dict) -> str:
     """One line on what the timings ran on (one run: they carry run-to-run noise)."""
     loads = machine["load_average_1_5_15min"]
     load = f"1-minute load {loads[0]:.1f} at the end" if loads else "load unknown"
-    return (f"One run on {machine['cpu_model']} ({machine['cpu_count']} cores, {load}): a single run, so timings "
-            "carry run-to-run noise.")
+    return (
+        f"One run on {machine['cpu_model']} ({machine['cpu_count']} cores, {load}): a single run, so timings "
+        "carry run-to-run noise."
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def lora_model(id2label: dict[int, str], seed: int):
 
     model = load_task_model(BASE, id2label, seed=seed)
     torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                        modules_to_save=["classifier"])
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", modules_to_save=["classifier"]
+    )
     return get_peft_model(model, config)
 
 
@@ -89,15 +90,32 @@ def train_one(method: str, data, spec: TrainSpec, lrs: dict[str, float], folder:
         model = lora_model(data.id2label, spec.seed)
     else:
         rank = "full" if method == "qpeft full" else 8
-        model = build_model(TrainSpec(**{**spec.__dict__, "rank": rank}), data.id2label,
-                            adapter=method != "head-only")
+        model = build_model(
+            TrainSpec(**{**spec.__dict__, "rank": rank}), data.id2label, adapter=method != "head-only"
+        )
     head_lr = lr if method == "head-only" else lrs["head-only"]
-    result = fit(model, None, data.train, epochs=spec.epochs, lr=lr, head_lr=head_lr, body_lr=lr,
-                 batch_size=spec.batch_size, seed=spec.seed, quiet=True)
+    result = fit(
+        model,
+        None,
+        data.train,
+        epochs=spec.epochs,
+        lr=lr,
+        head_lr=head_lr,
+        body_lr=lr,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        quiet=True,
+    )
     metrics = evaluate(model, None, data.test)
-    row = {"method": method, "seed": spec.seed, "lr": lr, "test_accuracy": metrics["accuracy"],
-           "trainable_parameters": trainable_parameters(model), "train_seconds": round(result.seconds, 1),
-           "final_train_loss": statistics.mean(result.losses[-10:])}
+    row = {
+        "method": method,
+        "seed": spec.seed,
+        "lr": lr,
+        "test_accuracy": metrics["accuracy"],
+        "trainable_parameters": trainable_parameters(model),
+        "train_seconds": round(result.seconds, 1),
+        "final_train_loss": statistics.mean(result.losses[-10:]),
+    }
     if folder is None:
         return model, row
     if method.startswith("qpeft"):
@@ -121,13 +139,17 @@ def onnx_latency(adapters: dict[str, Path], images: np.ndarray, repeats: int, fo
             out = folder / label.replace(" ", "_").replace("=", "")
             report = export_onnx(BASE, path, out, mode=mode, quiet=True)
             reports[label] = {k: report[k] for k in ("max_abs_diff_vs_torch", "model_bytes", "apply")}
-            sessions[label] = ort.InferenceSession(str(out / "model.onnx"), session_options(1),
-                                                   providers=["CPUExecutionProvider"])
+            sessions[label] = ort.InferenceSession(
+                str(out / "model.onnx"), session_options(1), providers=["CPUExecutionProvider"]
+            )
     rows = {}
     for batch in BATCHES:
         feed = {"pixel_values": pixel_values(images[:batch]).numpy()}
-        times = interleaved_times({k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()},
-                                  repeats=repeats, warmup=3)
+        times = interleaved_times(
+            {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()},
+            repeats=repeats,
+            warmup=3,
+        )
         for label, samples in times.items():
             row = rows.setdefault(label, dict(reports[label]))
             row[f"batch{batch}_ms"] = statistics.median(samples) * 1e3
@@ -168,23 +190,28 @@ def main() -> None:
     rows, adapters, lrs, sweep_rows = [], {}, dict(LRS), None
     if args.sweep:
         data = load_data(args.task, max_train=args.max_train, max_test=0, seed=args.seeds[0])
-        spec = TrainSpec(base=BASE, task=args.task, epochs=args.epochs, batch_size=args.batch_size,
-                         seed=args.seeds[0])
+        spec = TrainSpec(
+            base=BASE, task=args.task, epochs=args.epochs, batch_size=args.batch_size, seed=args.seeds[0]
+        )
         lrs, sweep_rows = sweep(data, spec)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for seed in args.seeds:
             data = load_data(args.task, max_train=args.max_train, max_test=args.max_test, seed=seed)
-            spec = TrainSpec(base=BASE, task=args.task, epochs=args.epochs, batch_size=args.batch_size,
-                             seed=seed)
+            spec = TrainSpec(
+                base=BASE, task=args.task, epochs=args.epochs, batch_size=args.batch_size, seed=seed
+            )
             for method in METHODS:
                 folder = tmp / f"{seed}-{method.replace(' ', '_')}"
                 folder.mkdir()
                 _, row = train_one(method, data, spec, lrs, folder)
                 rows.append(row)
-                print(f"seed {seed} {method}: accuracy {row['test_accuracy']:.4f}, "
-                      f"{row['trainable_parameters']} params, {row['file_bytes']} B, "
-                      f"{row['train_seconds']} s", flush=True)
+                print(
+                    f"seed {seed} {method}: accuracy {row['test_accuracy']:.4f}, "
+                    f"{row['trainable_parameters']} params, {row['file_bytes']} B, "
+                    f"{row['train_seconds']} s",
+                    flush=True,
+                )
                 if method.startswith("qpeft") and seed == args.seeds[0]:
                     adapters[method] = folder / "a.qpeft"
         images = np.stack([im for im, _ in data.test[: max(BATCHES)]])
@@ -196,39 +223,83 @@ def main() -> None:
     summary = []
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
-        summary.append({
-            "method": method,
-            "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in mine),
-            "test_accuracy_min": min(r["test_accuracy"] for r in mine),
-            "trainable_parameters": mine[0]["trainable_parameters"],
-            "file_bytes": mine[0]["file_bytes"],
-            "file_bytes_8bit": mine[0].get("file_bytes_8bit"),
-            "train_seconds_mean": statistics.mean(r["train_seconds"] for r in mine),
-            "lr": lrs[method],
-        })
+        summary.append(
+            {
+                "method": method,
+                "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in mine),
+                "test_accuracy_min": min(r["test_accuracy"] for r in mine),
+                "trainable_parameters": mine[0]["trainable_parameters"],
+                "file_bytes": mine[0]["file_bytes"],
+                "file_bytes_8bit": mine[0].get("file_bytes_8bit"),
+                "train_seconds_mean": statistics.mean(r["train_seconds"] for r in mine),
+                "lr": lrs[method],
+            }
+        )
     head_only = summary[0]["test_accuracy_mean"]
     table = markdown_table(
-        ["method", "lr", "test accuracy", "Δ vs head-only", "trainable params", "file bytes",
-         "8-bit file bytes"],
-        [[s["method"], f"{s['lr']:g}", s["test_accuracy_mean"], s["test_accuracy_mean"] - head_only,
-          s["trainable_parameters"], s["file_bytes"], s["file_bytes_8bit"] or ""] for s in summary],
+        [
+            "method",
+            "lr",
+            "test accuracy",
+            "Δ vs head-only",
+            "trainable params",
+            "file bytes",
+            "8-bit file bytes",
+        ],
+        [
+            [
+                s["method"],
+                f"{s['lr']:g}",
+                s["test_accuracy_mean"],
+                s["test_accuracy_mean"] - head_only,
+                s["trainable_parameters"],
+                s["file_bytes"],
+                s["file_bytes_8bit"] or "",
+            ]
+            for s in summary
+        ],
     )
-    table = (f"Task {args.task}: {args.max_train} train / {args.max_test} test images, {args.epochs} epochs, "
-             f"batch {args.batch_size}, seeds {args.seeds}; base samples/vit-fmnist5; rates "
-             f"{'picked on validation in this run' if args.sweep else 'from LRS (an earlier --sweep)'}.\n\n"
-             + table)
+    table = (
+        f"Task {args.task}: {args.max_train} train / {args.max_test} test images, {args.epochs} epochs, "
+        f"batch {args.batch_size}, seeds {args.seeds}; base samples/vit-fmnist5; rates "
+        f"{'picked on validation in this run' if args.sweep else 'from LRS (an earlier --sweep)'}.\n\n"
+        + table
+    )
     if "unsupported" in latency:
         table += f"\nONNX: not measured ({latency['unsupported']}).\n"
     else:
         table += "\n" + markdown_table(
-            ["export", "batch 1 ms", "× merged", "batch 32 ms", "× merged", "max |ORT − torch|",
-             "model bytes"],
-            [[k, r["batch1_ms"], r["batch1_x_merged"], r["batch32_ms"], r["batch32_x_merged"],
-              r["max_abs_diff_vs_torch"], r["model_bytes"]] for k, r in latency.items()],
+            [
+                "export",
+                "batch 1 ms",
+                "× merged",
+                "batch 32 ms",
+                "× merged",
+                "max |ORT − torch|",
+                "model bytes",
+            ],
+            [
+                [
+                    k,
+                    r["batch1_ms"],
+                    r["batch1_x_merged"],
+                    r["batch32_ms"],
+                    r["batch32_x_merged"],
+                    r["max_abs_diff_vs_torch"],
+                    r["model_bytes"],
+                ]
+                for k, r in latency.items()
+            ],
         )
     settings = vars(args) | {"base": "samples/vit-fmnist5", "lrs": lrs, "grids": GRIDS}
-    data_out = {"settings": settings, "machine": machine_info(), "summary": summary, "runs": rows,
-                "sweep": sweep_rows, "onnx": latency}
+    data_out = {
+        "settings": settings,
+        "machine": machine_info(),
+        "summary": summary,
+        "runs": rows,
+        "sweep": sweep_rows,
+        "onnx": latency,
+    }
     write_results("vision", data_out, table)
     print(table)
 

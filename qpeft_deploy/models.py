@@ -91,8 +91,10 @@ def is_image_base(base: str) -> bool:
         model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return False
-    return (model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-            and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    return (
+        model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+        and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    )
 
 
 def load_task_model(base: str, id2label: Mapping[int, str], seed: int = 0) -> PreTrainedModel:
@@ -203,9 +205,12 @@ def task_class(folder: Path, config: dict) -> tuple[str, str]:
 
     model_type = config.get("model_type")
     name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(
-        model_type, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type))
+        model_type, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+    )
     model_class = getattr(transformers, name, None) if isinstance(name, str) else None
     if model_class is None:
-        raise ConfigError(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} has no "
-                          "classification model in transformers to merge a head adapter into")
+        raise ConfigError(
+            f"{folder / 'config.json'}: model_type {config.get('model_type')!r} has no "
+            "classification model in transformers to merge a head adapter into"
+        )
     return name, model_class.base_model_prefix

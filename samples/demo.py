@@ -36,10 +36,20 @@ def train_all(args: argparse.Namespace) -> dict[str, dict]:
     """Train an adapter and the head-only baseline per task; save the packed adapters."""
     results = {}
     for task in TASKS:
-        spec = TrainSpec(task=task, rank=8, layers=1, epochs=args.epochs, max_examples=args.train_examples,
-                         max_test=args.test_examples, max_length=args.max_length, bits=4)
-        print(f"\n[{task}] training a Quantum-PEFT adapter (all-linear, K=8, L=1, 4-bit-aware angles) ...",
-              flush=True)
+        spec = TrainSpec(
+            task=task,
+            rank=8,
+            layers=1,
+            epochs=args.epochs,
+            max_examples=args.train_examples,
+            max_test=args.test_examples,
+            max_length=args.max_length,
+            bits=4,
+        )
+        print(
+            f"\n[{task}] training a Quantum-PEFT adapter (all-linear, K=8, L=1, 4-bit-aware angles) ...",
+            flush=True,
+        )
         model, adapter = run_spec(spec, adapter=True, quiet=args.quiet)
         path = save_adapter(model, args.out / f"{task}.qpeft", bits=4, lambda_dtype="fp16", base=spec.base)
         print(f"[{task}] training the head-only baseline on the same budget ...", flush=True)
@@ -63,8 +73,16 @@ def ort_accuracy(session: OrtAdapterSession, task: str, args: argparse.Namespace
 def deploy(results: dict[str, dict], args: argparse.Namespace) -> dict[str, float]:
     """Inspect, merge, export one swappable ONNX model and run every task through it; returns ORT accuracy."""
     print("\n`qpeft inspect demo-out/rt.qpeft`:")
-    print(json.dumps({k: v for k, v in inspect_adapter(results["rt"]["path"]).items()
-                      if k in ("variant", "targets", "ranks", "bits", "layers", "bytes", "parameters")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: v
+                for k, v in inspect_adapter(results["rt"]["path"]).items()
+                if k in ("variant", "targets", "ranks", "bits", "layers", "bytes", "parameters")
+            },
+            indent=1,
+        )
+    )
     for folder in ("rt-merged", "onnx"):
         shutil.rmtree(args.out / folder, ignore_errors=True)
     print("\nMerging rt.qpeft into a plain transformers checkpoint (demo-out/rt-merged) ...", flush=True)
@@ -85,18 +103,24 @@ def deploy(results: dict[str, dict], args: argparse.Namespace) -> dict[str, floa
 
 def print_table(results: dict[str, dict], ort: dict[str, float]) -> None:
     """The demo's summary table."""
-    print(f"\n{'task':6} {'qpeft acc':>9} {'ORT acc':>8} {'head-only':>9} {'trainable':>10} {'LoRA r=8':>10}"
-          f" {'file bytes':>10} {'LoRA r=8 bytes':>15}")
+    print(
+        f"\n{'task':6} {'qpeft acc':>9} {'ORT acc':>8} {'head-only':>9} {'trainable':>10} {'LoRA r=8':>10}"
+        f" {'file bytes':>10} {'LoRA r=8 bytes':>15}"
+    )
     for task, r in results.items():
         a, h = r["adapter"], r["head_only"]
         lora = a["lora_r8_parameters"] + h["trainable_parameters"]
-        print(f"{task:6} {a['test_accuracy']:9.3f} {ort[task]:8.3f} {h['test_accuracy']:9.3f} "
-              f"{a['trainable_parameters']:10,} {lora:10,} {r['path'].stat().st_size:10,} "
-              f"{lora * LORA_R8_BYTES_PER_PARAM:15,}")
-    print("\nqpeft acc: the trained model in torch; ORT acc: its packed file (4-bit angles, fp16 λ and head) "
-          "through the shared ONNX session, same test split. LoRA r=8 counts its factors on the same 37 targets "
-          "plus the same head; its bytes are fp32 tensors alone (headers excluded). Full-budget accuracy, 3 seeds, "
-          "real PEFT LoRA: BENCHMARKS.md.")
+        print(
+            f"{task:6} {a['test_accuracy']:9.3f} {ort[task]:8.3f} {h['test_accuracy']:9.3f} "
+            f"{a['trainable_parameters']:10,} {lora:10,} {r['path'].stat().st_size:10,} "
+            f"{lora * LORA_R8_BYTES_PER_PARAM:15,}"
+        )
+    print(
+        "\nqpeft acc: the trained model in torch; ORT acc: its packed file (4-bit angles, fp16 λ and head) "
+        "through the shared ONNX session, same test split. LoRA r=8 counts its factors on the same 37 targets "
+        "plus the same head; its bytes are fp32 tensors alone (headers excluded). Full-budget accuracy, 3 seeds, "
+        "real PEFT LoRA: BENCHMARKS.md."
+    )
 
 
 def main() -> None:

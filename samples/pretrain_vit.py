@@ -57,6 +57,7 @@ def main() -> None:
     steps = args.epochs * math.ceil(len(data.train) / args.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     warmup = max(1, steps // 20)
+
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0
         return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
@@ -76,8 +77,11 @@ def main() -> None:
             schedule.step()
             step += 1
             if step % 50 == 0:
-                print(f"epoch {epoch} step {step}/{steps} loss {loss.item():.3f} "
-                      f"{time.perf_counter() - start:.0f}s", flush=True)
+                print(
+                    f"epoch {epoch} step {step}/{steps} loss {loss.item():.3f} "
+                    f"{time.perf_counter() - start:.0f}s",
+                    flush=True,
+                )
     seconds = time.perf_counter() - start
     accuracy = evaluate(model, data.test)
     print(f"test accuracy on {len(data.test)} images of classes 0-4: {accuracy:.4f} ({seconds:.0f}s)")
@@ -86,12 +90,24 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     write_preprocessor_config(tmp)
-    command = (f"python samples/pretrain_vit.py --epochs {args.epochs} --batch-size {args.batch_size} "
-               f"--lr {args.lr} --max-train {args.max_train} --seed {args.seed}")
-    record = {"task": "fmnist-0to4", "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
-              "lr": args.lr, "steps": steps, "train_examples": len(data.train),
-              "test_examples": len(data.test), "test_accuracy": round(accuracy, 4),
-              "train_seconds": round(seconds), "torch": torch.__version__, "command": command}
+    command = (
+        f"python samples/pretrain_vit.py --epochs {args.epochs} --batch-size {args.batch_size} "
+        f"--lr {args.lr} --max-train {args.max_train} --seed {args.seed}"
+    )
+    record = {
+        "task": "fmnist-0to4",
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "steps": steps,
+        "train_examples": len(data.train),
+        "test_examples": len(data.test),
+        "test_accuracy": round(accuracy, 4),
+        "train_seconds": round(seconds),
+        "torch": torch.__version__,
+        "command": command,
+    }
     (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     umask = os.umask(0)
     os.umask(umask)

@@ -14,12 +14,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qpeft_deploy"
 
 # Rank of each top-level part of the package, lowest first. Parts of equal rank must not import each other.
 LAYERS = {
-    "__init__": 0, "errors": 0, "installed": 0,
+    "__init__": 0,
+    "errors": 0,
+    "installed": 0,
     "core": 1,
     "models": 2,
-    "data": 3, "io": 3,
-    "training": 4, "merge": 4,
-    "export": 5, "runtime": 5,
+    "data": 3,
+    "io": 3,
+    "training": 4,
+    "merge": 4,
+    "export": 5,
+    "runtime": 5,
     "serve": 6,
     "cli": 7,
 }
@@ -74,8 +79,11 @@ def test_imports_go_down(module, path):
 
 
 def test_only_lora_calibration_among_the_exporters_imports_training():
-    importers = {module for module, path in modules()
-                 if part(module) == "export" and "training" in {part(n) for n in imported(module, path)}}
+    importers = {
+        module
+        for module, path in modules()
+        if part(module) == "export" and "training" in {part(n) for n in imported(module, path)}
+    }
     assert importers <= {"qpeft_deploy.export.lora.calibrate"}, importers
 
 

@@ -106,7 +106,9 @@ def test_targets_by_name_regex_and_key(model):
     assert len(find_target_modules(model, ["dense"])) == 19
 
 
-@pytest.mark.parametrize("targets", [["nonexistent"], r"foo\..*", "query"])  # a bare string is a full-match regex
+@pytest.mark.parametrize(
+    "targets", [["nonexistent"], r"foo\..*", "query"]
+)  # a bare string is a full-match regex
 def test_no_match_raises(model, targets):
     with pytest.raises(ConfigError):
         attach(model, targets, rank=4)
@@ -147,8 +149,10 @@ def test_unchanged_at_init_and_trainable_set(model, batch, base_logits):
         assert n.endswith((".u.theta", ".v.theta", ".spectrum.lam")) or n.startswith("classifier."), n
     assert {"classifier.weight", "classifier.bias"} <= trainable
     layers = adapted_layers(model)
-    expected = sum(parameter_count(layer.out_features) + parameter_count(layer.in_features) + layer.rank
-                   for layer in layers.values())
+    expected = sum(
+        parameter_count(layer.out_features) + parameter_count(layer.in_features) + layer.rank
+        for layer in layers.values()
+    )
     assert expected == 6 * (4 * (42 + 42 + 8) + 2 * (54 + 42 + 8)) + (42 + 42 + 8) == 3548
     head = sum(p.numel() for p in model.classifier.parameters())
     assert head == 384 * 2 + 2
@@ -227,8 +231,10 @@ def test_adapter_state_round_trip(base_model, batch):
     expected = logits(a, batch)
 
     b = attach(copy.deepcopy(base_model), "all-linear", rank=8, seed=2)
-    assert not torch.equal(b.bert.encoder.layer[0].attention.self.query.u.theta, state[
-        "encoder.layer.0.attention.self.query.u.theta"])
+    assert not torch.equal(
+        b.bert.encoder.layer[0].attention.self.query.u.theta,
+        state["encoder.layer.0.attention.self.query.u.theta"],
+    )
     assert (logits(b, batch) - expected).abs().max() > 1e-3
     load_adapter_state(b, state)
     assert (logits(b, batch) - expected).abs().max() <= 1e-6
@@ -289,8 +295,16 @@ def test_trainer_two_steps(model, batch, tmp_path):
     ]
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     theta_before = {k: layer.u.theta.detach().clone() for k, layer in adapted_layers(model).items()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                             save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     assert result.global_step == 2

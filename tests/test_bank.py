@@ -17,8 +17,16 @@ from tests.helpers import make_adapter
 
 TWO = {0: "neg", 1: "pos"}
 SIX = {i: name for i, name in enumerate(["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])}
-TEXTS = ["a gorgeous, moving film", "dull and far too long", "who wrote hamlet?", "not bad at all",
-         "the worst plot of the year", "how far is the moon?", "call now to win a prize", "see you at 8"]
+TEXTS = [
+    "a gorgeous, moving film",
+    "dull and far too long",
+    "who wrote hamlet?",
+    "not bad at all",
+    "the worst plot of the year",
+    "how far is the moon?",
+    "call now to win a prize",
+    "see you at 8",
+]
 # name -> (labels, attach options): two label counts, two ranks (mixed batches pad K), two target sets and
 # both variants
 SPECS = {
@@ -31,8 +39,9 @@ SPECS = {
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(folder / f"{name}.qpeft", labels, **opts)
-            for name, (labels, opts) in SPECS.items()}
+    return {
+        name: make_adapter(folder / f"{name}.qpeft", labels, **opts) for name, (labels, opts) in SPECS.items()
+    }
 
 
 @pytest.fixture(scope="module")

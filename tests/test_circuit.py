@@ -61,7 +61,7 @@ def np_coupling(n1: int, n2: int, phi: float) -> np.ndarray:
 def np_blockdiag(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.zeros((a.shape[0] + b.shape[0],) * 2)
     out[: a.shape[0], : a.shape[0]] = a
-    out[a.shape[0]:, a.shape[0]:] = b
+    out[a.shape[0] :, a.shape[0] :] = b
     return out
 
 
@@ -112,7 +112,9 @@ def dense_from_spec(dim: int, layers: int, theta: np.ndarray, first: int = 0) ->
     return np_blockdiag(q, q2) @ g, idx + 1
 
 
-def np_apply_spec(dim: int, layers: int, theta: np.ndarray, x: np.ndarray, first: int = 0) -> tuple[np.ndarray, int]:
+def np_apply_spec(
+    dim: int, layers: int, theta: np.ndarray, x: np.ndarray, first: int = 0
+) -> tuple[np.ndarray, int]:
     """Q @ x (x: dim × B) one qubit at a time (no Kronecker grouping), following docs/METHOD.md; for large dims."""
     n = dim.bit_length() - 1
     size = 1 << n
@@ -130,9 +132,9 @@ def np_apply_spec(dim: int, layers: int, theta: np.ndarray, x: np.ndarray, first
     c, s = math.cos(phi), math.sin(phi)
     y = x.copy()
     m = min(size, rest)
-    a, b = x[:m].copy(), x[size: size + m].copy()
+    a, b = x[:m].copy(), x[size : size + m].copy()
     y[:m] = c * a - s * b
-    y[size: size + m] = s * a + c * b
+    y[size : size + m] = s * a + c * b
     top = _np_block_apply(n, layers, theta, head_angles_start, y[:size])
     bottom, _ = np_apply_spec(rest, layers, theta, y[size:], idx)
     return np.concatenate([top, bottom]), idx_after_second + 1
@@ -462,7 +464,9 @@ def test_gradcheck_columns(dim, k):
 def test_gradcheck_rotate_both_directions(dim):
     c = circuit_with_seed(dim, layers=2, seed=dim)
     theta = c.theta.detach().double().clone().requires_grad_(True)
-    x = torch.randn(2, 3, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x = torch.randn(
+        2, 3, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True
+    )
     for transpose in (False, True):
         assert torch.autograd.gradcheck(lambda t, v, tr=transpose: rotate(c.schedule, t, v, tr), (theta, x))
 

@@ -39,9 +39,7 @@ def test_pack_requantises_and_keeps_what_is_not_asked(qpeft, adapter, tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and f"{out.stat().st_size:,} bytes" in result.output
     packed = read_adapter(out)
-    assert (
-        packed.stored.bits == 4 and packed.stored.lambda_dtype == "fp16" and len(packed.fingerprint) == 37
-    )
+    assert packed.stored.bits == 4 and packed.stored.lambda_dtype == "fp16" and len(packed.fingerprint) == 37
     again = tmp_path / "nohead.qpeft"
     result = run(qpeft, "pack", out, "-o", again, "--drop-head", "--quiet")
     assert result.exit_code == 0 and result.output == ""

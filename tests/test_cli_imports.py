@@ -24,15 +24,15 @@ def python(code: str, env: dict[str, str] | None = None) -> str:
     """Run ``code`` in a fresh interpreter with this checkout first on the path; its stdout."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_cli_import_loads_no_heavy_module():
-    code = ("import qpeft_deploy.cli.main, sys; "
-            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    code = f"import qpeft_deploy.cli.main, sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     assert python(code).strip() == "[]"
 
 
@@ -48,8 +48,19 @@ def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str
 
 def test_help_lists_every_command():
     paths = commands(cli)
-    assert {p[0] for p in paths} >= {"train", "eval", "pack", "inspect", "verify", "merge", "unmerge", "serve",
-                                     "export", "import", "data"}
+    assert {p[0] for p in paths} >= {
+        "train",
+        "eval",
+        "pack",
+        "inspect",
+        "verify",
+        "merge",
+        "unmerge",
+        "serve",
+        "export",
+        "import",
+        "data",
+    }
     for path in [(), *paths]:
         result = run(cli, *path, "--help")
         assert result.exit_code == 0, (path, result.output)
@@ -79,14 +90,17 @@ def test_cli_choices_match_the_library():
 
 def test_errors_are_still_one_line(tmp_path):
     assert_one_line_error(run(cli, "inspect", tmp_path / "none.qpeft"), "none.qpeft")
-    assert_one_line_error(run(cli, "merge", "--adapter", tmp_path / "none.qpeft", "-o", tmp_path / "m"),
-                          "none.qpeft")
+    assert_one_line_error(
+        run(cli, "merge", "--adapter", tmp_path / "none.qpeft", "-o", tmp_path / "m"), "none.qpeft"
+    )
 
 
 def test_importing_the_library_sets_no_environment_variables():
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    code = ("import os, json, qpeft_deploy.models, qpeft_deploy.core.attach, qpeft_deploy.io.qpeft_file; "
-            "print(json.dumps([k for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE') if k in os.environ]))")
+    code = (
+        "import os, json, qpeft_deploy.models, qpeft_deploy.core.attach, qpeft_deploy.io.qpeft_file; "
+        "print(json.dumps([k for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE') if k in os.environ]))"
+    )
     assert json.loads(python(code, env)) == []
 
 

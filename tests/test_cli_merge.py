@@ -40,8 +40,10 @@ def _adapter(path, labels, targets, seed):
 def adapters(tmp_path_factory):
     """Two head adapters: a.qpeft (2 labels, all-linear) and b.qpeft (3 labels, value layers)."""
     folder = tmp_path_factory.mktemp("adapters")
-    return (_adapter(folder / "a.qpeft", {0: "neg", 1: "pos"}, "all-linear", 1),
-            _adapter(folder / "b.qpeft", {0: "x", 1: "y", 2: "z"}, ["value"], 2))
+    return (
+        _adapter(folder / "a.qpeft", {0: "neg", 1: "pos"}, "all-linear", 1),
+        _adapter(folder / "b.qpeft", {0: "x", 1: "y", 2: "z"}, ["value"], 2),
+    )
 
 
 def test_merge_then_unmerge_round_trip(qpeft, adapters, tmp_path):
@@ -64,9 +66,27 @@ def test_merge_then_unmerge_round_trip(qpeft, adapters, tmp_path):
 
 def test_weights_head_from_dtype_and_shards(qpeft, adapters, tmp_path):
     merged = tmp_path / "merged"
-    result = run(qpeft, "merge", "--adapter", adapters[0], "--adapter", adapters[1], "--weight", "0.5",
-                 "--weight", "-1", "--head-from", "b.qpeft", "--dtype", "bf16", "--max-shard-size", "10MB",
-                 "-o", merged, "--quiet")
+    result = run(
+        qpeft,
+        "merge",
+        "--adapter",
+        adapters[0],
+        "--adapter",
+        adapters[1],
+        "--weight",
+        "0.5",
+        "--weight",
+        "-1",
+        "--head-from",
+        "b.qpeft",
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "10MB",
+        "-o",
+        merged,
+        "--quiet",
+    )
     assert result.exit_code == 0 and result.stdout == "", result.output
     config = json.loads((merged / "config.json").read_text())
     assert config["id2label"] == {"0": "x", "1": "y", "2": "z"} and config["torch_dtype"] == "bfloat16"
@@ -76,16 +96,19 @@ def test_weights_head_from_dtype_and_shards(qpeft, adapters, tmp_path):
     assert result.exit_code == 0 and not (merged / INDEX_FILE).exists()
 
 
-@pytest.mark.parametrize("case, words", [
-    ("missing base", ["nowhere", "not found"]),
-    ("dtype", ["--dtype", "int8"]),
-    ("two heads", ["a.qpeft", "b.qpeft", "--head-from"]),
-    ("exists", ["already exists"]),
-    ("weights", ["1 --adapter but 2 --weight"]),
-    ("shard size", ["--max-shard-size"]),
-    ("missing adapter", ["gone.qpeft"]),
-    ("wrong unmerge", ["was merged from a.qpeft", "b.qpeft"]),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing base", ["nowhere", "not found"]),
+        ("dtype", ["--dtype", "int8"]),
+        ("two heads", ["a.qpeft", "b.qpeft", "--head-from"]),
+        ("exists", ["already exists"]),
+        ("weights", ["1 --adapter but 2 --weight"]),
+        ("shard size", ["--max-shard-size"]),
+        ("missing adapter", ["gone.qpeft"]),
+        ("wrong unmerge", ["was merged from a.qpeft", "b.qpeft"]),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(qpeft, adapters, tmp_path, case, words):
     a, b = adapters
     out = tmp_path / "out"
@@ -108,8 +131,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(qpeft, adapters, tmp_pa
 
 def test_sigterm_removes_the_temporary_folder(adapters, tmp_path):
     output = tmp_path / "merged"
-    code = ("import sys; from qpeft_deploy.cli.merge import merge_command; "
-            "merge_command([*sys.argv[1:], '--max-shard-size', '2MB', '--quiet'])")
+    code = (
+        "import sys; from qpeft_deploy.cli.merge import merge_command; "
+        "merge_command([*sys.argv[1:], '--max-shard-size', '2MB', '--quiet'])"
+    )
     process = subprocess.Popen([sys.executable, "-c", code, "--adapter", str(adapters[0]), "-o", str(output)])
     deadline, temp = time.monotonic() + 120, None
     while temp is None or len(list(temp.glob("model-*.safetensors"))) < 3:

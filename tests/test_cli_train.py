@@ -7,8 +7,25 @@ from click.testing import CliRunner
 
 from qpeft_deploy.cli.main import cli
 
-TINY = ["--task", "sms", "--targets", "query,value", "--rank", "4", "--epochs", "1", "--max-examples", "24",
-        "--max-test", "16", "--max-length", "24", "--batch-size", "8", "--quiet"]
+TINY = [
+    "--task",
+    "sms",
+    "--targets",
+    "query,value",
+    "--rank",
+    "4",
+    "--epochs",
+    "1",
+    "--max-examples",
+    "24",
+    "--max-test",
+    "16",
+    "--max-length",
+    "24",
+    "--batch-size",
+    "8",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +45,21 @@ def test_train_writes_an_adapter_and_reports(trained):
 
 def test_eval_reproduces_the_training_accuracy(trained):
     path, report = trained
-    result = CliRunner().invoke(cli, ["eval", "--adapter", str(path), "--task", "sms", "--max-examples", "16",
-                                      "--max-length", "24", "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--adapter",
+            str(path),
+            "--task",
+            "sms",
+            "--max-examples",
+            "16",
+            "--max-length",
+            "24",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["test_accuracy"] == pytest.approx(report["test_accuracy"])
 
@@ -41,12 +71,15 @@ def test_eval_refuses_a_task_with_other_labels(trained):
     assert "do not match" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--task", "imdb", "-o", "x.qpeft"], "imdb"),
-    (["train", "--task", "sms", "--targets", "nothing_like_this", "-o", "x.qpeft"], "matches"),
-    (["train", "--task", "sms", "--rank", "999", "-o", "x.qpeft"], "rank"),
-    (["eval", "--adapter", "missing.qpeft", "--task", "sms"], "missing.qpeft"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--task", "imdb", "-o", "x.qpeft"], "imdb"),
+        (["train", "--task", "sms", "--targets", "nothing_like_this", "-o", "x.qpeft"], "matches"),
+        (["train", "--task", "sms", "--rank", "999", "-o", "x.qpeft"], "rank"),
+        (["eval", "--adapter", "missing.qpeft", "--task", "sms"], "missing.qpeft"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, args)

@@ -20,11 +20,21 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_layer(m_in: int, n_out: int, rank: int, variant: str = "pauli", mode: str = "dense", alpha: float = 1.0,
-               seed: int = 0, dtype: torch.dtype = torch.float32) -> QuantumPeftLinear:
+def make_layer(
+    m_in: int,
+    n_out: int,
+    rank: int,
+    variant: str = "pauli",
+    mode: str = "dense",
+    alpha: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> QuantumPeftLinear:
     torch.manual_seed(seed)
     base = nn.Linear(m_in, n_out).to(dtype)
-    return QuantumPeftLinear(base, rank, alpha=alpha, variant=variant, mode=mode, generator=seeded(seed + 100))
+    return QuantumPeftLinear(
+        base, rank, alpha=alpha, variant=variant, mode=mode, generator=seeded(seed + 100)
+    )
 
 
 def randomise(layer: QuantumPeftLinear, seed: int = 1, scale: float = 0.5) -> None:

@@ -135,8 +135,9 @@ def llama(work) -> tuple[Path, Path]:
     return base, synthetic_adapter(base, work / "llama.qpeft")
 
 
-def test_head_adapter_makes_a_task_checkpoint_that_plain_transformers_loads(tmp_path, head_adapter,
-                                                                             head_model, inputs):
+def test_head_adapter_makes_a_task_checkpoint_that_plain_transformers_loads(
+    tmp_path, head_adapter, head_model, inputs
+):
     out = merge_checkpoint("minilm", [head_adapter], tmp_path / "merged", quiet=True)
     model, info = AutoModelForSequenceClassification.from_pretrained(str(out), output_loading_info=True)
     assert not any(info.values()), info
@@ -154,8 +155,9 @@ def test_head_adapter_makes_a_task_checkpoint_that_plain_transformers_loads(tmp_
 
 
 def test_sharded_base_gives_shards_with_a_correct_index(tmp_path, sharded_base, plain_adapter, plain_model):
-    out = merge_checkpoint(sharded_base, [plain_adapter], tmp_path / "merged", max_shard_size="15MB",
-                           quiet=True)
+    out = merge_checkpoint(
+        sharded_base, [plain_adapter], tmp_path / "merged", max_shard_size="15MB", quiet=True
+    )
     index = json.loads((out / INDEX_FILE).read_text())
     names = sorted(set(index["weight_map"].values()))
     assert names == sorted(p.name for p in out.glob("*.safetensors")) and len(names) > 3
@@ -198,10 +200,12 @@ def test_unmerge_restores_the_fp32_base_within_1e_6(tmp_path, head_adapter):
         assert RECORD_KEY not in f.metadata()
 
 
-@pytest.mark.parametrize("stored, dtype", [(torch.bfloat16, "keep"), (torch.float16, "keep"),
-                                           (torch.float32, "bf16")])
-def test_low_precision_round_trip_stays_within_the_documented_bound(tmp_path, plain_adapter, plain_model,
-                                                                    stored, dtype):
+@pytest.mark.parametrize(
+    "stored, dtype", [(torch.bfloat16, "keep"), (torch.float16, "keep"), (torch.float32, "bf16")]
+)
+def test_low_precision_round_trip_stays_within_the_documented_bound(
+    tmp_path, plain_adapter, plain_model, stored, dtype
+):
     base = tmp_path / "base"
     BertModel.from_pretrained(str(MINILM), torch_dtype=stored).save_pretrained(str(base))
     merged = merge_checkpoint(base, [plain_adapter], tmp_path / "merged", dtype=dtype, force=True, quiet=True)
@@ -219,10 +223,12 @@ def test_low_precision_round_trip_stays_within_the_documented_bound(tmp_path, pl
         assert ((restored[key].double() - w).abs() <= bound).all(), key
 
 
-def test_weighted_adapters_sum_and_unmerge_needs_all_of_them(tmp_path, plain_adapter, plain_model,
-                                                             head_adapter, head_model):
-    out = merge_checkpoint("minilm", [plain_adapter, head_adapter], tmp_path / "merged", weights=[0.5, -2.0],
-                           quiet=True)
+def test_weighted_adapters_sum_and_unmerge_needs_all_of_them(
+    tmp_path, plain_adapter, plain_model, head_adapter, head_model
+):
+    out = merge_checkpoint(
+        "minilm", [plain_adapter, head_adapter], tmp_path / "merged", weights=[0.5, -2.0], quiet=True
+    )
     merged, base = load_folder(out), load_file(MINILM / SINGLE_FILE)
     plain, head = deltas(plain_model), deltas(head_model)
     for key, tensor in base.items():
@@ -236,8 +242,9 @@ def test_weighted_adapters_sum_and_unmerge_needs_all_of_them(tmp_path, plain_ada
     assert all(within(restored[k], t) for k, t in base.items() if t.is_floating_point())
 
 
-def test_two_heads_need_head_from(tmp_path, head_adapter, three_label_adapter, three_label_model,
-                                  plain_adapter):
+def test_two_heads_need_head_from(
+    tmp_path, head_adapter, three_label_adapter, three_label_model, plain_adapter
+):
     adapters = [head_adapter, three_label_adapter]
     with pytest.raises(ConfigError, match="head.qpeft.*three.qpeft.*--head-from"):
         merge_checkpoint("minilm", adapters, tmp_path / "merged")
@@ -248,13 +255,14 @@ def test_two_heads_need_head_from(tmp_path, head_adapter, three_label_adapter, t
     out = merge_checkpoint("minilm", adapters, tmp_path / "merged", head_from="three.qpeft", quiet=True)
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "a", "1": "b", "2": "c"} and config["architectures"] == [
-        "BertForSequenceClassification"]
+        "BertForSequenceClassification"
+    ]
     assert torch.equal(load_file(out / SINGLE_FILE)["classifier.weight"], three_label_model.classifier.weight)
 
 
-def test_replacing_a_head_and_unmerging_twice_gives_back_each_checkpoint(tmp_path, head_adapter,
-                                                                         three_label_adapter,
-                                                                         three_label_model):
+def test_replacing_a_head_and_unmerging_twice_gives_back_each_checkpoint(
+    tmp_path, head_adapter, three_label_adapter, three_label_model
+):
     task = merge_checkpoint("minilm", [three_label_adapter], tmp_path / "task", quiet=True)
     twice = merge_checkpoint(task, [head_adapter], tmp_path / "twice", force=True, quiet=True)
     assert (twice / HEAD_SIDECAR).exists()
@@ -323,20 +331,24 @@ def _bad_folder(tmp_path: Path, sharded_base: Path, case: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case, error, words", [
-    ("no-weights", ConfigError, ["no-weights", "no model.safetensors"]),
-    ("missing-shard", ConfigError, [INDEX_FILE, "names shard", "does not exist"]),
-    ("other-base", BaseMismatchError, ["gpt2.qpeft", "h.0.", "another base"]),
-    ("dtype", ConfigError, ["--dtype", "int8"]),
-    ("unwritable", ConfigError, ["a-file", "cannot write"]),
-    ("exists", ConfigError, ["already exists", "--overwrite"]),
-    ("into-base", ConfigError, ["outside the input folder"]),
-    ("no-adapter", FormatError, ["missing.qpeft", "cannot read"]),
-    ("weights", ConfigError, ["2 --adapter but 1 --weight"]),
-    ("shard-size", ConfigError, ["--max-shard-size", "lots"]),
-])
-def test_bad_input_is_one_clear_error_and_leaves_nothing(tmp_path, sharded_base, plain_adapter, gpt2, case,
-                                                         error, words):
+@pytest.mark.parametrize(
+    "case, error, words",
+    [
+        ("no-weights", ConfigError, ["no-weights", "no model.safetensors"]),
+        ("missing-shard", ConfigError, [INDEX_FILE, "names shard", "does not exist"]),
+        ("other-base", BaseMismatchError, ["gpt2.qpeft", "h.0.", "another base"]),
+        ("dtype", ConfigError, ["--dtype", "int8"]),
+        ("unwritable", ConfigError, ["a-file", "cannot write"]),
+        ("exists", ConfigError, ["already exists", "--overwrite"]),
+        ("into-base", ConfigError, ["outside the input folder"]),
+        ("no-adapter", FormatError, ["missing.qpeft", "cannot read"]),
+        ("weights", ConfigError, ["2 --adapter but 1 --weight"]),
+        ("shard-size", ConfigError, ["--max-shard-size", "lots"]),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_leaves_nothing(
+    tmp_path, sharded_base, plain_adapter, gpt2, case, error, words
+):
     base, adapters, output, options = "minilm", [plain_adapter], tmp_path / "out" / "merged", {}
     (tmp_path / "out").mkdir()
     if case in ("no-weights", "missing-shard"):
@@ -361,8 +373,9 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(tmp_path, sharded_base,
     else:
         options["max_shard_size"] = "lots"
     before = sorted(os.listdir(tmp_path / "out"))
-    base_files = {} if case == "no-weights" else {
-        p: p.stat().st_mtime_ns for p in resolve_base(str(base)).iterdir()}
+    base_files = (
+        {} if case == "no-weights" else {p: p.stat().st_mtime_ns for p in resolve_base(str(base)).iterdir()}
+    )
     with pytest.raises(error) as raised:
         merge_checkpoint(base, adapters, output, quiet=True, **options)
     message = str(raised.value)
@@ -405,9 +418,11 @@ def test_sigkill_half_way_leaves_the_base_intact_and_the_next_run_cleans_up(tmp_
     base, adapter = llama
     before = digest_files(base)
     output = tmp_path / "merged"
-    code = ("from qpeft_deploy.merge.checkpoint import merge_checkpoint; "
-            f"merge_checkpoint({str(base)!r}, [{str(adapter)!r}], {str(output)!r}, max_shard_size='3MB', "
-            "quiet=True)")
+    code = (
+        "from qpeft_deploy.merge.checkpoint import merge_checkpoint; "
+        f"merge_checkpoint({str(base)!r}, [{str(adapter)!r}], {str(output)!r}, max_shard_size='3MB', "
+        "quiet=True)"
+    )
     process = subprocess.Popen([sys.executable, "-c", code])
     deadline, temp = time.monotonic() + 120, None
     while temp is None or len(list(temp.glob("model-*.safetensors"))) < 4:

@@ -68,7 +68,7 @@ STANDARD_OPS = {
 }
 
 
-# Adapters and exports are made once per process and shared with tests/test_onnx_runtime.py (which imports
+# Adapters and exports are made once per process and shared with tests/test_ort_session.py (which imports
 # these helpers), so the two files together train and export each thing once.
 _FILES = tempfile.TemporaryDirectory(prefix="qpeft-onnx-tests-")
 

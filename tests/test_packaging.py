@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sh(*command, cwd: Path, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        [str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-2000:])
     return result.stdout
 
@@ -32,8 +33,20 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "qpeft_deploy", src / "qpeft_deploy", ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
-    sh(sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-       "--no-build-isolation", ".", "-w", out, cwd=src)
+    sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--no-build-isolation",
+        ".",
+        "-w",
+        out,
+        cwd=src,
+    )
     (found,) = out.glob("qpeft_deploy-*.whl")
     return found
 
@@ -41,8 +54,19 @@ def wheel(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def target(wheel, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("target")
-    sh(sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--target",
-       folder, wheel, cwd=folder)
+    sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--target",
+        folder,
+        wheel,
+        cwd=folder,
+    )
     return folder
 
 
@@ -59,7 +83,9 @@ def test_wheel_holds_every_module_and_the_console_script(wheel):
 
 def test_installed_wheel_runs_outside_the_repository(target, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(target)}
-    where = sh(sys.executable, "-c", "import qpeft_deploy; print(qpeft_deploy.__file__)", cwd=tmp_path, env=env)
+    where = sh(
+        sys.executable, "-c", "import qpeft_deploy; print(qpeft_deploy.__file__)", cwd=tmp_path, env=env
+    )
     assert Path(where.strip()).is_relative_to(target), where  # the installed copy, not the checkout
     out = sh(sys.executable, "-m", "qpeft_deploy.cli.main", "--help", cwd=tmp_path, env=env)
     for command in ("train", "inspect", "merge", "export", "import", "serve", "data"):

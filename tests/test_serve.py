@@ -29,12 +29,29 @@ from tests.helpers import make_adapter
 
 TWO = {0: "ham", 1: "spam"}
 SIX = {i: name for i, name in enumerate(["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])}
-TEXTS = ["a gorgeous, moving film", "dull and far too long", "who wrote hamlet?", "how far is the moon?",
-         "call now to win a prize", "see you at 8", "not bad at all", "what does NASA stand for?"]
-SPECS = {"sentiment": (TWO, {"seed": 11}), "topic": (SIX, {"seed": 12, "rank": 4}),
-         "spam": (TWO, {"seed": 13, "targets": ["query", "value", "dense"]})}
-SETTINGS = ServeSettings(max_texts=4, max_text_chars=300, max_batch_rows=16, batch_window_s=0.01,
-                         max_body_bytes=64 << 10, max_upload_bytes=1 << 20)
+TEXTS = [
+    "a gorgeous, moving film",
+    "dull and far too long",
+    "who wrote hamlet?",
+    "how far is the moon?",
+    "call now to win a prize",
+    "see you at 8",
+    "not bad at all",
+    "what does NASA stand for?",
+]
+SPECS = {
+    "sentiment": (TWO, {"seed": 11}),
+    "topic": (SIX, {"seed": 12, "rank": 4}),
+    "spam": (TWO, {"seed": 13, "targets": ["query", "value", "dense"]}),
+}
+SETTINGS = ServeSettings(
+    max_texts=4,
+    max_text_chars=300,
+    max_batch_rows=16,
+    batch_window_s=0.01,
+    max_body_bytes=64 << 10,
+    max_upload_bytes=1 << 20,
+)
 
 
 class RecordingBank(AdapterBank):
@@ -171,17 +188,20 @@ def test_micro_batcher_splits_at_max_rows_and_stops(server, expected):
         futures[3].result(timeout=0)
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"adapter": "nope", "texts": ["hi"]}, 404, "no adapter named 'nope'"),
-    ({"adapter": "topic", "texts": []}, 422, "1 to 4 strings"),
-    ({"adapter": "topic", "texts": ["hi"] * 5}, 422, "1 to 4 strings"),
-    ({"adapter": "topic", "texts": ["x" * 301]}, 422, "texts[0] has 301 characters"),
-    ({"adapter": "topic", "texts": ["ok", 7]}, 422, "texts[1] is a int"),
-    ({"adapter": "topic", "texts": "hi"}, 422, "list of 1 to 4"),
-    ({"adapter": 3, "texts": ["hi"]}, 422, "adapter must be a string"),
-    ({"texts": ["hi"]}, 422, "JSON object"),
-    ([1, 2], 422, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"adapter": "nope", "texts": ["hi"]}, 404, "no adapter named 'nope'"),
+        ({"adapter": "topic", "texts": []}, 422, "1 to 4 strings"),
+        ({"adapter": "topic", "texts": ["hi"] * 5}, 422, "1 to 4 strings"),
+        ({"adapter": "topic", "texts": ["x" * 301]}, 422, "texts[0] has 301 characters"),
+        ({"adapter": "topic", "texts": ["ok", 7]}, 422, "texts[1] is a int"),
+        ({"adapter": "topic", "texts": "hi"}, 422, "list of 1 to 4"),
+        ({"adapter": 3, "texts": ["hi"]}, 422, "adapter must be a string"),
+        ({"texts": ["hi"]}, 422, "JSON object"),
+        ([1, 2], 422, "JSON object"),
+    ],
+)
 def test_bad_classify_requests_are_json_4xx(server, body, status, message):
     client, _ = server
     response = client.post("/v1/classify", json=body)
@@ -191,15 +211,20 @@ def test_bad_classify_requests_are_json_4xx(server, body, status, message):
 def test_malformed_oversized_and_untyped_bodies(server, expected):
     client, _ = server
     json_type = {"content-type": "application/json"}
-    for raw, status in ((b'{"adapter": "topic", "texts": [', 400), (b"\xff\xfe", 400), (b"NaN", 400),
-                        (b'{"adapter": "topic", "adapter": "spam", "texts": ["a"]}', 400),
-                        (b"x" * (65 << 10), 413)):
+    for raw, status in (
+        (b'{"adapter": "topic", "texts": [', 400),
+        (b"\xff\xfe", 400),
+        (b"NaN", 400),
+        (b'{"adapter": "topic", "adapter": "spam", "texts": ["a"]}', 400),
+        (b"x" * (65 << 10), 413),
+    ):
         response = client.post("/v1/classify", content=raw, headers=json_type)
         assert response.status_code == status and response.json()["error"]
     response = client.post("/v1/classify", content=b"adapter=topic", headers={"content-type": "text/plain"})
     assert response.status_code == 415
-    assert check(client.post("/v1/classify", json={"adapter": "topic", "texts": TEXTS[:2]}), "topic", [0, 1],
-                 expected)
+    assert check(
+        client.post("/v1/classify", json={"adapter": "topic", "texts": TEXTS[:2]}), "topic", [0, 1], expected
+    )
 
 
 def test_loading_from_the_folder_only(server, folder, expected, tmp_path):
@@ -246,8 +271,12 @@ def test_uploads_are_verified_like_files(server, folder, expected):
     assert bad_name.status_code == 422
     response = client.post("/v1/adapters", params={"name": "up"}, content=good, headers=octet)
     assert response.status_code == 201 and not (folder / "up.qpeft").exists()
-    assert check(client.post("/v1/classify", json={"adapter": "up", "texts": TEXTS[4:6]}), "up", [4, 5],
-                 {"up": expected["spam"]})
+    assert check(
+        client.post("/v1/classify", json={"adapter": "up", "texts": TEXTS[4:6]}),
+        "up",
+        [4, 5],
+        {"up": expected["spam"]},
+    )
     client.delete("/v1/adapters/up")
     assert client.get("/healthz").json()["adapters"] == 3
 
@@ -266,8 +295,10 @@ def test_qpeft_serve_command_answers_http(folder, expected):
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()  # the child binds it again (SO_REUSEADDR); a clash would show as a failed start below
-    code = ("import sys; from qpeft_deploy.cli.main import QpeftGroup; from qpeft_deploy.cli.serve import "
-            "serve_command; g = QpeftGroup('qpeft'); g.add_command(serve_command); g(sys.argv[1:])")
+    code = (
+        "import sys; from qpeft_deploy.cli.main import QpeftGroup; from qpeft_deploy.cli.serve import "
+        "serve_command; g = QpeftGroup('qpeft'); g.add_command(serve_command); g(sys.argv[1:])"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     args = ["serve", "--base", "minilm", "--adapters", str(folder), "--port", str(port), "--quiet"]
     child = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE)

@@ -81,7 +81,9 @@ def test_mask_survives_state_dict_round_trip():
     assert torch.equal(t.values(), s.values())
 
 
-@pytest.mark.parametrize("total,initial,target", [(100, 8, 2), (1000, 64, 8), (37, 5, 1), (10, 4, 4), (7, 12, 0)])
+@pytest.mark.parametrize(
+    "total,initial,target", [(100, 8, 2), (1000, 64, 8), (37, 5, 1), (10, 4, 4), (7, 12, 0)]
+)
 def test_scheduled_rank_monotone_hits_both_ends(total, initial, target):
     ranks = [scheduled_rank(step, total, initial, target) for step in range(total + 1)]
     assert ranks[0] == initial

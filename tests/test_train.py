@@ -34,8 +34,17 @@ def tokenizer():
 
 def _train(data, tokenizer, adapter: bool):
     model = build_model(SPEC, data.id2label, adapter=adapter)
-    result = fit(model, tokenizer, data.train, epochs=SPEC.epochs, lr=SPEC.lr, head_lr=SPEC.head_lr,
-                 batch_size=SPEC.batch_size, max_length=SPEC.max_length, quiet=True)
+    result = fit(
+        model,
+        tokenizer,
+        data.train,
+        epochs=SPEC.epochs,
+        lr=SPEC.lr,
+        head_lr=SPEC.head_lr,
+        batch_size=SPEC.batch_size,
+        max_length=SPEC.max_length,
+        quiet=True,
+    )
     return model, result
 
 
@@ -52,8 +61,10 @@ def test_training_moves_lambda_off_zero(trained):
 
 
 def test_adapter_ends_with_lower_training_loss_than_head_only(trained, data, tokenizer):
-    losses = {name: evaluate(model, tokenizer, data.train, max_length=SPEC.max_length)["loss"]
-              for name, (model, _) in trained.items()}
+    losses = {
+        name: evaluate(model, tokenizer, data.train, max_length=SPEC.max_length)["loss"]
+        for name, (model, _) in trained.items()
+    }
     assert losses["adapter"] < losses["head-only"], losses
 
 
@@ -70,8 +81,16 @@ def test_evaluate_reports_accuracy_and_loss(trained, data, tokenizer):
 
 
 def test_run_spec_report_counts_parameters():
-    spec = TrainSpec(task="sms", rank=2, targets=["query"], epochs=1, max_examples=16, max_test=8,
-                     max_length=16, batch_size=8)
+    spec = TrainSpec(
+        task="sms",
+        rank=2,
+        targets=["query"],
+        epochs=1,
+        max_examples=16,
+        max_test=8,
+        max_length=16,
+        batch_size=8,
+    )
     _, report = run_spec(spec, quiet=True)
     # 6 query layers, 384x384: 2 circuits of 42 angles + K=2 lambdas each; head 2x384 + 2.
     assert report["trainable_parameters"] == 6 * (42 + 42 + 2) + 2 * 384 + 2
@@ -82,6 +101,7 @@ def test_run_spec_report_counts_parameters():
 def test_batches_cover_every_example_once():
     examples = [(str(i), i % 2) for i in range(10)]
     import random
+
     chunks = batches(examples, 4, random.Random(0))
     assert [len(c) for c in chunks] == [4, 4, 2]
     assert sorted(x for c in chunks for x in c) == sorted(examples)
@@ -106,8 +126,17 @@ def test_unknown_task_is_refused():
 
 @pytest.mark.parametrize("qat", [True, False])
 def test_quantisation_aware_training_makes_the_4_bit_file_reproduce_the_model(data, tokenizer, tmp_path, qat):
-    spec = TrainSpec(task="rt", rank=8, epochs=1, batch_size=16, max_examples=48, max_test=32, max_length=32,
-                     bits=4, qat=qat)
+    spec = TrainSpec(
+        task="rt",
+        rank=8,
+        epochs=1,
+        batch_size=16,
+        max_examples=48,
+        max_test=32,
+        max_length=32,
+        bits=4,
+        qat=qat,
+    )
     model, _ = run_spec(spec, quiet=True)
     circuits = [c for layer in adapted_layers(model).values() for c in (layer.u, layer.v)]
     assert all(c.angle_bits == (4 if qat else None) for c in circuits)
@@ -140,13 +169,17 @@ def test_fit_gives_the_head_and_other_trainables_their_own_rates(data, tokenizer
     peft = pytest.importorskip("peft")
     from qpeft_deploy.models import load_task_model
 
-    model = peft.get_peft_model(load_task_model("minilm", data.id2label),
-                                peft.LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    model = peft.get_peft_model(
+        load_task_model("minilm", data.id2label),
+        peft.LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"),
+    )
     named = dict(model.named_parameters())
     head = next(n for n in named if n.endswith("modules_to_save.default.weight"))
     lora = next(n for n in named if "lora_A" in n)
     before = {n: named[n].detach().clone() for n in (head, lora)}
-    fit(model, tokenizer, data.train[:16], head_lr=1e-2, body_lr=0.0, batch_size=16, max_length=16, quiet=True)
+    fit(
+        model, tokenizer, data.train[:16], head_lr=1e-2, body_lr=0.0, batch_size=16, max_length=16, quiet=True
+    )
     assert not torch.equal(named[head], before[head])  # the (modules_to_save) head trains at head_lr
     assert torch.equal(named[lora], before[lora])  # LoRA's A, B at body_lr = 0
 

@@ -98,7 +98,8 @@ def test_base_folder_is_small_and_non_power_of_two():
     record = json.loads((folder / "pretrain.json").read_text())
     assert record["task"] == "fmnist-0to4" and record["seed"] == 0
     assert json.loads((folder / "preprocessor_config.json").read_text()) == json.loads(
-        json.dumps(vision.preprocessor_config()))
+        json.dumps(vision.preprocessor_config())
+    )
     assert is_image_base(BASE) and not is_image_base("minilm")
 
 
@@ -137,8 +138,9 @@ def test_merge_matches_the_adapted_model(pixels, rank):
     model = attach(load_task_model(BASE, LABELS5), "all-linear", rank=rank)
     _randomise(model)
     adapted = _logits(model, pixels)
-    assert (adapted - _logits(detach(attach(load_task_model(BASE, LABELS5), "all-linear"), merge=True),
-                              pixels)).abs().max() > 1e-3  # the update is not a no-op
+    assert (
+        adapted - _logits(detach(attach(load_task_model(BASE, LABELS5), "all-linear"), merge=True), pixels)
+    ).abs().max() > 1e-3  # the update is not a no-op
     merge_adapter(model)
     assert (_logits(model, pixels) - adapted).abs().max() <= TOL
     plain = detach(model, merge=True)
@@ -213,8 +215,17 @@ def test_short_adaptation_beats_head_only(adapt_data):
     accuracy, counts = {}, {}
     for method, adapter in (("qpeft", True), ("head-only", False)):
         model = build_model(spec, adapt_data.id2label, adapter=adapter)
-        fit(model, None, adapt_data.train, epochs=spec.epochs, lr=spec.lr, head_lr=spec.head_lr,
-            batch_size=spec.batch_size, seed=spec.seed, quiet=True)
+        fit(
+            model,
+            None,
+            adapt_data.train,
+            epochs=spec.epochs,
+            lr=spec.lr,
+            head_lr=spec.head_lr,
+            batch_size=spec.batch_size,
+            seed=spec.seed,
+            quiet=True,
+        )
         accuracy[method] = evaluate(model, None, adapt_data.test)["accuracy"]
         counts[method] = trainable_parameters(model)
     assert counts["qpeft"] < 4 * counts["head-only"]  # a few thousand parameters more than the head
@@ -226,13 +237,41 @@ def test_cli_train_and_eval_on_the_vit(tmp_path):
     _data_or_skip("fmnist-5to9", max_train=1, max_test=1)
     out = tmp_path / "fm.qpeft"
     args = ["--base", BASE, "--task", "fmnist-5to9", "--quiet"]
-    result = CliRunner().invoke(cli, ["train", *args, "--epochs", "1", "--max-examples", "64",
-                                      "--max-test", "64", "--bits", "8", "-o", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            *args,
+            "--epochs",
+            "1",
+            "--max-examples",
+            "64",
+            "--max-test",
+            "64",
+            "--bits",
+            "8",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["test_examples"] == 64 and report["file_bytes"] == out.stat().st_size < 10_000
-    result = CliRunner().invoke(cli, ["eval", "--base", BASE, "--adapter", str(out), "--task", "fmnist-5to9",
-                                      "--max-examples", "64", "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--base",
+            BASE,
+            "--adapter",
+            str(out),
+            "--task",
+            "fmnist-5to9",
+            "--max-examples",
+            "64",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["test_accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)
 
@@ -259,12 +298,40 @@ def test_onnx_parity(tmp_path, adapted, pixels, mode):
 def test_cli_pack_and_export_the_vit_adapter(tmp_path, adapted, pixels):
     path = save_adapter(adapted, tmp_path / "v.qpeft", base=BASE)
     runner = CliRunner()
-    result = runner.invoke(cli, ["pack", str(path), "--bits", "8", "--lambda-dtype", "fp16", "--base", BASE,
-                                 "-o", str(tmp_path / "p.qpeft"), "--quiet"])
+    result = runner.invoke(
+        cli,
+        [
+            "pack",
+            str(path),
+            "--bits",
+            "8",
+            "--lambda-dtype",
+            "fp16",
+            "--base",
+            BASE,
+            "-o",
+            str(tmp_path / "p.qpeft"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.qpeft").stat().st_size < path.stat().st_size
-    result = runner.invoke(cli, ["export", "onnx", "--base", BASE, "--adapter", str(tmp_path / "p.qpeft"),
-                                 "--mode", "merged", "-o", str(tmp_path / "onnx"), "--quiet"])
+    result = runner.invoke(
+        cli,
+        [
+            "export",
+            "onnx",
+            "--base",
+            BASE,
+            "--adapter",
+            str(tmp_path / "p.qpeft"),
+            "--mode",
+            "merged",
+            "-o",
+            str(tmp_path / "onnx"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["task"] == "image-classification" and report["max_abs_diff_vs_torch"] <= TOL
@@ -275,8 +342,9 @@ def test_cli_pack_and_export_the_vit_adapter(tmp_path, adapted, pixels):
 def test_export_checks_accuracy_on_an_image_task_and_refuses_a_text_one(tmp_path, adapted):
     _data_or_skip("fmnist-5to9", max_train=1, max_test=1)
     path = save_adapter(adapted, tmp_path / "v.qpeft", base=BASE)
-    report = export_onnx(BASE, path, tmp_path / "onnx", mode="runtime", check_task="fmnist-5to9",
-                         check_examples=40, quiet=True)
+    report = export_onnx(
+        BASE, path, tmp_path / "onnx", mode="runtime", check_task="fmnist-5to9", check_examples=40, quiet=True
+    )
     assert report["max_abs_diff_vs_torch"] <= TOL and report["argmax_agreement"] == 1.0
     assert report["accuracy"]["onnx"] == report["accuracy"]["torch"]
     with pytest.raises(ConfigError, match="--check-task rt: this base is an image model"):
@@ -366,7 +434,6 @@ def test_conv_target_merge_and_unmerge_checkpoint(tmp_path, conv_adapted, conv_f
     from safetensors.torch import load_file
     from transformers import ViTForImageClassification
 
-
     out = merge_checkpoint(BASE, [conv_file], tmp_path / "merged", quiet=True)
     merged = ViTForImageClassification.from_pretrained(str(out), local_files_only=True).eval()
     assert (_logits(merged, pixels) - _logits(conv_adapted, pixels)).abs().max() <= TOL
@@ -377,11 +444,12 @@ def test_conv_target_merge_and_unmerge_checkpoint(tmp_path, conv_adapted, conv_f
     assert restored.shape == (192, 1, 7, 7) and (restored - base).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("mode, swap", [("merged", "factors"), ("runtime", "factors"),
-                                        ("swappable", "factors"), ("swappable", "angles")])
+@pytest.mark.parametrize(
+    "mode, swap",
+    [("merged", "factors"), ("runtime", "factors"), ("swappable", "factors"), ("swappable", "angles")],
+)
 def test_conv_target_onnx_parity(tmp_path, conv_adapted, conv_file, pixels, mode, swap):
     import onnx
-
 
     report = export_onnx(BASE, conv_file, tmp_path / "onnx", mode=mode, swap=swap, quiet=True)
     assert report["max_abs_diff_vs_torch"] <= TOL

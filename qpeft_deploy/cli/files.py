@@ -70,13 +70,19 @@ def _human(summary: dict) -> str:
         f"file          {summary['path']} ({summary['bytes']['total']:,} bytes)",
         f"format        qpeft version {summary['format_version']}, written by {summary['tool']}",
         f"base          {base.get('name', 'not recorded')}" + (f" (id {base['id']})" if "id" in base else ""),
-        (f"variant       {summary['variant']} ({summary['construction']}), L={summary['layers']}, "
-        f"alpha={summary['alpha']:g}"),
-        (f"targets       {summary['targets']}, K={','.join(map(str, summary['ranks']))}, "
-        f"active directions {summary['active_rank']}"),
+        (
+            f"variant       {summary['variant']} ({summary['construction']}), L={summary['layers']}, "
+            f"alpha={summary['alpha']:g}"
+        ),
+        (
+            f"targets       {summary['targets']}, K={','.join(map(str, summary['ranks']))}, "
+            f"active directions {summary['active_rank']}"
+        ),
         *(f"  {group}" for group in summary["groups"]),
-        (f"parameters    {params['total']:,} ({params['angles']:,} factor, {params['lambda']:,} λ, "
-        f"{params['head']:,} head)"),
+        (
+            f"parameters    {params['total']:,} ({params['angles']:,} factor, {params['lambda']:,} λ, "
+            f"{params['head']:,} head)"
+        ),
         f"storage       {angles}, λ/head {summary['lambda_dtype']}",
         f"bytes         {parts}",
         f"head          {summary['head']} ({', '.join(summary['labels'])})"

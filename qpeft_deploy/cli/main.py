@@ -47,8 +47,17 @@ def import_group() -> None:
     """Convert adapters from other ecosystems into .qpeft files."""
 
 
-for command in (train_command, eval_command, pack_command, inspect_command, verify_command, merge_command,
-                unmerge_command, serve_command, data_group):
+for command in (
+    train_command,
+    eval_command,
+    pack_command,
+    inspect_command,
+    verify_command,
+    merge_command,
+    unmerge_command,
+    serve_command,
+    data_group,
+):
     cli.add_command(command)
 for command in (export_onnx_command, export_onnx_adapter_command, export_lora_command):
     export_group.add_command(command)

@@ -2,6 +2,10 @@
 
 import click
 
-base_option = click.option("--base", default="minilm", show_default=True,
-                           help="base model: an HF folder, or 'minilm' for the shipped all-MiniLM-L6-v2")
+base_option = click.option(
+    "--base",
+    default="minilm",
+    show_default=True,
+    help="base model: an HF folder, or 'minilm' for the shipped all-MiniLM-L6-v2",
+)
 quiet_option = click.option("--quiet", is_flag=True, help="no progress bars")

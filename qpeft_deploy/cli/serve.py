@@ -12,28 +12,68 @@ from qpeft_deploy.errors import ConfigError
 @base_option
 @click.option("--adapters", required=True, help="folder of .qpeft files; each is served under its file stem")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
-@click.option("--onnx-model", default=None,
-              help="for --backend onnx: a swappable ONNX export (its folder or model.onnx)")
+@click.option(
+    "--onnx-model",
+    default=None,
+    help="for --backend onnx: a swappable ONNX export (its folder or model.onnx)",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback by default)")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--cache-mb", default=256, show_default=True, type=click.IntRange(0),
-              help="byte budget of the materialised U/V cache, in MiB")
+@click.option(
+    "--cache-mb",
+    default=256,
+    show_default=True,
+    type=click.IntRange(0),
+    help="byte budget of the materialised U/V cache, in MiB",
+)
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(1), help="tokens per text")
-@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1),
-              help="most rows in one mixed batch (and texts in one request)")
-@click.option("--batch-window-ms", default=5.0, show_default=True, type=click.FloatRange(0),
-              help="how long to collect concurrent requests into one batch")
+@click.option(
+    "--max-batch",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="most rows in one mixed batch (and texts in one request)",
+)
+@click.option(
+    "--batch-window-ms",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="how long to collect concurrent requests into one batch",
+)
 @quiet_option
-def serve_command(base: str, adapters: str, backend: str, onnx_model: str | None, host: str, port: int,
-                  cache_mb: int, max_length: int, max_batch: int, batch_window_ms: float,
-                  quiet: bool) -> None:
+def serve_command(
+    base: str,
+    adapters: str,
+    backend: str,
+    onnx_model: str | None,
+    host: str,
+    port: int,
+    cache_mb: int,
+    max_length: int,
+    max_batch: int,
+    batch_window_ms: float,
+    quiet: bool,
+) -> None:
     """Serve every adapter in a folder: POST /v1/classify, GET|POST /v1/adapters, GET /healthz."""
     try:
         from qpeft_deploy.serve.app import ServeSettings, serve
     except ImportError as error:
-        raise ConfigError(f"qpeft serve needs the [serve] extra (pip install 'qpeft-deploy[serve]'): "
-                          f"{error}") from None
-    settings = ServeSettings(max_texts=max_batch, max_batch_rows=max_batch,
-                             batch_window_s=batch_window_ms / 1000)
-    serve(base, adapters, backend=backend, onnx_model=onnx_model, host=host, port=port, settings=settings,
-          cache_bytes=cache_mb << 20, max_length=max_length, log_level="warning" if quiet else "info")
+        raise ConfigError(
+            f"qpeft serve needs the [serve] extra (pip install 'qpeft-deploy[serve]'): {error}"
+        ) from None
+    settings = ServeSettings(
+        max_texts=max_batch, max_batch_rows=max_batch, batch_window_s=batch_window_ms / 1000
+    )
+    serve(
+        base,
+        adapters,
+        backend=backend,
+        onnx_model=onnx_model,
+        host=host,
+        port=port,
+        settings=settings,
+        cache_bytes=cache_mb << 20,
+        max_length=max_length,
+        log_level="warning" if quiet else "info",
+    )

@@ -30,10 +30,17 @@ def parse_rank(value: str) -> int | str:
 
 @click.command("train")
 @base_option
-@click.option("--task", required=True,
-              help="rt | trec6 | sms | csv:<path with text,label columns>; image bases: fmnist-5to9 | fmnist-0to4 | mnist")
-@click.option("--targets", default="all-linear", show_default=True,
-              help="all-linear | comma-separated module names | re:<regex>")
+@click.option(
+    "--task",
+    required=True,
+    help="rt | trec6 | sms | csv:<path with text,label columns>; image bases: fmnist-5to9 | fmnist-0to4 | mnist",
+)
+@click.option(
+    "--targets",
+    default="all-linear",
+    show_default=True,
+    help="all-linear | comma-separated module names | re:<regex>",
+)
 @click.option("--rank", default="8", show_default=True, help="K per target, or 'full' for min(N, M)")
 @click.option("--layers", default=1, show_default=True, type=int, help="circuit layers L")
 @click.option("--alpha", default=1.0, show_default=True, type=float)
@@ -48,13 +55,18 @@ def parse_rank(value: str) -> int | str:
 @click.option("--prune-to", default=None, type=int, help="intrinsic rank to prune λ to during training")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--bits", default=None, type=int, help="quantise angles to b bits in the saved file")
-@click.option("--qat/--no-qat", default=True, show_default=True,
-              help="with --bits: train on b-bit angles (straight-through) so the file reproduces the trained model")
+@click.option(
+    "--qat/--no-qat",
+    default=True,
+    show_default=True,
+    help="with --bits: train on b-bit angles (straight-through) so the file reproduces the trained model",
+)
 @click.option("--no-eval", is_flag=True, help="skip the test-set evaluation")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="adapter file (.qpeft)")
 @quiet_option
-def train_command(base: str, task: str, targets: str, rank: str, output: str, no_eval: bool, quiet: bool,
-                  **options) -> None:
+def train_command(
+    base: str, task: str, targets: str, rank: str, output: str, no_eval: bool, quiet: bool, **options
+) -> None:
     """Train an adapter (angles, λ and the task head) on a text- or image-classification task."""
     from qpeft_deploy.training.train import TrainSpec, train_adapter
 
@@ -66,16 +78,20 @@ def train_command(base: str, task: str, targets: str, rank: str, output: str, no
 @click.command("eval")
 @base_option
 @click.option("--adapter", required=True, type=click.Path(dir_okay=False), help="adapter file (.qpeft)")
-@click.option("--task", required=True, help="rt | trec6 | sms | csv:<path> | fmnist-5to9 | fmnist-0to4 | mnist")
+@click.option(
+    "--task", required=True, help="rt | trec6 | sms | csv:<path> | fmnist-5to9 | fmnist-0to4 | mnist"
+)
 @click.option("--max-examples", default=None, type=int, help="evaluate on the first N test examples")
 @click.option("--max-length", default=128, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="load even if the base fingerprint differs")
 @quiet_option
-def eval_command(base: str, adapter: str, task: str, max_examples: int | None, max_length: int, force: bool,
-                 quiet: bool) -> None:
+def eval_command(
+    base: str, adapter: str, task: str, max_examples: int | None, max_length: int, force: bool, quiet: bool
+) -> None:
     """Evaluate an adapter on a task's test split."""
     from qpeft_deploy.training.train import evaluate_adapter
 
-    report = evaluate_adapter(base, adapter, task, max_examples=max_examples, max_length=max_length,
-                              force=force, quiet=quiet)
+    report = evaluate_adapter(
+        base, adapter, task, max_examples=max_examples, max_length=max_length, force=force, quiet=quiet
+    )
     click.echo(json.dumps(report, indent=2))

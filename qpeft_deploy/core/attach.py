@@ -92,13 +92,23 @@ def _resolve_rank(rank: int | str, shape: tuple[int, int], name: str) -> int:
     if rank == "full":
         return min(shape)
     if not isinstance(rank, int) or not 1 <= rank <= min(shape):
-        raise ConfigError(f"{name}: rank must be 'full' or between 1 and min(N, M) = {min(shape)}, got {rank!r}")
+        raise ConfigError(
+            f"{name}: rank must be 'full' or between 1 and min(N, M) = {min(shape)}, got {rank!r}"
+        )
     return rank
 
 
-def attach(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR, rank: int | str = 8, layers: int = 1,
-           alpha: float = 1.0, variant: str = "pauli", mode: str = "auto", seed: int = 0,
-           train_head: bool = True) -> nn.Module:
+def attach(
+    model: nn.Module,
+    targets: str | Sequence[str] = ALL_LINEAR,
+    rank: int | str = 8,
+    layers: int = 1,
+    alpha: float = 1.0,
+    variant: str = "pauli",
+    mode: str = "auto",
+    seed: int = 0,
+    train_head: bool = True,
+) -> nn.Module:
     """Freeze ``model`` and wrap each targeted linear layer in a QuantumPeftLinear (in place; returns model)."""
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -108,12 +118,28 @@ def attach(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR, rank: in
         with _naming(name):
             shape = linear_shape(model.get_submodule(name))
         ranks[name] = _resolve_rank(rank, shape, name)
-    return attach_exact(model, {weight_key(model, n): k for n, k in ranks.items()},
-                        layers, alpha, variant, mode, seed, train_head)
+    return attach_exact(
+        model,
+        {weight_key(model, n): k for n, k in ranks.items()},
+        layers,
+        alpha,
+        variant,
+        mode,
+        seed,
+        train_head,
+    )
 
 
-def attach_exact(model: nn.Module, targets: dict[str, int], layers: int = 1, alpha: float = 1.0,
-                 variant: str = "pauli", mode: str = "auto", seed: int = 0, train_head: bool = True) -> nn.Module:
+def attach_exact(
+    model: nn.Module,
+    targets: dict[str, int],
+    layers: int = 1,
+    alpha: float = 1.0,
+    variant: str = "pauli",
+    mode: str = "auto",
+    seed: int = 0,
+    train_head: bool = True,
+) -> nn.Module:
     """Attach to exactly the given base weight keys with the given ranks (used when loading adapter files)."""
     if hasattr(model, CONFIG_ATTR):
         raise ConfigError("model already has a Quantum-PEFT adapter attached; detach() it first")
@@ -138,8 +164,15 @@ def attach_exact(model: nn.Module, targets: dict[str, int], layers: int = 1, alp
         for p in model.get_submodule(head).parameters():
             p.requires_grad_(True)
     id2label = getattr(getattr(model, "config", None), "id2label", None) if head else None
-    config = AdapterConfig(dict(targets), layers, float(alpha), variant, head,
-                           {int(i): str(v) for i, v in id2label.items()} if id2label else None, seed)
+    config = AdapterConfig(
+        dict(targets),
+        layers,
+        float(alpha),
+        variant,
+        head,
+        {int(i): str(v) for i, v in id2label.items()} if id2label else None,
+        seed,
+    )
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -197,8 +230,10 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     expected = adapter_state(model)
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
-        raise ConfigError(f"adapter tensors do not fit the model: missing {sorted(missing)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}")
+        raise ConfigError(
+            f"adapter tensors do not fit the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
     live = _live_tensors(model)
     for key, tensor in state.items():  # check everything before changing anything
         if tensor.shape != live[key].shape:
@@ -214,11 +249,18 @@ def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     live = {}
     for key, layer in adapted_layers(model).items():
         prefix = target_prefix(key)
-        live.update({f"{prefix}.{n}": t for n, t in layer.state_dict(keep_vars=True).items()
-                     if not n.startswith("base.")})
+        live.update(
+            {
+                f"{prefix}.{n}": t
+                for n, t in layer.state_dict(keep_vars=True).items()
+                if not n.startswith("base.")
+            }
+        )
     head = adapter_config(model).head
     if head is not None:
-        live.update({f"{head}.{n}": t for n, t in model.get_submodule(head).state_dict(keep_vars=True).items()})
+        live.update(
+            {f"{head}.{n}": t for n, t in model.get_submodule(head).state_dict(keep_vars=True).items()}
+        )
     return live
 
 

@@ -145,7 +145,9 @@ def _cz_signs_cached(n_qubits: int, pairs: tuple[tuple[int, int], ...]) -> tuple
     return tuple(signs.tolist())
 
 
-def cz_signs(n_qubits: int, pairs: tuple[tuple[int, int], ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def cz_signs(
+    n_qubits: int, pairs: tuple[tuple[int, int], ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The diagonal of the CZ layer on ``pairs`` as a ±1 vector of length 2ⁿ."""
     return torch.tensor(_cz_signs_cached(n_qubits, pairs), dtype=dtype)
 
@@ -161,8 +163,13 @@ def torch_group_cost(dim: int, size: int, after: int) -> int:
     return (dim << size) * (10 if 1 < after < 16 else 1) + 8 * dim + 2048
 
 
-def cover_qubits(n_qubits: int, touched: frozenset[int], pairs: frozenset[tuple[int, int]], max_group: int,
-                 group_cost: GroupCost) -> tuple[int, tuple[tuple[int, ...], ...]] | None:
+def cover_qubits(
+    n_qubits: int,
+    touched: frozenset[int],
+    pairs: frozenset[tuple[int, int]],
+    max_group: int,
+    group_cost: GroupCost,
+) -> tuple[int, tuple[tuple[int, ...], ...]] | None:
     """Cheapest cut of qubits 0..n-1 into runs that never split a CZ pair: runs of untouched qubits are
     skipped, the others (at most ``max_group`` qubits) get one factor each. (cost, runs), or None."""
     dim, best = 1 << n_qubits, [(0, ())] + [None] * n_qubits  # best[i]: cheapest cover of qubits 0..i-1
@@ -186,8 +193,9 @@ def cover_qubits(n_qubits: int, touched: frozenset[int], pairs: frozenset[tuple[
 
 
 @lru_cache(maxsize=256)
-def plan_block(block: PauliBlock, max_group: int = MAX_GROUP_QUBITS,
-               group_cost: GroupCost = torch_group_cost) -> tuple[Pass, ...]:
+def plan_block(
+    block: PauliBlock, max_group: int = MAX_GROUP_QUBITS, group_cost: GroupCost = torch_group_cost
+) -> tuple[Pass, ...]:
     """The block as passes (stage indices, qubit groups), read by every back-end: consecutive stages merge
     while every CZ pair stays inside a group (so the pass is ⊗ one dense factor per group) and one merged pass
     costs no more than two separate ones under the back-end's ``group_cost``."""
@@ -290,7 +298,9 @@ def cost_per_vector(schedule: Schedule) -> int:
         return cost_per_vector(schedule.first) + cost_per_vector(schedule.second) + 4 * schedule.second.dim
     n = schedule.n_qubits
     plan = plan_block(schedule) if n else ()
-    return sum(torch_group_cost(schedule.dim, len(g), 1 << (n - 1 - g[-1])) for _, groups in plan for g in groups)
+    return sum(
+        torch_group_cost(schedule.dim, len(g), 1 << (n - 1 - g[-1])) for _, groups in plan for g in groups
+    )
 
 
 class PauliCircuit(nn.Module):

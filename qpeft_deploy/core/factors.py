@@ -36,9 +36,11 @@ def factor_params(variant: str, dim: int, rank: int, layers: int) -> list[tuple[
 def target_params(variant: str, key: str, dims: tuple[int, int, int], layers: int):
     """(state key, shape) of a target's factor parameters (U's then V's), then its λ and mask keys."""
     n, m, k = dims
-    params = [(factor_key(key, side, name), shape)
-              for side, dim in zip(SIDES, (n, m))
-              for name, shape in factor_params(variant, dim, k, layers)]
+    params = [
+        (factor_key(key, side, name), shape)
+        for side, dim in zip(SIDES, (n, m))
+        for name, shape in factor_params(variant, dim, k, layers)
+    ]
     return params, lambda_key(key), mask_key(key)
 
 
@@ -55,8 +57,10 @@ def frame(adapter: AdapterFile, key: str, side: str, dtype: torch.dtype = torch.
     """U (side 'u', N×K) or V (side 'v', M×K) of target ``key``."""
     n, m, k = adapter.dims(key)
     dim, variant, layers = (n if side == "u" else m), adapter.config.variant, adapter.config.layers
-    params = [adapter.state[factor_key(key, side, name)].to(dtype)
-              for name, _ in factor_params(variant, dim, k, layers)]
+    params = [
+        adapter.state[factor_key(key, side, name)].to(dtype)
+        for name, _ in factor_params(variant, dim, k, layers)
+    ]
     with torch.no_grad():
         return frame_fn(variant, dim, k, layers)(*params)
 
@@ -78,7 +82,9 @@ class Factors:
 
 def target_factors(adapter: AdapterFile, key: str, dtype: torch.dtype = torch.float32) -> Factors:
     """U, α·λ·mask and V of target ``key``."""
-    return Factors(frame(adapter, key, "u", dtype), scaled_spectrum(adapter, key, dtype), frame(adapter, key, "v", dtype))
+    return Factors(
+        frame(adapter, key, "u", dtype), scaled_spectrum(adapter, key, dtype), frame(adapter, key, "v", dtype)
+    )
 
 
 def orthogonality_errors(adapter: AdapterFile) -> dict[str, float]:

@@ -43,7 +43,7 @@ def mask_key(key: str) -> str:
 def head_tensors(state: dict, head: str | None) -> dict:
     """The head's tensors of an adapter state, by their name inside the head (``weight``, ``bias``)."""
     prefix = f"{head}."
-    return {k[len(prefix):]: t for k, t in state.items() if head and k.startswith(prefix)}
+    return {k[len(prefix) :]: t for k, t in state.items() if head and k.startswith(prefix)}
 
 
 def _prefix(model: nn.Module) -> str:

@@ -33,13 +33,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
         return module.nf, module.weight.shape[0]
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or module.padding_mode != "zeros":
-            raise ConfigError(f"can only adapt an nn.Conv2d with groups=1 and zero padding, got "
-                              f"groups={module.groups}, padding_mode={module.padding_mode!r}")
+            raise ConfigError(
+                f"can only adapt an nn.Conv2d with groups=1 and zero padding, got "
+                f"groups={module.groups}, padding_mode={module.padding_mode!r}"
+            )
         return module.out_channels, module.weight[0].numel()
     raise ConfigError(f"can only adapt nn.Linear, Conv1D or nn.Conv2d, got {type(module).__name__}")
 
 
-def make_factor(variant: str, dim: int, rank: int, layers: int, generator: torch.Generator | None) -> nn.Module:
+def make_factor(
+    variant: str, dim: int, rank: int, layers: int, generator: torch.Generator | None
+) -> nn.Module:
     """The orthonormal factor for one side: a Pauli circuit (dim×dim) or a Taylor frame (dim×rank)."""
     if variant == "pauli":
         return PauliCircuit(dim, layers, generator=generator)
@@ -51,8 +55,16 @@ def make_factor(variant: str, dim: int, rank: int, layers: int, generator: torch
 class QuantumPeftLinear(nn.Module):
     """Wraps a frozen nn.Linear / Conv1D / Conv2d and adds a Quantum-PEFT update."""
 
-    def __init__(self, base: nn.Module, rank: int, layers: int = 1, alpha: float = 1.0,
-                 variant: str = "pauli", mode: str = "auto", generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        layers: int = 1,
+        alpha: float = 1.0,
+        variant: str = "pauli",
+        mode: str = "auto",
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         n_out, n_in = linear_shape(base)
         if not isinstance(rank, int) or not 1 <= rank <= min(n_out, n_in):
@@ -94,7 +106,9 @@ class QuantumPeftLinear(nn.Module):
         params = list(self.u.parameters()) + list(self.v.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self.u.columns(self.rank), self.v.columns(self.rank)
-        grid = tuple(getattr(factor, "angle_bits", None) for factor in (self.u, self.v))  # Taylor frames: none
+        grid = tuple(
+            getattr(factor, "angle_bits", None) for factor in (self.u, self.v)
+        )  # Taylor frames: none
         if (
             self._cache is None
             or self._cache[1] != grid
@@ -155,5 +169,7 @@ class QuantumPeftLinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"N={self.out_features}, M={self.in_features}, K={self.rank}, L={self.layers}, "
-                f"alpha={self.alpha}, variant={self.variant}, mode={self.mode}, merged={self.merged}")
+        return (
+            f"N={self.out_features}, M={self.in_features}, K={self.rank}, L={self.layers}, "
+            f"alpha={self.alpha}, variant={self.variant}, mode={self.mode}, merged={self.merged}"
+        )

@@ -42,8 +42,9 @@ class Spectrum(nn.Module):
         self.mask.copy_(kept)
 
 
-def scheduled_rank(step: int, total_steps: int, initial: int, target: int,
-                   warmup: float = 0.1, final: float = 0.3) -> int:
+def scheduled_rank(
+    step: int, total_steps: int, initial: int, target: int, warmup: float = 0.1, final: float = 0.3
+) -> int:
     """Active rank at ``step``: ``initial`` during warm-up, cubic decay, ``target`` for the final fraction."""
     start, end = int(warmup * total_steps), int((1 - final) * total_steps)
     if step <= start:

@@ -70,7 +70,6 @@ class TaylorFrame(nn.Module):
 # ------------------------------------------------------------------------------------- the Stiefel logarithm
 
 
-
 def log_orthogonal(q: np.ndarray) -> np.ndarray:
     """The principal real logarithm of a rotation matrix (skew-symmetric), from its real Schur form."""
     import scipy.linalg  # the optional [lora] extra: core imports without it

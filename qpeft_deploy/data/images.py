@@ -45,8 +45,18 @@ IMAGE_SIZE = 28
 CHANNELS = 1
 MEAN = 0.2860  # Fashion-MNIST training-set pixel mean and std (of pixel / 255)
 STD = 0.3530
-FMNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FMNIST_LABELS = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 IMAGE_TASKS = ("fmnist-0to4", "fmnist-5to9", "mnist")
 TRAIN_FRACTION = 0.8
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -126,15 +136,17 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), table[:, -1]
 
 
-def _take(images: np.ndarray, labels: np.ndarray, index: np.ndarray, offset: int, seed: int,
-          limit: int | None) -> list[tuple[Image, int]]:
+def _take(
+    images: np.ndarray, labels: np.ndarray, index: np.ndarray, offset: int, seed: int, limit: int | None
+) -> list[tuple[Image, int]]:
     order = [int(i) for i in index]
     random.Random(seed).shuffle(order)
     return [(images[i], int(labels[i]) - offset) for i in order[:limit]]
 
 
-def load_image_task(task: str, max_train: int | None = None, max_test: int | None = None,
-                    seed: int = 0) -> TaskData:
+def load_image_task(
+    task: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0
+) -> TaskData:
     """Labels and fixed, seeded train/test splits of an image task (examples: (28×28 uint8 image, label))."""
     if task == "mnist":
         images, labels = mnist_5k()
@@ -143,8 +155,12 @@ def load_image_task(task: str, max_train: int | None = None, max_test: int | Non
         cut = int(TRAIN_FRACTION * len(order))
         train_idx, test_idx = np.array(sorted(order[:cut])), np.array(sorted(order[cut:]))
         names = [str(d) for d in range(10)]
-        return TaskData(task, names, _take(images, labels, train_idx, 0, seed, max_train),
-                        _take(images, labels, test_idx, 0, seed, max_test))
+        return TaskData(
+            task,
+            names,
+            _take(images, labels, train_idx, 0, seed, max_train),
+            _take(images, labels, test_idx, 0, seed, max_test),
+        )
     if task in ("fmnist-0to4", "fmnist-5to9"):
         low = 0 if task == "fmnist-0to4" else 5
         splits = []
@@ -176,10 +192,19 @@ def vit_config(id2label: dict[int, str] | None = None, **overrides):
     from transformers import ViTConfig
 
     labels = id2label or dict(enumerate(FMNIST_LABELS[:5]))
-    settings = {"image_size": IMAGE_SIZE, "patch_size": 7, "num_channels": CHANNELS, "hidden_size": 192,
-                    "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 384,
-                    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-                    "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    settings = {
+        "image_size": IMAGE_SIZE,
+        "patch_size": 7,
+        "num_channels": CHANNELS,
+        "hidden_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 3,
+        "intermediate_size": 384,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "id2label": labels,
+        "label2id": {v: k for k, v in labels.items()},
+    }
     return ViTConfig(**(settings | overrides))
 
 

@@ -48,8 +48,17 @@ def missing() -> list[str]:
 
 def pip_command(requirements: list[str], *, quiet: bool = False) -> list[str]:
     """The pip call: this interpreter's pip, no dependencies, Python version not checked (files only)."""
-    return [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps",
-            "--ignore-requires-python", *(["-q"] if quiet else []), *requirements]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--ignore-requires-python",
+        *(["-q"] if quiet else []),
+        *requirements,
+    ]
 
 
 def install(*, force: bool = False, dry_run: bool = False, quiet: bool = False) -> list[str]:
@@ -59,8 +68,9 @@ def install(*, force: bool = False, dry_run: bool = False, quiet: bool = False) 
     if not wanted or dry_run:
         return wanted
     command = pip_command(wanted, quiet=quiet) + (["--force-reinstall"] if force else [])
-    result = subprocess.run(command, check=False, stdout=subprocess.DEVNULL if quiet else None,
-                            stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        command, check=False, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True
+    )
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else f"exit code {result.returncode}"
@@ -72,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m qpeft_deploy.data.install [--force] [--dry-run] [--quiet]`` (the same as the CLI command)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m qpeft_deploy.data.install", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m qpeft_deploy.data.install", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--force", action="store_true", help="reinstall all three wheels")
     parser.add_argument("--dry-run", action="store_true", help="print what would be installed")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")

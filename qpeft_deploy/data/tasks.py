@@ -16,7 +16,9 @@ from qpeft_deploy.data.text import TaskData, load_task
 from qpeft_deploy.models import tokenize
 
 
-def load_data(task: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> TaskData:
+def load_data(
+    task: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0
+) -> TaskData:
     """A task's data: :func:`qpeft_deploy.data.text.load_task`, or :func:`qpeft_deploy.data.images.load_image_task`."""
     if is_image_task(task):
         return load_image_task(task, max_train=max_train, max_test=max_test, seed=seed)

@@ -80,9 +80,14 @@ def remove_stale(output: Path) -> list[Path]:
     """Remove the temporary folders beside ``output`` of runs whose process died (SIGKILL, power loss)."""
     lead, removed = f".{output.name}.qpeft-", []
     for entry in output.parent.iterdir():
-        parts = entry.name[len(lead):].split("-") if entry.name.startswith(lead) else []
-        if len(parts) == 3 and parts[0] in ("tmp", "old") and parts[1].isdigit() and int(parts[1]) > 0 \
-                and not _alive(int(parts[1])):
+        parts = entry.name[len(lead) :].split("-") if entry.name.startswith(lead) else []
+        if (
+            len(parts) == 3
+            and parts[0] in ("tmp", "old")
+            and parts[1].isdigit()
+            and int(parts[1]) > 0
+            and not _alive(int(parts[1]))
+        ):
             _remove(entry)
             removed.append(entry)
     return removed
@@ -101,8 +106,9 @@ def _check_output(output: Path, overwrite: bool, protect: Sequence[Path]) -> Non
 
 
 @contextmanager
-def atomic_folder(output: str | Path, *, overwrite: bool = False,
-                  protect: Sequence[Path] = ()) -> Iterator[Path]:
+def atomic_folder(
+    output: str | Path, *, overwrite: bool = False, protect: Sequence[Path] = ()
+) -> Iterator[Path]:
     """A new folder beside ``output`` to fill: renamed to ``output`` when the block succeeds, else removed.
 
     An existing ``output`` is replaced only with ``overwrite``; ``protect`` names input folders the output

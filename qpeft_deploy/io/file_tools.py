@@ -52,9 +52,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "ranks": sorted(set(config.targets.values())),
         "bits": info.bits,
         "lambda_dtype": info.lambda_dtype,
-        "active_rank": int(
-            sum(int(adapter.state[mask_key(k)].sum()) for k in config.targets)
-        ),
+        "active_rank": int(sum(int(adapter.state[mask_key(k)].sum()) for k in config.targets)),
         "head": config.head,
         "labels": [config.id2label[i] for i in sorted(config.id2label or {})],
         "parameters": info.parameters,

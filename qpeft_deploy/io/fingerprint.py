@@ -53,8 +53,11 @@ def _attested(base_dir: Path) -> dict[str, dict[str, str]]:
     try:
         attested = strict_json(path.read_bytes())
         valid = isinstance(attested, dict) and all(
-            isinstance(v, dict) and set(v) == {"base", "unmerged"} and all(isinstance(d, str) for d in v.values())
-            for v in attested.values())
+            isinstance(v, dict)
+            and set(v) == {"base", "unmerged"}
+            and all(isinstance(d, str) for d in v.values())
+            for v in attested.values()
+        )
     except (OSError, ValueError):
         valid = False
     if not valid:
@@ -68,7 +71,9 @@ def _iter_digests(base_dir: Path, keys: Iterable[str]) -> Iterator[tuple[str, by
         stored = locate_key(key, tensors)
         digest = None if stored is None else _digest(tensors[stored], key)
         if digest is not None and key in attested and digest.hex() == attested[key]["unmerged"]:
-            digest = bytes.fromhex(attested[key]["base"])  # unmerge's rounding of this tensor, untouched since
+            digest = bytes.fromhex(
+                attested[key]["base"]
+            )  # unmerge's rounding of this tensor, untouched since
         yield key, digest
 
 
@@ -78,8 +83,10 @@ def attest_unmerged(folder: Path, base_digests: dict[str, str]) -> None:
     bound of merge/checkpoint.py). A fingerprint check accepts the base digest for a tensor whose bytes are
     still exactly those unmerge wrote; any later change to it is a mismatch again."""
     tensors = read_checkpoint(folder).tensors
-    record = {key: {"base": digest, "unmerged": _digest(tensors[locate_key(key, tensors)], key).hex()}
-              for key, digest in base_digests.items()}
+    record = {
+        key: {"base": digest, "unmerged": _digest(tensors[locate_key(key, tensors)], key).hex()}
+        for key, digest in base_digests.items()
+    }
     with open(folder / UNMERGED_FILE, "x", encoding="utf-8") as f:
         f.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -127,8 +134,14 @@ def with_base(adapter: AdapterFile, base: str) -> AdapterFile:
     return replace(adapter, config=config, fingerprint=fingerprint)
 
 
-def check_base(fingerprint: dict[str, bytes] | None, base_dir: Path, *, source: str | Path | None = None,
-               trained_on: str | None = None, force: bool = False) -> bool:
+def check_base(
+    fingerprint: dict[str, bytes] | None,
+    base_dir: Path,
+    *,
+    source: str | Path | None = None,
+    trained_on: str | None = None,
+    force: bool = False,
+) -> bool:
     """The one base check of every tool: True when ``base_dir`` holds the tensors the adapter was trained on
     (or the adapter stores no fingerprint). A mismatch raises BaseMismatchError (prefixed with ``source``, the
     adapter's file, and naming ``trained_on``, the base the adapter recorded) or, with ``force``, warns and

@@ -75,7 +75,9 @@ def load_adapter(
     """Attach the adapter at ``path`` to ``model`` (after checking ``base``'s fingerprint); returns it."""
     adapter = read_adapter(path)
     if base is not None:
-        check_base(adapter.fingerprint, resolve_base(base), trained_on=adapter.config.trained_on(), force=force)
+        check_base(
+            adapter.fingerprint, resolve_base(base), trained_on=adapter.config.trained_on(), force=force
+        )
     return _attach_file(model, adapter, mode)
 
 
@@ -94,8 +96,9 @@ def _plain_base_model(base: str) -> nn.Module:
     return model.float().eval()
 
 
-def load_adapted_model(base: str, path: str | Path, *, force: bool = False, mode: str = "auto",
-                       trainable: bool = False) -> nn.Module:
+def load_adapted_model(
+    base: str, path: str | Path, *, force: bool = False, mode: str = "auto", trainable: bool = False
+) -> nn.Module:
     """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it:
     ready for inference (eval mode, nothing trainable), or with ``trainable`` the adapter and head trainable
     as after ``attach``, to train on."""

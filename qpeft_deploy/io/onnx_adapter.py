@@ -83,7 +83,9 @@ def target_parameters(adapter: AdapterFile, key: str, kind: str) -> dict[str, np
 def head_parameters(adapter: AdapterFile) -> dict[str, np.ndarray]:
     """The head's tensors by graph name (``qpeft.<head>.<tensor>``)."""
     head = adapter.config.head
-    return {f"{PARAM_PREFIX}{head}.{k}": t.float().contiguous().numpy() for k, t in adapter.head_state().items()}
+    return {
+        f"{PARAM_PREFIX}{head}.{k}": t.float().contiguous().numpy() for k, t in adapter.head_state().items()
+    }
 
 
 def check_swap(adapter: AdapterFile, swap: str) -> None:

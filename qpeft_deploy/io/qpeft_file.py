@@ -265,7 +265,9 @@ def encode_adapter(
         used.update([k for k, _ in shapes] + [lam_key, mask_key])
     head_keys = [k for k in state if k not in used and config.head and k.startswith(config.head + ".")]
     if config.head and not head_keys:
-        raise ConfigError(f"the config names head {config.head!r} but the state has no {config.head}.* tensors")
+        raise ConfigError(
+            f"the config names head {config.head!r} but the state has no {config.head}.* tensors"
+        )
     used.update(head_keys)
     head_shapes = [(k[len(head) + 1 :], tuple(state[k].shape)) for k in head_keys] if head else []
     for name, _ in head_shapes:
@@ -596,5 +598,3 @@ def read_adapter(path: str | Path) -> AdapterFile:
         return _decode(path, header, start, size)
     except (_Invalid, PatternError) as e:
         raise FormatError(f"{path}: {e}") from None
-
-

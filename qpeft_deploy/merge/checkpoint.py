@@ -64,10 +64,20 @@ RECORD_KEY = "qpeft_merge"
 CONFIG_FILE = "config.json"
 HEAD_SIDECAR = "qpeft_replaced_head.safetensors"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
-                             ".gguf"})
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+WEIGHT_SUFFIXES = frozenset(
+    {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf"}
+)
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def _read_config(folder: Path) -> dict:
@@ -89,8 +99,13 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], math.prod(shape[1:])) if len(shape) == 4 else tuple(shape)
 
 
-def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapters: Sequence[AdapterFile],
-             weights: Sequence[float]) -> dict[str, tuple[list[Update], bool]]:
+def _updates(
+    checkpoint: Checkpoint,
+    config: dict,
+    files: Sequence[Path],
+    adapters: Sequence[AdapterFile],
+    weights: Sequence[float],
+) -> dict[str, tuple[list[Update], bool]]:
     """Stored key -> (its updates, transposed), after checking every target against the checkpoint."""
     keys = {key for adapter in adapters for key in adapter.config.targets}
     conv1d = conv1d_keys(checkpoint.folder, config, keys)
@@ -99,17 +114,23 @@ def _updates(checkpoint: Checkpoint, config: dict, files: Sequence[Path], adapte
         for key in adapter.config.targets:
             stored = locate_key(key, checkpoint.tensors)
             if stored is None:
-                raise BaseMismatchError(f"{path}: targets {key}, which {checkpoint.folder} does not have "
-                                        "(an adapter for another base?)")
+                raise BaseMismatchError(
+                    f"{path}: targets {key}, which {checkpoint.folder} does not have "
+                    "(an adapter for another base?)"
+                )
             tensor = checkpoint.tensors[stored]
             if tensor.dtype not in FLOAT_DTYPES:
-                raise ConfigError(f"{tensor.file}: {stored} is {tensor.dtype}; only floating-point weights "
-                                  f"({', '.join(FLOAT_DTYPES)}) can be merged into")
+                raise ConfigError(
+                    f"{tensor.file}: {stored} is {tensor.dtype}; only floating-point weights "
+                    f"({', '.join(FLOAT_DTYPES)}) can be merged into"
+                )
             n_out, n_in = adapter.shapes[key]
             expected = (n_in, n_out) if key in conv1d else (n_out, n_in)
             if matrix_shape(tensor.shape) != expected:
-                raise BaseMismatchError(f"{path}: {key} is {n_out}x{n_in} (out x in) in the adapter but "
-                                        f"{'x'.join(map(str, tensor.shape))} in {tensor.file}")
+                raise BaseMismatchError(
+                    f"{path}: {key} is {n_out}x{n_in} (out x in) in the adapter but "
+                    f"{'x'.join(map(str, tensor.shape))} in {tensor.file}"
+                )
             updates.setdefault(stored, ([], key in conv1d))[0].append(Update(adapter, key, weight))
     return updates
 
@@ -181,13 +202,17 @@ def _head_index(files: Sequence[Path], adapters: Sequence[AdapterFile], head_fro
     with_head = [i for i, a in enumerate(adapters) if a.config.head is not None]
     if head_from is None:
         if len(with_head) > 1:
-            raise ConfigError(f"{', '.join(str(files[i]) for i in with_head)}: several adapters carry a "
-                              "classification head; choose one with --head-from NAME")
+            raise ConfigError(
+                f"{', '.join(str(files[i]) for i in with_head)}: several adapters carry a "
+                "classification head; choose one with --head-from NAME"
+            )
         return with_head[0] if with_head else None
     matches = [i for i, p in enumerate(files) if head_from in (str(p), p.name, p.stem)]
     if len(matches) != 1:
-        raise ConfigError(f"--head-from {head_from!r} names {len(matches)} of the adapters "
-                          f"({', '.join(str(p) for p in files)}); give one adapter's file name")
+        raise ConfigError(
+            f"--head-from {head_from!r} names {len(matches)} of the adapters "
+            f"({', '.join(str(p) for p in files)}); give one adapter's file name"
+        )
     if matches[0] not in with_head:
         raise ConfigError(f"{files[matches[0]]}: has no classification head (--head-from)")
     return matches[0]
@@ -222,26 +247,50 @@ def _task_model(checkpoint: Checkpoint, config: dict, adapter: AdapterFile) -> t
     bare = not any(key.startswith(base_prefix + ".") for key in checkpoint.tensors)  # e.g. a BertModel
     labels = adapter.config.id2label
     head = {k: v for k, v in adapter.state.items() if k.startswith(adapter.config.head + ".")}
-    return base_prefix if bare else None, head, config | {
-        "architectures": [class_name], "id2label": {str(i): name for i, name in labels.items()},
-        "label2id": {name: i for i, name in labels.items()}}
+    return (
+        base_prefix if bare else None,
+        head,
+        config
+        | {
+            "architectures": [class_name],
+            "id2label": {str(i): name for i, name in labels.items()},
+            "label2id": {name: i for i, name in labels.items()},
+        },
+    )
 
 
-def _merge_record(files: list[Path], weights: list[float], head: int | None, entries: list[Entry],
-                  changes: dict) -> str:
+def _merge_record(
+    files: list[Path], weights: list[float], head: int | None, entries: list[Entry], changes: dict
+) -> str:
     """The JSON that unmerge reads back (RECORD_KEY): adapters by digest, and every change to undo."""
-    return json.dumps({
-        "tool": TOOL,
-        "adapters": [{"file": p.name, "sha256": _sha256(p), "weight": w, "head": i == head}
-                     for i, (p, w) in enumerate(zip(files, weights))],
-        "base_dtypes": {e.key: e.source.dtype for e in entries
-                        if isinstance(e.source, StoredTensor) and e.dtype != e.source.dtype},
-        **changes,
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "tool": TOOL,
+            "adapters": [
+                {"file": p.name, "sha256": _sha256(p), "weight": w, "head": i == head}
+                for i, (p, w) in enumerate(zip(files, weights))
+            ],
+            "base_dtypes": {
+                e.key: e.source.dtype
+                for e in entries
+                if isinstance(e.source, StoredTensor) and e.dtype != e.source.dtype
+            },
+            **changes,
+        },
+        separators=(",", ":"),
+    )
 
 
-def _merge_plan(checkpoint: Checkpoint, config: dict, files: list[Path], adapters: list[AdapterFile],
-                weights: list[float], head: int | None, dtype: str | None, verified: bool) -> _Plan:
+def _merge_plan(
+    checkpoint: Checkpoint,
+    config: dict,
+    files: list[Path],
+    adapters: list[AdapterFile],
+    weights: list[float],
+    head: int | None,
+    dtype: str | None,
+    verified: bool,
+) -> _Plan:
     updates = _updates(checkpoint, config, files, adapters, weights)
     prefix, head_tensors, new_config = None, {}, config
     if head is not None:
@@ -259,27 +308,50 @@ def _merge_plan(checkpoint: Checkpoint, config: dict, files: list[Path], adapter
     head_dtype = dtype or (replaced[0].dtype if replaced else _majority_float_dtype(checkpoint))
     entries += [Entry(k, head_dtype, tuple(v.shape), v) for k, v in head_tensors.items()]
     replaced_keys = [e.key for e in replaced]
-    record = _merge_record(files, weights, head, entries, {
-        "prefix": prefix, "added_head": [k for k in head_tensors if k not in replaced_keys],
-        "replaced_head": replaced_keys, "base_config": config if new_config != config else None,
-        "previous": checkpoint.metadata.get(RECORD_KEY),
-        "base_digests": {k: d.hex() for a in adapters if verified and a.fingerprint for k, d in a.fingerprint.items()}})
+    record = _merge_record(
+        files,
+        weights,
+        head,
+        entries,
+        {
+            "prefix": prefix,
+            "added_head": [k for k in head_tensors if k not in replaced_keys],
+            "replaced_head": replaced_keys,
+            "base_config": config if new_config != config else None,
+            "previous": checkpoint.metadata.get(RECORD_KEY),
+            "base_digests": {
+                k: d.hex() for a in adapters if verified and a.fingerprint for k, d in a.fingerprint.items()
+            },
+        },
+    )
     metadata = {"format": "pt"} | checkpoint.metadata | {RECORD_KEY: record}
     return _Plan(entries, metadata, new_config if new_config != config else None, replaced)
 
 
-def _write_plan(plan: _Plan, source: Path, output: Path, *, max_bytes: int, overwrite: bool, desc: str,
-                quiet: bool, verify: Callable[[], None] | None = None) -> Path:
+def _write_plan(
+    plan: _Plan,
+    source: Path,
+    output: Path,
+    *,
+    max_bytes: int,
+    overwrite: bool,
+    desc: str,
+    quiet: bool,
+    verify: Callable[[], None] | None = None,
+) -> Path:
     """Write the output folder; ``verify`` runs in a thread meanwhile and its error discards the output."""
     with ThreadPoolExecutor(1) as pool, atomic_folder(output, overwrite=overwrite, protect=[source]) as tmp:
         pending = pool.submit(verify) if verify is not None else None
-        _copy_extras(source, tmp, skip={UNMERGED_FILE} | ({CONFIG_FILE} if plan.config is not None else set()))
+        _copy_extras(
+            source, tmp, skip={UNMERGED_FILE} | ({CONFIG_FILE} if plan.config is not None else set())
+        )
         if plan.config is not None:
             write_json(tmp / CONFIG_FILE, plan.config)
         with one_torch_thread():
             if plan.sidecar:  # a classification head: small, always one file
-                write_weights(tmp, plan.sidecar, {"format": "pt"}, 1 << 62, desc="head", quiet=True,
-                              single=HEAD_SIDECAR)
+                write_weights(
+                    tmp, plan.sidecar, {"format": "pt"}, 1 << 62, desc="head", quiet=True, single=HEAD_SIDECAR
+                )
             write_weights(tmp, plan.entries, plan.metadata, max_bytes, desc=desc, quiet=quiet)
         if plan.attest:
             attest_unmerged(tmp, plan.attest)
@@ -294,10 +366,19 @@ def _check_fingerprints(folder: Path, adapters: Sequence[tuple[Path, AdapterFile
         check_base(adapter.fingerprint, folder, source=path, trained_on=adapter.config.trained_on())
 
 
-def merge_checkpoint(base: str | Path, adapters: Sequence[str | Path], output: str | Path, *,
-                     weights: Sequence[float] | None = None, head_from: str | None = None, dtype: str = KEEP,
-                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-                     force: bool = False, quiet: bool = False) -> Path:
+def merge_checkpoint(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    head_from: str | None = None,
+    dtype: str = KEEP,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+) -> Path:
     """Write base + Σ wᵢ·ΔWᵢ as the HF folder ``output`` (streamed, sharded, atomic); returns its path.
 
     ``force`` skips the adapters' fingerprint checks; see the module docstring for the rest.
@@ -312,8 +393,16 @@ def merge_checkpoint(base: str | Path, adapters: Sequence[str | Path], output: s
     plan = _merge_plan(checkpoint, config, files, loaded, weights, head, out_dtype, verified=not force)
     fingerprints = [] if force else [(p, a) for p, a in zip(files, loaded) if a.fingerprint]
     verify = partial(_check_fingerprints, folder, fingerprints) if fingerprints else None
-    return _write_plan(plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="merge",
-                       quiet=quiet, verify=verify)
+    return _write_plan(
+        plan,
+        folder,
+        Path(output),
+        max_bytes=max_bytes,
+        overwrite=overwrite,
+        desc="merge",
+        quiet=quiet,
+        verify=verify,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- unmerge
@@ -331,11 +420,16 @@ def read_record(checkpoint: Checkpoint) -> dict:
             record[key] = [str(k) for k in record[key]]
         prefix, base_dtypes = record["prefix"], dict(record["base_dtypes"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise FormatError(f"{checkpoint.folder}: malformed qpeft merge record ({type(e).__name__}: {e})") \
-            from None
+        raise FormatError(
+            f"{checkpoint.folder}: malformed qpeft merge record ({type(e).__name__}: {e})"
+        ) from None
     digests = record.get("base_digests") or {}
-    strings = isinstance(prefix, str | None) and isinstance(record.get("previous"), str | None) and isinstance(
-        digests, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())
+    strings = (
+        isinstance(prefix, str | None)
+        and isinstance(record.get("previous"), str | None)
+        and isinstance(digests, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())
+    )
     if not strings or not set(base_dtypes.values()) <= FLOAT_DTYPES.keys():
         raise FormatError(f"{checkpoint.folder}: malformed qpeft merge record (bad field types)")
     return record
@@ -353,8 +447,10 @@ def _recorded_weights(folder: Path, record: dict, files: Sequence[Path]) -> list
         weights.append(match[1])
     if left or len(weights) != len(files):
         merged = ", ".join(name for _, _, name in record["adapters"])
-        raise ConfigError(f"{folder}: was merged from {merged}; unmerge needs exactly those adapter files "
-                          f"(got {', '.join(str(p) for p in files) or 'none'})")
+        raise ConfigError(
+            f"{folder}: was merged from {merged}; unmerge needs exactly those adapter files "
+            f"(got {', '.join(str(p) for p in files) or 'none'})"
+        )
     return weights
 
 
@@ -365,8 +461,15 @@ def _sidecar_entries(folder: Path, keys: list[str]) -> list[Entry]:
     return [Entry(k, t.dtype, t.shape, t) for k, t in tensors.items()]
 
 
-def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: list[Path],
-                  adapters: list[AdapterFile], weights: list[float], dtype: str | None) -> _Plan:
+def _unmerge_plan(
+    checkpoint: Checkpoint,
+    config: dict,
+    record: dict,
+    files: list[Path],
+    adapters: list[AdapterFile],
+    weights: list[float],
+    dtype: str | None,
+) -> _Plan:
     updates = _updates(checkpoint, config, files, adapters, [-w for w in weights])
     prefix, skip = record["prefix"], set(record["added_head"]) | set(record["replaced_head"])
     entries, digests, attest = [], record.get("base_digests") or {}, {}
@@ -390,9 +493,16 @@ def _unmerge_plan(checkpoint: Checkpoint, config: dict, record: dict, files: lis
     return _Plan(entries, metadata, new_config if new_config != config else None, attest=attest)
 
 
-def unmerge_checkpoint(merged: str | Path, adapters: Sequence[str | Path], output: str | Path, *,
-                       dtype: str = KEEP, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                       overwrite: bool = False, quiet: bool = False) -> Path:
+def unmerge_checkpoint(
+    merged: str | Path,
+    adapters: Sequence[str | Path],
+    output: str | Path,
+    *,
+    dtype: str = KEEP,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
     """Write ``merged`` − Σ wᵢ·ΔWᵢ of the adapters it records: the base back (keep: the base's own dtypes)."""
     folder = resolve_base(str(merged))
     out_dtype, max_bytes = _check_dtype(dtype), parse_size(max_shard_size)
@@ -402,5 +512,6 @@ def unmerge_checkpoint(merged: str | Path, adapters: Sequence[str | Path], outpu
     loaded = [read_adapter(p) for p in files]
     weights = _recorded_weights(folder, record, files)
     plan = _unmerge_plan(checkpoint, config, record, files, loaded, weights, out_dtype)
-    return _write_plan(plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="unmerge",
-                       quiet=quiet)
+    return _write_plan(
+        plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="unmerge", quiet=quiet
+    )

@@ -81,7 +81,7 @@ def _read_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
 
 def _write_all(fd: int, data: memoryview) -> None:
     while len(data):
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def _send(dst: int, tensor: StoredTensor, src: int) -> None:
@@ -181,16 +181,20 @@ def _header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": metadata}
     offset = 0
     for entry in entries:
-        header[entry.key] = {"dtype": entry.dtype, "shape": list(entry.shape),
-                             "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.key] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write_safetensors(path: Path, entries: Sequence[Entry], metadata: dict[str, str],
-                       sources: dict[Path, int], bar: tqdm) -> None:
+def _write_safetensors(
+    path: Path, entries: Sequence[Entry], metadata: dict[str, str], sources: dict[Path, int], bar: tqdm
+) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     writer = _Writer(fd)
     try:
@@ -227,17 +231,29 @@ def _open_sources(entries: Sequence[Entry], stack: ExitStack) -> dict[Path, int]
     return sources
 
 
-def write_weights(folder: Path, entries: Sequence[Entry], metadata: dict[str, str], max_bytes: int,
-                  *, desc: str, quiet: bool, single: str = SINGLE_FILE) -> None:
+def write_weights(
+    folder: Path,
+    entries: Sequence[Entry],
+    metadata: dict[str, str],
+    max_bytes: int,
+    *,
+    desc: str,
+    quiet: bool,
+    single: str = SINGLE_FILE,
+) -> None:
     """Stream ``entries`` into the file ``single``, or into numbered shards and their index."""
     shards = _split(entries, max_bytes)
-    names = [single] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    names = (
+        [single]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     total = sum(e.nbytes for e in entries)
     with ExitStack() as stack:
         sources = _open_sources(entries, stack)
-        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                                       disable=quiet))
+        bar = stack.enter_context(
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet)
+        )
         for name, shard in zip(names, shards):
             _write_safetensors(folder / name, shard, metadata, sources, bar)
     if len(shards) > 1:

@@ -58,8 +58,10 @@ _PLAN: ContextVar[CallPlan | None] = ContextVar("qpeft_bank_plan", default=None)
 def check_name(name: object) -> str:
     """An adapter name: 1-128 characters of letters, digits, '.', '_', '-', not starting with a symbol."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ConfigError(f"invalid adapter name {str(name)[:60]!r}: use 1-128 letters, digits, '.', '_' "
-                          "or '-', starting with a letter or digit")
+        raise ConfigError(
+            f"invalid adapter name {str(name)[:60]!r}: use 1-128 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
     return name
 
 
@@ -176,8 +178,10 @@ def materialise(adapter: _Adapter) -> dict[str, Frame]:
         stacked = [torch.stack(parts) for parts in zip(*(params for _, params in items))]
         frames = _frame_fn(layout.variant, dim, k, layout.layers)(*stacked)
         built.update({name: frame for (name, _), frame in zip(items, frames)})
-    return {t.key: Frame(built[t.key, "v"], adapter.scale[t.lam : t.lam + t.k], built[t.key, "u"])
-            for t in layout.targets}
+    return {
+        t.key: Frame(built[t.key, "v"], adapter.scale[t.lam : t.lam + t.k], built[t.key, "u"])
+        for t in layout.targets
+    }
 
 
 class FactorCache:
@@ -241,9 +245,11 @@ class LayerDelta:
         if len(self.frames) == 1:
             return self.frames[0].vt, self.frames[0].scale, self.frames[0].ut
         k = max(f.vt.shape[0] for f in self.frames)
-        return (torch.stack([_pad(f.vt, k) for f in self.frames]),
-                torch.stack([_pad(f.scale, k) for f in self.frames]).unsqueeze(1),
-                torch.stack([_pad(f.ut, k) for f in self.frames]))
+        return (
+            torch.stack([_pad(f.vt, k) for f in self.frames]),
+            torch.stack([_pad(f.scale, k) for f in self.frames]).unsqueeze(1),
+            torch.stack([_pad(f.ut, k) for f in self.frames]),
+        )
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + ΔW x, computed in fp32 on (rows, tokens, features) views of x and y."""
@@ -286,8 +292,10 @@ def head_plan(rows: Sequence[_Adapter]) -> HeadPlan:
     if all(a is rows[0] for a in rows):
         return HeadPlan(rows[0].head_weight, rows[0].head_bias)
     c = max(len(a.labels) for a in rows)
-    return HeadPlan(torch.stack([_pad(a.head_weight, c) for a in rows]),
-                    torch.stack([_pad(a.head_bias, c, float("-inf")) for a in rows]))
+    return HeadPlan(
+        torch.stack([_pad(a.head_weight, c) for a in rows]),
+        torch.stack([_pad(a.head_bias, c, float("-inf")) for a in rows]),
+    )
 
 
 @dataclass(frozen=True)
@@ -357,8 +365,10 @@ class BankOutput:
     def predictions(self) -> list[Prediction]:
         """Top label and softmax scores per row."""
         probs = torch.softmax(self.logits, dim=-1).tolist()
-        return [Prediction(name, labels[max(range(len(labels)), key=p.__getitem__)], dict(zip(labels, p)))
-                for name, labels, p in zip(self.adapters, self.labels, probs)]
+        return [
+            Prediction(name, labels[max(range(len(labels)), key=p.__getitem__)], dict(zip(labels, p)))
+            for name, labels, p in zip(self.adapters, self.labels, probs)
+        ]
 
 
 class AdapterBank:
@@ -368,8 +378,15 @@ class AdapterBank:
     (an HF folder or 'minilm') enables the fingerprint check on load; ``tokenizer`` enables :meth:`classify`.
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, base: str | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_length: int = 128):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        base: str | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_length: int = 128,
+    ):
         if hasattr(model, CONFIG_ATTR):
             raise ConfigError("the model has a Quantum-PEFT adapter attached; detach() it before banking it")
         head = find_head(model)
@@ -459,8 +476,12 @@ class AdapterBank:
         """Loaded adapters, their resident tensor bytes, and the U/V cache's entries and bytes."""
         with self._lock:
             adapters = list(self._adapters.values())
-        return {"adapters": len(adapters), "adapter_bytes": sum(a.nbytes() for a in adapters),
-                "cached_adapters": len(self.cache), "cache_bytes": self.cache.nbytes}
+        return {
+            "adapters": len(adapters),
+            "adapter_bytes": sum(a.nbytes() for a in adapters),
+            "cached_adapters": len(self.cache),
+            "cache_bytes": self.cache.nbytes,
+        }
 
     def _get(self, name: object) -> _Adapter:
         if name is None:
@@ -489,8 +510,10 @@ class AdapterBank:
             if layer is None:
                 raise ConfigError(f"{path}: targets {key}, not an adaptable linear layer of the base")
             if tuple(shapes.get(key, ())) != (layer.out_features, layer.in_features):
-                raise ConfigError(f"{path}: {key} is {shapes.get(key)} in the adapter, "
-                                  f"{(layer.out_features, layer.in_features)} in the base")
+                raise ConfigError(
+                    f"{path}: {key} is {shapes.get(key)} in the adapter, "
+                    f"{(layer.out_features, layer.in_features)} in the base"
+                )
         weight, bias, labels = self._head(file, path)
         signature = _signature(file)
         if signature not in self._layouts:
@@ -502,18 +525,23 @@ class AdapterBank:
                 raise ConfigError(f"{path}: {what} contain NaN or Inf")
         return _Adapter(name, layout, params, scale, weight, bias, labels)
 
-    def _head(self, file: AdapterFile, path: str | Path
-              ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    def _head(
+        self, file: AdapterFile, path: str | Path
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
         config, prefix = file.config, f"{self.head_name}."
         if config.head != self.head_name or not config.id2label:
-            raise ConfigError(f"{path}: has no classification head named {self.head_name!r} "
-                              "(the bank serves classifiers; re-save the adapter with its head)")
-        head = {k[len(prefix):]: t for k, t in file.state.items() if k.startswith(prefix)}
+            raise ConfigError(
+                f"{path}: has no classification head named {self.head_name!r} "
+                "(the bank serves classifiers; re-save the adapter with its head)"
+            )
+        head = {k[len(prefix) :]: t for k, t in file.state.items() if k.startswith(prefix)}
         labels = tuple(config.id2label[i] for i in range(len(config.id2label)))
         expected = {"weight": (len(labels), self.hidden), "bias": (len(labels),)}
         if {k: tuple(t.shape) for k, t in head.items()} != expected:
-            raise ConfigError(f"{path}: head tensors {sorted(head)} do not fit {len(labels)} labels on "
-                              f"{self.hidden} features")
+            raise ConfigError(
+                f"{path}: head tensors {sorted(head)} do not fit {len(labels)} labels on "
+                f"{self.hidden} features"
+            )
         return head["weight"].float().contiguous(), head["bias"].float().contiguous(), labels
 
     # ------------------------------------------------------------------------------- calling

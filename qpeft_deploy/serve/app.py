@@ -61,8 +61,9 @@ class Backend(Protocol):
 
     def labels(self, name: str) -> list[str]: ...
 
-    def classify(self, texts: Sequence[str], adapter: str | Sequence[str | None] | None = None
-                 ) -> list[Prediction]: ...
+    def classify(
+        self, texts: Sequence[str], adapter: str | Sequence[str | None] | None = None
+    ) -> list[Prediction]: ...
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,9 @@ class OrtBackend:
         """Label names of adapter ``name``."""
         return list(self.session.labels(name) or [])
 
-    def classify(self, texts: Sequence[str], adapter: str | Sequence[str | None] | None = None
-                 ) -> list[Prediction]:
+    def classify(
+        self, texts: Sequence[str], adapter: str | Sequence[str | None] | None = None
+    ) -> list[Prediction]:
         """Top label and softmax scores per text, one adapter for all or one per row."""
         with self._tokenizer_lock:
             inputs = tokenize(self.tokenizer, list(texts), self.max_length)
@@ -225,8 +227,14 @@ def _softmax_prediction(adapter: str, labels: list[str], logits: np.ndarray) -> 
     return Prediction(adapter, labels[int(np.argmax(logits))], dict(zip(labels, probs)))
 
 
-def make_backend(kind: str, base: str, *, onnx_model: str | Path | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, max_length: int = 128) -> Backend:
+def make_backend(
+    kind: str,
+    base: str,
+    *,
+    onnx_model: str | Path | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    max_length: int = 128,
+) -> Backend:
     """The runtime serving ``base``: ``torch`` (AdapterBank) or ``onnx`` (OrtAdapterSession over
     ``onnx_model``, a swappable export folder or its model.onnx)."""
     if kind == "torch":
@@ -234,16 +242,19 @@ def make_backend(kind: str, base: str, *, onnx_model: str | Path | None = None,
     if kind != "onnx":
         raise ConfigError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
     if onnx_model is None:
-        raise ConfigError("the onnx backend serves a swappable ONNX export: give its folder (qpeft export "
-                          "onnx --mode swappable) as onnx_model / --onnx-model")
+        raise ConfigError(
+            "the onnx backend serves a swappable ONNX export: give its folder (qpeft export "
+            "onnx --mode swappable) as onnx_model / --onnx-model"
+        )
     try:
         from qpeft_deploy.io.onnx_adapter import MODEL_FILE
         from qpeft_deploy.runtime.ort_session import OrtAdapterSession
     except ImportError as error:
         raise ConfigError(f"the onnx backend needs the [onnx] extra (onnxruntime): {error}") from None
     path = Path(onnx_model)
-    return OrtBackend(OrtAdapterSession(path / MODEL_FILE if path.is_dir() else path), load_tokenizer(base),
-                      max_length)
+    return OrtBackend(
+        OrtAdapterSession(path / MODEL_FILE if path.is_dir() else path), load_tokenizer(base), max_length
+    )
 
 
 def adapters_folder(path: str | Path) -> Path:
@@ -314,8 +325,9 @@ def classify_request(data: object, settings: ServeSettings, names: list[str]) ->
         if not isinstance(text, str):
             raise ApiError(422, f"texts[{i}] is a {type(text).__name__}, not a string")
         if len(text) > settings.max_text_chars:
-            raise ApiError(422, f"texts[{i}] has {len(text)} characters; the limit is "
-                                f"{settings.max_text_chars}")
+            raise ApiError(
+                422, f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}"
+            )
     if adapter not in names:
         raise ApiError(404, f"no adapter named {adapter[:60]!r} is loaded")
     return adapter, texts
@@ -377,9 +389,12 @@ def create_app(backend: Backend, folder: Path, settings: ServeSettings = ServeSe
         else:
             body = await _json(request, settings.max_body_bytes)
             if not isinstance(body, dict) or set(body) != {"name"} or not isinstance(body["name"], str):
-                raise ApiError(422, 'the body must be {"name": "<adapter>"} (the file <adapter>.qpeft in '
-                                    "the served folder), or adapter bytes as application/octet-stream "
-                                    "with ?name=")
+                raise ApiError(
+                    422,
+                    'the body must be {"name": "<adapter>"} (the file <adapter>.qpeft in '
+                    "the served folder), or adapter bytes as application/octet-stream "
+                    "with ?name=",
+                )
             name = body["name"]
             await run_in_threadpool(_load_file, backend, name, folder_file(folder, name))
         return {"name": name, "labels": backend.labels(name)}
@@ -413,15 +428,26 @@ def _load_bytes(backend: Backend, name: str, data: bytes) -> None:
             raise type(error)(str(error).replace(str(path), f"upload {name}")) from None
 
 
-def serve(base: str, adapters: str | Path, *, backend: str = "torch", onnx_model: str | Path | None = None,
-          host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings = ServeSettings(),
-          cache_bytes: int = DEFAULT_CACHE_BYTES, max_length: int = 128, log_level: str = "info") -> None:
+def serve(
+    base: str,
+    adapters: str | Path,
+    *,
+    backend: str = "torch",
+    onnx_model: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeSettings = ServeSettings(),
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    max_length: int = 128,
+    log_level: str = "info",
+) -> None:
     """Load every adapter of the folder onto ``base`` and serve them over HTTP until interrupted."""
     import uvicorn
 
     folder = adapters_folder(adapters)
-    engine = make_backend(backend, base, onnx_model=onnx_model, cache_bytes=cache_bytes,
-                          max_length=max_length)
+    engine = make_backend(
+        backend, base, onnx_model=onnx_model, cache_bytes=cache_bytes, max_length=max_length
+    )
     names = load_folder(engine, folder)
     log.info("serving %d adapters from %s on %s:%d", len(names), folder, host, port)
     uvicorn.run(create_app(engine, folder, settings), host=host, port=port, log_level=log_level)

@@ -54,7 +54,9 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def batches(examples: Sequence[Example], batch_size: int, rng: random.Random | None = None) -> list[list[Example]]:
+def batches(
+    examples: Sequence[Example], batch_size: int, rng: random.Random | None = None
+) -> list[list[Example]]:
     """Split examples into batches (shuffled with ``rng`` when given)."""
     order = list(examples)
     if rng is not None:
@@ -71,15 +73,19 @@ def load_preprocessor(base: str, task: str):
     """The tokenizer of a text base, or None for an image task (then inputs are pixel_values)."""
     image_task, image_base = is_image_task(task), is_image_base(base)
     if image_task != image_base:
-        raise ConfigError(f"{base}: task {task} needs {'an image' if image_task else 'a text'} base model, "
-                          f"but this base is {'an image' if image_base else 'a text'} model")
+        raise ConfigError(
+            f"{base}: task {task} needs {'an image' if image_task else 'a text'} base model, "
+            f"but this base is {'an image' if image_base else 'a text'} model"
+        )
     return None if image_task else load_tokenizer(base)
 
 
 def _param_groups(model: nn.Module, lr: float, head_lr: float, body_lr: float) -> list[dict]:
     """AdamW groups: Quantum-PEFT layers at ``lr``, the classification head at ``head_lr``, any other trainable
     tensor (LoRA factors, a fine-tuned body) at ``body_lr``."""
-    adapter_ids = {id(p) for layer in adapted_layers(model).values() for p in layer.parameters() if p.requires_grad}
+    adapter_ids = {
+        id(p) for layer in adapted_layers(model).values() for p in layer.parameters() if p.requires_grad
+    }
     groups: dict[str, dict] = {
         "adapter": {"params": [], "lr": lr},
         "head": {"params": [], "lr": head_lr},
@@ -87,7 +93,9 @@ def _param_groups(model: nn.Module, lr: float, head_lr: float, body_lr: float) -
     }
     for name, p in model.named_parameters():
         if p.requires_grad:
-            head = any(part in HEAD_MODULE_NAMES for part in name.split("."))  # also PEFT's modules_to_save copy
+            head = any(
+                part in HEAD_MODULE_NAMES for part in name.split(".")
+            )  # also PEFT's modules_to_save copy
             groups["adapter" if id(p) in adapter_ids else "head" if head else "body"]["params"].append(p)
     return [g for g in groups.values() if g["params"]]
 
@@ -98,13 +106,27 @@ def quantization_aware(model: nn.Module, bits: int | None) -> None:
         angle_step(bits)  # validates bits
     for name, layer in adapted_layers(model).items():
         if layer.variant != "pauli":
-            raise ConfigError(f"{name}: quantisation-aware training needs Pauli circuits (Taylor has no angles)")
+            raise ConfigError(
+                f"{name}: quantisation-aware training needs Pauli circuits (Taylor has no angles)"
+            )
         layer.u.angle_bits = layer.v.angle_bits = bits
 
 
-def fit(model: nn.Module, tokenizer, train: Sequence[Example], *, epochs: int = 1, lr: float = 1e-2,
-        head_lr: float = 2e-3, body_lr: float | None = None, batch_size: int = 32, max_length: int = 128,
-        seed: int = 0, prune_to: int | None = None, quiet: bool = False) -> TrainResult:
+def fit(
+    model: nn.Module,
+    tokenizer,
+    train: Sequence[Example],
+    *,
+    epochs: int = 1,
+    lr: float = 1e-2,
+    head_lr: float = 2e-3,
+    body_lr: float | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+    prune_to: int | None = None,
+    quiet: bool = False,
+) -> TrainResult:
     """Train the trainable parameters of ``model`` with AdamW and cross-entropy; returns the loss history.
 
     Rates: ``lr`` for Quantum-PEFT layers, ``head_lr`` for the classification head, ``body_lr`` (default
@@ -143,8 +165,15 @@ def fit(model: nn.Module, tokenizer, train: Sequence[Example], *, epochs: int = 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, tokenizer, texts: Sequence, *, batch_size: int = 64,
-            max_length: int = 128, quiet: bool = True) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence,
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+    quiet: bool = True,
+) -> torch.Tensor:
     """Logits (len(texts) × labels) of the model in eval mode (texts, or images with ``tokenizer`` None)."""
     model.eval()
     outputs = []
@@ -153,13 +182,21 @@ def predict(model: nn.Module, tokenizer, texts: Sequence, *, batch_size: int = 6
     return torch.cat(outputs)
 
 
-def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 64,
-             max_length: int = 128, quiet: bool = True) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+    quiet: bool = True,
+) -> dict[str, float]:
     """Accuracy and mean cross-entropy of the model on labelled examples."""
     if not examples:
         raise ConfigError("no evaluation examples")
-    logits = predict(model, tokenizer, [t for t, _ in examples], batch_size=batch_size,
-                     max_length=max_length, quiet=quiet)
+    logits = predict(
+        model, tokenizer, [t for t, _ in examples], batch_size=batch_size, max_length=max_length, quiet=quiet
+    )
     labels = torch.tensor([label for _, label in examples])
     return {
         "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
@@ -197,21 +234,39 @@ def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True)
     model = load_task_model(spec.base, id2label, seed=spec.seed)
     if not adapter:
         return train_head_only(model)
-    return attach(model, spec.targets, rank=spec.rank, layers=spec.layers, alpha=spec.alpha,
-                  variant=spec.variant, seed=spec.seed)
+    return attach(
+        model,
+        spec.targets,
+        rank=spec.rank,
+        layers=spec.layers,
+        alpha=spec.alpha,
+        variant=spec.variant,
+        seed=spec.seed,
+    )
 
 
-def run_spec(spec: TrainSpec, adapter: bool = True, evaluate_test: bool = True,
-             quiet: bool = False) -> tuple[nn.Module, dict]:
+def run_spec(
+    spec: TrainSpec, adapter: bool = True, evaluate_test: bool = True, quiet: bool = False
+) -> tuple[nn.Module, dict]:
     """Train (adapter or head-only) as ``spec`` says; returns the model and a report with accuracy and counts."""
     data = load_data(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=spec.seed)
     tokenizer = load_preprocessor(spec.base, spec.task)
     model = build_model(spec, data.id2label, adapter)
     if adapter and spec.bits is not None and spec.qat:
         quantization_aware(model, spec.bits)
-    result = fit(model, tokenizer, data.train, epochs=spec.epochs, lr=spec.lr, head_lr=spec.head_lr,
-                 batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
-                 prune_to=spec.prune_to if adapter else None, quiet=quiet)
+    result = fit(
+        model,
+        tokenizer,
+        data.train,
+        epochs=spec.epochs,
+        lr=spec.lr,
+        head_lr=spec.head_lr,
+        batch_size=spec.batch_size,
+        max_length=spec.max_length,
+        seed=spec.seed,
+        prune_to=spec.prune_to if adapter else None,
+        quiet=quiet,
+    )
     report = {
         "task": spec.task,
         "method": "qpeft" if adapter else "head-only",
@@ -236,16 +291,30 @@ def train_adapter(spec: TrainSpec, output: str | Path, evaluate: bool = True, qu
     return report
 
 
-def evaluate_adapter(base: str, adapter: str | Path, task: str, *, max_examples: int | None = None,
-                     max_length: int = 128, force: bool = False, quiet: bool = False) -> dict:
+def evaluate_adapter(
+    base: str,
+    adapter: str | Path,
+    task: str,
+    *,
+    max_examples: int | None = None,
+    max_length: int = 128,
+    force: bool = False,
+    quiet: bool = False,
+) -> dict:
     """Accuracy of an adapter file on a task's test split."""
     tokenizer = load_preprocessor(base, task)
     model = load_adapted_model(base, adapter, force=force)
     data = load_data(task, max_test=max_examples)
     labels = adapter_config(model).id2label
     if labels is not None and [labels[i] for i in sorted(labels)] != data.labels:
-        raise ConfigError(f"{adapter}: adapter labels {list(labels.values())} do not match task {task} "
-                          f"labels {data.labels}")
+        raise ConfigError(
+            f"{adapter}: adapter labels {list(labels.values())} do not match task {task} labels {data.labels}"
+        )
     metrics = evaluate(model, tokenizer, data.test, max_length=max_length, quiet=quiet)
-    return {"adapter": str(adapter), "task": task, "test_accuracy": metrics["accuracy"],
-            "test_loss": metrics["loss"], "test_examples": len(data.test)}
+    return {
+        "adapter": str(adapter),
+        "task": task,
+        "test_accuracy": metrics["accuracy"],
+        "test_loss": metrics["loss"],
+        "test_examples": len(data.test),
+    }

@@ -191,7 +191,11 @@ def export_lora(
     adapter = read_adapter(path)
     task_type = _task_type(adapter, path, task_type, drop_head)
     check_base(
-        adapter.fingerprint, resolve_base(base), source=path, trained_on=adapter.config.trained_on(), force=force
+        adapter.fingerprint,
+        resolve_base(base),
+        source=path,
+        trained_on=adapter.config.trained_on(),
+        force=force,
     )
     model = skeleton_model(base, task_type, len(adapter.config.id2label or {0: "", 1: ""}))
     config, tensors = peft_files(

@@ -97,8 +97,11 @@ def cost_per_vector(schedule: Schedule, max_group: int = MAX_GROUP_QUBITS) -> in
             + 4 * schedule.second.dim
             + GEMM_OVERHEAD
         )
-    return sum(onnx_group_cost(schedule.dim, len(g), 0)
-               for _, groups in plan_onnx_block(schedule, max_group) for g in groups)
+    return sum(
+        onnx_group_cost(schedule.dim, len(g), 0)
+        for _, groups in plan_onnx_block(schedule, max_group)
+        for g in groups
+    )
 
 
 # ------------------------------------------------------------------------------------------ building factors

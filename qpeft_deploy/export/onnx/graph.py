@@ -118,7 +118,9 @@ def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
         node.input[:] = [new if name == old else name for name in node.input]
 
 
-def make_head_overridable(model: onnx.ModelProto, head: dict[str, np.ndarray], labels: int, output: str) -> None:
+def make_head_overridable(
+    model: onnx.ModelProto, head: dict[str, np.ndarray], labels: int, output: str
+) -> None:
     """Turn the head's initialisers into overridable inputs named ``qpeft.<head>.<tensor>``; axes of the label
     count's size become the symbolic ``num_labels``, as does the last axis of the graph output ``output``."""
     graph = model.graph
@@ -141,7 +143,9 @@ def make_head_overridable(model: onnx.ModelProto, head: dict[str, np.ndarray], l
 
 
 def _circuit_apply(inputs: list[str], output: str, key: str, sig: Signature) -> onnx.NodeProto:
-    return helper.make_node(OP_TYPE, inputs, [output], name=f"qpeft/{key}", domain=DOMAIN, overload=sig.overload)
+    return helper.make_node(
+        OP_TYPE, inputs, [output], name=f"qpeft/{key}", domain=DOMAIN, overload=sig.overload
+    )
 
 
 def conv_delta_nodes(
