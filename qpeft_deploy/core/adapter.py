@@ -6,7 +6,7 @@ it is validated here, once: :meth:`AdapterFile.check` before anything is written
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,18 +26,6 @@ class AdapterConfig:
     id2label: dict[int, str] | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AdapterConfig:
-        """Inverse of :meth:`to_dict` (JSON turns int keys into strings; undo that)."""
-        data = dict(data)
-        if data.get("id2label") is not None:
-            data["id2label"] = {int(k): v for k, v in data["id2label"].items()}
-        return cls(**data)
 
     def trained_on(self) -> str | None:
         """The base the adapter recorded (``extra["base"]["name"]``, written with its fingerprint), if any."""

@@ -54,7 +54,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "lambda_dtype": info.lambda_dtype,
         "active_rank": int(sum(int(adapter.state[mask_key(k)].sum()) for k in config.targets)),
         "head": config.head,
-        "labels": [config.id2label[i] for i in sorted(config.id2label or {})],
+        "labels": config.labels(),
         "parameters": info.parameters,
         "bytes": info.nbytes,
         "fingerprint": None

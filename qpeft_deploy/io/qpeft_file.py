@@ -212,7 +212,7 @@ def _metadata(config: AdapterConfig, layout: _Layout) -> dict[str, str]:
     if layout.head is not None:
         meta["head"] = layout.head
         meta["head_shapes"] = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in layout.head_shapes)
-        labels = [config.id2label[i] for i in range(len(config.id2label))]
+        labels = config.labels()
         meta["labels"] = json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
     if layout.has_fingerprint:
         meta["fingerprint"] = ALGORITHM

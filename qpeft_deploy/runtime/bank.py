@@ -535,7 +535,7 @@ class AdapterBank:
                 "(the bank serves classifiers; re-save the adapter with its head)"
             )
         head = {k[len(prefix) :]: t for k, t in file.state.items() if k.startswith(prefix)}
-        labels = tuple(config.id2label[i] for i in range(len(config.id2label)))
+        labels = tuple(config.labels())
         expected = {"weight": (len(labels), self.hidden), "bias": (len(labels),)}
         if {k: tuple(t.shape) for k, t in head.items()} != expected:
             raise ConfigError(

@@ -98,9 +98,7 @@ class OrtAdapterSession:
         if path.suffix != SUFFIX:
             return (*read_onnx_adapter(path), None)
         info = read_adapter(path)
-        labels = (
-            [info.config.id2label[i] for i in sorted(info.config.id2label)] if info.config.id2label else None
-        )
+        labels = info.config.labels() or None
         try:
             params = swap_parameters(info, self._swap)
         except ConfigError as e:
