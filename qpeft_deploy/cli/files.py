@@ -69,7 +69,7 @@ def _human(summary: dict) -> str:
     lines = [
         f"file          {summary['path']} ({summary['bytes']['total']:,} bytes)",
         f"format        qpeft version {summary['format_version']}, written by {summary['tool']}",
-        f"base          {base.get('name', 'not recorded')}" + (f" (id {base['id']})" if "id" in base else ""),
+        f"base          {base.get('name') or 'name not recorded'}" + (f" (id {base['id']})" if base else ""),
         (
             f"variant       {summary['variant']} ({summary['construction']}), L={summary['layers']}, "
             f"alpha={summary['alpha']:g}"

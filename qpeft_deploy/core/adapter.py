@@ -28,9 +28,8 @@ class AdapterConfig:
     extra: dict = field(default_factory=dict)
 
     def trained_on(self) -> str | None:
-        """The base the adapter recorded (``extra["base"]["name"]``, written with its fingerprint), if any."""
-        base = self.extra.get("base")
-        name = base.get("name") if isinstance(base, dict) else None
+        """The name of the base the adapter recorded (``extra["base"]``, written with its fingerprint)."""
+        name = self.extra.get("base")
         return name if isinstance(name, str) else None
 
     def labels(self) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from qpeft_deploy.core.factors import orthogonality_errors
 from qpeft_deploy.core.keys import mask_key
 from qpeft_deploy.errors import FormatError
-from qpeft_deploy.io.fingerprint import check_base, with_base
+from qpeft_deploy.io.fingerprint import check_base, fingerprint_id, with_base
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
 from qpeft_deploy.models import resolve_base
 
@@ -64,7 +64,9 @@ def inspect_adapter(path: str | Path) -> dict:
             "targets": len(adapter.fingerprint),
             "first": next(iter(adapter.fingerprint.values())).hex(),
         },
-        "base": config.extra.get("base"),
+        "base": None
+        if adapter.fingerprint is None
+        else {"name": config.trained_on(), "id": fingerprint_id(adapter.fingerprint)},
         "extra": config.extra,
     }
 

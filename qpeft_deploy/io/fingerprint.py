@@ -125,12 +125,12 @@ def fingerprint_id(fingerprint: dict[str, bytes]) -> str:
 
 
 def with_base(adapter: AdapterFile, base: str) -> AdapterFile:
-    """``adapter`` with the fingerprint of ``base`` (an alias or HF folder) and a record of that base in
-    ``config.extra["base"]``: its name (the alias, or the folder's name) and :func:`fingerprint_id`."""
+    """``adapter`` with the fingerprint of ``base`` (an alias or HF folder) and the base's name (the alias, or
+    the folder's name) in ``config.extra["base"]``; its short id follows from the fingerprint."""
     folder = resolve_base(base)
     fingerprint = base_fingerprint(folder, adapter.config.targets)
-    record = {"name": base if base == MINILM else folder.name, "id": fingerprint_id(fingerprint)}
-    config = replace(adapter.config, extra={**adapter.config.extra, "base": record})
+    name = base if base == MINILM else folder.name
+    config = replace(adapter.config, extra={**adapter.config.extra, "base": name})
     return replace(adapter, config=config, fingerprint=fingerprint)
 
 
