@@ -76,6 +76,28 @@ def _normalize_id2label(id2label: Mapping[int, str] | Mapping[str, str]) -> dict
     return dict(sorted(mapping.items()))
 
 
+def load_failure(error: Exception) -> str:
+    """A loading error as one short line: its message's lines joined (or its type's name), at most 240 chars."""
+    line = " ".join(str(error).split()) or type(error).__name__
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def checkpoint_errors() -> tuple[type[Exception], ...]:
+    """What transformers, safetensors and torch raise while building a model from a corrupt checkpoint."""
+    from safetensors import SafetensorError
+
+    return (
+        OSError,
+        ValueError,
+        RuntimeError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        ImportError,
+    ) + (SafetensorError,)
+
+
 def is_image_base(base: str) -> bool:
     """True when the base's ``model_type`` has an image-classification model and no sequence-classification
     one (e.g. ``vit``): its task model is ``AutoModelForImageClassification``, its input ``pixel_values``."""
@@ -110,7 +132,7 @@ def load_task_model(base: str, id2label: Mapping[int, str], seed: int = 0) -> Pr
     image = is_image_base(base)
     auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
     previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity(hf_logging.CRITICAL)  # a failure is raised below as one line, never logged
     try:
         torch.manual_seed(seed)
         model = auto.from_pretrained(
@@ -125,10 +147,11 @@ def load_task_model(base: str, id2label: Mapping[int, str], seed: int = 0) -> Pr
         if image:  # the base's own head (same label count or not) never carries over to a new task
             torch.manual_seed(seed)
             model._init_weights(model.get_submodule(head_module_name(model)))
-    except (OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except (
+        checkpoint_errors()
+    ) as e:  # a corrupt checkpoint fails anywhere in transformers, safetensors, torch
         kind = "an image" if image else "a sequence"
-        raise ConfigError(f"{folder}: cannot build {kind} classification model: {msg}") from None
+        raise ConfigError(f"{folder}: cannot build {kind} classification model: {load_failure(e)}") from None
     finally:
         hf_logging.set_verbosity(previous)
     model.float()
@@ -153,7 +176,12 @@ def tokenize(
     """A padded, truncated batch of token tensors (input_ids, attention_mask, ...) for ``texts``."""
     if isinstance(texts, str):
         texts = [texts]
-    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    try:
+        batch = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+    except (TypeError, ValueError) as e:  # e.g. a lone surrogate, which a fast tokenizer cannot encode
+        raise ConfigError(f"cannot tokenize the texts: {load_failure(e)}") from None
     return dict(batch)
 
 

@@ -6,6 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from qpeft_deploy.cli.main import cli
+from tests.helpers import assert_one_line_error
+from tests.test_models import CORRUPTIONS, corrupt_base
 
 TINY = [
     "--task",
@@ -87,3 +89,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "x.qpeft").exists()
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_eval_on_a_corrupt_base_is_one_line_and_exit_2(trained, tmp_path, kind):
+    path, _ = trained
+    folder = corrupt_base(tmp_path / f"base-{kind}", kind)
+    args = ["eval", "--base", folder, "--adapter", path, "--task", "sms", "--max-examples", "8", "--quiet"]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert_one_line_error(result, str(folder))
+    assert "Traceback" not in result.output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +12,35 @@ from safetensors import safe_open
 
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key
 from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.io.model_io import _plain_base_model
 from qpeft_deploy.models import head_module_name, load_task_model, load_tokenizer, resolve_base, tokenize
 
 LABELS = {0: "rotten", 1: "fresh"}
+CORRUPTIONS = ("truncated", "garbage", "retyped")
+
+
+def corrupt_base(folder: Path, kind: str) -> Path:
+    """A copy of MiniLM (files linked) whose model.safetensors is cut in half (truncated), random bytes
+    (garbage), or intact but for the word embeddings' dtype (retyped: F32 -> I32, which only torch notices)."""
+    source = resolve_base("minilm")
+    folder.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.name != "model.safetensors":
+            (folder / file.name).symlink_to(file)
+    data = (source / "model.safetensors").read_bytes()
+    if kind == "truncated":
+        data = data[: len(data) // 2]
+    elif kind == "garbage":
+        data = os.urandom(1 << 16)
+    else:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        header["embeddings.word_embeddings.weight"]["dtype"] = "I32"
+        text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+        assert len(text) == size
+        data = data[:8] + text + data[8 + size :]
+    (folder / "model.safetensors").write_bytes(data)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +161,22 @@ def test_forward(model):
         logits = model(**tokenize(tok, ["great movie", "awful movie"])).logits
     assert logits.shape == (2, 2)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_a_corrupt_base_checkpoint_is_one_config_error(tmp_path, kind):
+    folder = corrupt_base(tmp_path / kind, kind)
+    for build, what in (
+        (lambda: load_task_model(str(folder), LABELS), "classification model"),
+        (lambda: _plain_base_model(str(folder)), "base model"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            build()
+        message = str(caught.value)
+        assert message.startswith(f"{folder.resolve()}: cannot build") and what in message, message
+        assert "\n" not in message and len(message) < 400
+
+
+def test_tokenize_refuses_a_lone_surrogate():
+    with pytest.raises(ConfigError, match="cannot tokenize the texts"):
+        tokenize(load_tokenizer("minilm"), ["fine", "bad \ud800 text"])

@@ -20,7 +20,7 @@ from qpeft_deploy.core.attach import (
 from qpeft_deploy.errors import ConfigError, QpeftError
 from qpeft_deploy.io.fingerprint import check_base, with_base
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
-from qpeft_deploy.models import load_task_model, resolve_base
+from qpeft_deploy.models import checkpoint_errors, load_failure, load_task_model, resolve_base
 
 
 def adapter_from_model(model: nn.Module, base: str | None = None) -> AdapterFile:
@@ -86,11 +86,13 @@ def _plain_base_model(base: str) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     folder, previous = resolve_base(base), hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity(hf_logging.CRITICAL)  # a failure is raised below as one line, never logged
     try:
         model = AutoModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{folder}: cannot build the base model: {str(e).splitlines()[0][:200]}") from None
+    except (
+        checkpoint_errors()
+    ) as e:  # a corrupt checkpoint fails anywhere in transformers, safetensors, torch
+        raise ConfigError(f"{folder}: cannot build the base model: {load_failure(e)}") from None
     finally:
         hf_logging.set_verbosity(previous)
     return model.float().eval()
