@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,6 +12,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,9 +26,18 @@ from qpeft_deploy.cli.serve import serve_command
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.export import export_onnx
 from qpeft_deploy.io.model_io import load_adapted_model
-from qpeft_deploy.models import load_tokenizer, tokenize
+from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
+from qpeft_deploy.models import load_tokenizer, resolve_base, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
-from qpeft_deploy.serve.app import MicroBatcher, ServeSettings, create_app, load_folder, make_backend
+from qpeft_deploy.serve.app import (
+    MicroBatcher,
+    Redactor,
+    ServeSettings,
+    create_app,
+    load_folder,
+    make_backend,
+    redactor,
+)
 from tests.helpers import make_adapter
 
 TWO = {0: "ham", 1: "spam"}
@@ -54,13 +67,24 @@ SETTINGS = ServeSettings(
 )
 
 
+POISON = "bad \ud800 text"  # a lone surrogate: valid JSON (an escape), but no tokenizer encodes it
+FAULT = "this text trips an injected fault"
+ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(])/\w")
+
+
 class RecordingBank(AdapterBank):
-    """The real bank, also noting the adapters each backend call mixed (to see the server batch requests)."""
+    """The real bank, also noting the adapters each backend call mixed (to see the server batch requests);
+    a call with the text FAULT fails with a RuntimeError while ``faulty`` is set (a stand-in for a bug)."""
 
     batches: list[list[str]]
+    calls: list[list[str]]
+    faulty = False
 
     def classify(self, texts, adapter=None):
         self.batches.append(list(adapter))
+        self.calls.append(list(texts))
+        if self.faulty and FAULT in texts:
+            raise RuntimeError("injected fault")
         return super().classify(texts, adapter)
 
 
@@ -118,8 +142,8 @@ def running(app):
 def server(folder):
     """The torch backend (a real bank, recording its batches) served over loopback HTTP."""
     backend = RecordingBank.from_pretrained("minilm")
-    backend.batches = []
-    assert load_folder(backend, folder) == sorted(SPECS)
+    backend.batches, backend.calls = [], []
+    assert load_folder(backend, folder).names == sorted(SPECS)
     with running(create_app(backend, folder, SETTINGS)) as client:
         yield client, backend
 
@@ -139,9 +163,12 @@ def check(response, name, texts_idx, expected):
 
 def test_health_and_listing(server):
     client, _ = server
-    assert client.get("/healthz").json() == {"status": "ok", "adapters": 3}
-    listing = client.get("/v1/adapters").json()["adapters"]
-    assert {a["name"]: a["labels"] for a in listing} == {n: list(s[0].values()) for n, s in SPECS.items()}
+    assert client.get("/healthz").json() == {"status": "ok", "adapters": 3, "skipped": 0}
+    listing = client.get("/v1/adapters").json()
+    assert {a["name"]: a["labels"] for a in listing["adapters"]} == {
+        n: list(s[0].values()) for n, s in SPECS.items()
+    }
+    assert listing["skipped"] == []
 
 
 def test_classify_matches_each_adapters_own_model(server, expected):
@@ -234,8 +261,9 @@ def test_loading_from_the_folder_only(server, folder, expected, tmp_path):
     outside.write_bytes((folder / "spam.qpeft").read_bytes())
     (folder / "escape.qpeft").symlink_to(outside)
     try:
-        with pytest.raises(ConfigError, match="escape.qpeft: no adapter file"):
-            load_folder(backend, folder)  # at start-up too, a link out of the folder is refused
+        loaded = load_folder(backend, folder)  # at start-up too, a link out of the folder is refused
+        assert "no adapter file escape.qpeft" in loaded.skipped["escape.qpeft"]
+        assert "escape" not in loaded.names and "topic2" in loaded.names
         check_folder_loading(client, outside, expected)
     finally:
         (folder / "topic2.qpeft").unlink()
@@ -281,6 +309,166 @@ def test_uploads_are_verified_like_files(server, folder, expected):
     assert client.get("/healthz").json()["adapters"] == 3
 
 
+def post_json(client, body, path="/v1/classify"):
+    """POST ``body`` as ASCII JSON (a lone surrogate travels as an escape, as careless clients send it)."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def test_micro_batcher_fails_only_the_bad_jobs_of_a_batch(server, expected):
+    """A tokenizer refusal (lone surrogate) and a bug (injected RuntimeError) in one mixed batch each fail
+    their own job only; the other jobs of that batch get the right answers."""
+    _, backend = server
+    batcher = MicroBatcher(backend, window_s=0.3, max_rows=16)
+    batcher.start()
+    backend.batches.clear()
+    backend.calls.clear()
+    jobs = [("topic", [0, 1]), ("spam", POISON), ("sentiment", [2]), ("topic", FAULT), ("spam", [3, 4])]
+    backend.faulty = True
+    try:
+        futures = [
+            batcher.submit(name, [rows] if isinstance(rows, str) else [TEXTS[i] for i in rows])
+            for name, rows in jobs
+        ]
+        batcher.close()
+    finally:
+        backend.faulty = False
+    assert len(backend.calls[0]) == 7 and POISON in backend.calls[0] and FAULT in backend.calls[0]
+    for (name, rows), future in zip(jobs, futures):
+        if rows == POISON:
+            with pytest.raises(ConfigError, match="cannot tokenize"):
+                future.result(timeout=0)
+        elif rows == FAULT:
+            with pytest.raises(RuntimeError, match="injected fault"):
+                future.result(timeout=0)
+        else:
+            assert [p.label for p in future.result(timeout=0)] == [expected[name][i][0] for i in rows]
+
+
+def test_bad_requests_fail_alone_among_concurrent_good_ones(server, folder, expected):
+    """Over HTTP, 8 requests at once into one batching window: a lone surrogate is a 422 (checked before
+    batching), a request that trips a bug is a 500; the 6 good ones are answered correctly."""
+    _, backend = server
+    slow = replace(SETTINGS, batch_window_s=0.3)
+    requests = [("topic", [TEXTS[i]], i) for i in range(3)] + [("spam", [TEXTS[i]], i) for i in range(3, 6)]
+    requests += [("sentiment", [POISON], None), ("sentiment", [FAULT], None)]
+    barrier = threading.Barrier(len(requests))
+    backend.faulty = True
+    try:
+        with running(create_app(backend, folder, slow)) as client:
+            backend.calls.clear()
+
+            def send(request):
+                name, texts, _ = request
+                barrier.wait()
+                return post_json(client, {"adapter": name, "texts": texts})
+
+            with ThreadPoolExecutor(len(requests)) as pool:
+                responses = list(pool.map(send, requests))
+    finally:
+        backend.faulty = False
+    for (name, texts, i), response in zip(requests, responses):
+        if texts == [POISON]:
+            assert response.status_code == 422
+            assert response.json() == {
+                "error": "texts[0] is not valid Unicode: a lone surrogate at character 4"
+            }
+        elif texts == [FAULT]:
+            assert response.status_code == 500 and response.json() == {"error": "internal error"}
+        else:
+            assert check(response, name, [i], expected)
+    assert not any(POISON in call for call in backend.calls)
+    assert any(FAULT in call and len(call) > 1 for call in backend.calls), "the fault was never co-batched"
+
+
+def other_base(source, target):
+    """A copy of an adapter file whose stored base fingerprint matches no real base."""
+    adapter = read_adapter(source)
+    adapter.fingerprint = {k: b"\x00" * 8 for k in adapter.fingerprint}
+    write_adapter(target, adapter)
+    return target
+
+
+def assert_no_server_path(message, *folders):
+    assert not ABSOLUTE_PATH.search(message), message
+    for path in (*folders, resolve_base("minilm")):
+        assert str(path) not in message, message
+
+
+def test_unreadable_adapter_files_are_skipped_and_listed(server, folder, tmp_path):
+    """Start-up loads the good files, skips (with a path-free reason) a truncated, an empty, a wrong-base file
+    and a folder named like a file, and lists them until a good file of that name is loaded."""
+    _, backend = server
+    served = tmp_path / "served"
+    served.mkdir()
+    good = (folder / "sentiment.qpeft").read_bytes()
+    (served / "sentiment.qpeft").write_bytes(good)
+    (served / "cut.qpeft").write_bytes(good[:-9])
+    (served / "empty.qpeft").write_bytes(b"")
+    other_base(folder / "spam.qpeft", served / "foreign.qpeft")
+    (served / "folder.qpeft").mkdir()
+    loaded = load_folder(backend, served)
+    assert loaded.names == ["sentiment"]
+    assert sorted(loaded.skipped) == ["cut.qpeft", "empty.qpeft", "folder.qpeft", "foreign.qpeft"]
+    assert "differs from the adapter's base model" in loaded.skipped["foreign.qpeft"]
+    with running(create_app(backend, served, SETTINGS, loaded.skipped)) as client:
+        assert client.get("/healthz").json()["skipped"] == 4
+        listing = client.get("/v1/adapters").json()["skipped"]
+        assert [entry["file"] for entry in listing] == sorted(loaded.skipped)
+        for entry in listing:
+            assert entry["error"].startswith(entry["file"]) or "no adapter file" in entry["error"], entry
+            assert_no_server_path(entry["error"], served)
+        (served / "cut.qpeft").write_bytes(good)
+        assert client.post("/v1/adapters", json={"name": "cut"}).status_code == 201
+        assert "cut.qpeft" not in [e["file"] for e in client.get("/v1/adapters").json()["skipped"]]
+        assert client.delete("/v1/adapters/cut").status_code == 200
+
+
+def test_error_messages_name_no_server_path(server, folder):
+    """409, 400, 404, 413, 415 and 422 answers name adapters and files, never the adapters or base folder."""
+    client, _ = server
+    other_base(folder / "spam.qpeft", folder / "foreign.qpeft")
+    (folder / "cut.qpeft").write_bytes((folder / "spam.qpeft").read_bytes()[:-9])
+    octet = {"content-type": "application/octet-stream"}
+    try:
+        answers = {
+            409: client.post("/v1/adapters", json={"name": "foreign"}),
+            400: client.post("/v1/adapters", json={"name": "cut"}),
+            404: client.post("/v1/adapters", json={"name": "missing"}),
+            413: client.post("/v1/adapters", params={"name": "x"}, content=bytes(2 << 20), headers=octet),
+            415: client.post("/v1/classify", content=b"x", headers={"content-type": "text/plain"}),
+            422: client.post("/v1/adapters", json={"name": "/etc/passwd"}),
+        }
+        upload = (folder / "foreign.qpeft").read_bytes()
+        answers[4090] = client.post("/v1/adapters", params={"name": "up"}, content=upload, headers=octet)
+        answers[4040] = client.get("/no/such/route")
+    finally:
+        (folder / "foreign.qpeft").unlink()
+        (folder / "cut.qpeft").unlink()
+    for status, response in answers.items():
+        assert response.status_code == (status if status < 1000 else status // 10), response.text
+        message = response.json()["error"]
+        assert message and "\n" not in message
+        assert_no_server_path(message, folder)
+    assert answers[409].json()["error"].startswith("foreign.qpeft: the served base model: tensor ")
+    assert answers[4090].json()["error"].startswith("upload up: the served base model: tensor ")
+    assert answers[400].json()["error"].startswith("cut.qpeft: ")
+    assert answers[4040].json() == {"error": "Not Found"}
+
+
+def test_redactor_names_folders_by_role_and_files_by_name():
+    redact = redactor(AdapterBank.__new__(AdapterBank), Path("/srv/adapters"))  # no base: the folder only
+    assert (
+        redact("/srv/adapters/a.qpeft: bad; /srv/adapters: empty")
+        == "a.qpeft: bad; the adapters folder: empty"
+    )
+    redact = Redactor({Path("/opt/base"): "the served base model"})
+    message = "x.qpeft: /opt/base: tensor k differs; see /home/u/tmp/y.safetensors (or 'a/b')\n\ud800"
+    assert (
+        redact(message)
+        == "x.qpeft: the served base model: tensor k differs; see y.safetensors (or 'a/b') \\ud800"
+    )
+
+
 def test_cli_errors_are_one_line():
     group = QpeftGroup("qpeft")
     group.add_command(serve_command)
@@ -291,7 +479,13 @@ def test_cli_errors_are_one_line():
     assert result.exit_code == 2 and "--onnx-model" in result.output
 
 
-def test_qpeft_serve_command_answers_http(folder, expected):
+def test_qpeft_serve_command_answers_http(folder, expected, tmp_path):
+    """The real command starts with one unreadable file in the folder: it serves the rest and lists it."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for file in folder.glob("*.qpeft"):
+        (served / file.name).write_bytes(file.read_bytes())
+    (served / "broken.qpeft").write_bytes(b"\x08" + b"\x00" * 15)
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()  # the child binds it again (SO_REUSEADDR); a clash would show as a failed start below
@@ -300,7 +494,7 @@ def test_qpeft_serve_command_answers_http(folder, expected):
         "serve_command; g = QpeftGroup('qpeft'); g.add_command(serve_command); g(sys.argv[1:])"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    args = ["serve", "--base", "minilm", "--adapters", str(folder), "--port", str(port), "--quiet"]
+    args = ["serve", "--base", "minilm", "--adapters", str(served), "--port", str(port), "--quiet"]
     child = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -313,6 +507,9 @@ def test_qpeft_serve_command_answers_http(folder, expected):
                     time.sleep(0.1)
             response = client.post("/v1/classify", json={"adapter": "topic", "texts": TEXTS[2:4]})
             assert check(response, "topic", [2, 3], expected)
+            assert client.get("/healthz").json() == {"status": "ok", "adapters": 3, "skipped": 1}
+            (skipped,) = client.get("/v1/adapters").json()["skipped"]
+            assert skipped["file"] == "broken.qpeft" and str(served) not in skipped["error"]
     finally:
         child.terminate()
         child.wait(timeout=30)
@@ -328,7 +525,7 @@ def test_onnx_backend_serves_the_same_answers(tmp_path):
     export_onnx("minilm", served / "two.qpeft", tmp_path / "export", mode="swappable", quiet=True)
     backend = make_backend("onnx", "minilm", onnx_model=tmp_path / "export")
     bank = AdapterBank.from_pretrained("minilm")
-    assert load_folder(backend, served) == load_folder(bank, served) == ["six", "two"]
+    assert load_folder(backend, served).names == load_folder(bank, served).names == ["six", "two"]
     names = ["two", "six", "six", "two"]
     reference = bank.classify(TEXTS[:4], adapter=names)
     with running(create_app(backend, served, SETTINGS)) as client:

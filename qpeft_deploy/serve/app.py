@@ -5,12 +5,20 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "<message>"}``;
   ``{"adapter": name, "predictions": [{"label": "...", "scores": {"<label>": p, ...}}, ...]}``.
   Concurrent requests (any adapters) are collected for ``batch_window_s`` into one mixed batch of at most
   ``max_batch_rows`` rows and classified by one backend call.
-- ``GET /v1/adapters`` → ``{"adapters": [{"name": ..., "labels": [...]}, ...]}``.
+- ``GET /v1/adapters`` → ``{"adapters": [{"name": ..., "labels": [...]}, ...], "skipped": [{"file": ...,
+  "error": ...}, ...]}`` (skipped: files of the folder that could not be loaded at start-up).
 - ``POST /v1/adapters``: JSON ``{"name": "<name>"}`` loads ``<name>.qpeft`` from the served adapters folder
   (never any other path: names are plain, and the resolved file must sit in that folder), or an
   ``application/octet-stream`` body with ``?name=<name>`` loads uploaded bytes, validated like any file and
   kept in memory only. Loading an existing name replaces that adapter.
-- ``DELETE /v1/adapters/<name>`` unloads; ``GET /healthz``.
+- ``DELETE /v1/adapters/<name>`` unloads; ``GET /healthz`` → ``{"status": "ok", "adapters": n, "skipped": n}``.
+
+Reliability: one bad request harms no other. Each request is validated alone before it is batched (a text with
+a lone surrogate is a 422); if a mixed batch still fails, its requests are retried one by one, so only the
+request that causes an error gets it (4xx for bad input, 500 for a bug). An adapter file of the folder that
+cannot be loaded is logged, listed as skipped and left out; the server starts with the rest. No message names
+a server path: the adapters folder and the base folder are named as such, any other absolute path by its file
+name.
 
 Status codes: 400 malformed JSON or a corrupt adapter file, 404 unknown adapter, 409 an adapter of another
 base, 413 body too large, 415 wrong content type, 422 well-formed but invalid input (types, empty or oversized
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -39,6 +48,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError, QpeftError
 from qpeft_deploy.io.strict_json import strict_json
@@ -90,6 +100,26 @@ def _status(error: QpeftError) -> int:
     if isinstance(error, BaseMismatchError):
         return 409
     return 400 if isinstance(error, FormatError) else 422
+
+
+# ------------------------------------------------------------------------------------------- messages
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/[^\s'\"`:;,()\[\]{}<>]+")
+
+
+class Redactor:
+    """Makes a message safe to send: known server folders named by role, other absolute paths by file name."""
+
+    def __init__(self, folders: dict[Path, str]):
+        self.folders = sorted(((str(path), role) for path, role in folders.items()), key=lambda p: -len(p[0]))
+
+    def __call__(self, message: str) -> str:
+        """The one-line, path-free, UTF-8-safe form of ``message``."""
+        for path, role in self.folders:  # a file in a known folder by its name, the folder by its role
+            message = message.replace(f"{path}/", "").replace(path, role)
+        message = _ABSOLUTE_PATH.sub(lambda m: m.group().rstrip("/").rpartition("/")[2] or "/", message)
+        line = " ".join(message.split())
+        return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -160,26 +190,31 @@ class MicroBatcher:
         return batch, _NOTHING
 
     def _execute(self, batch: list[_Job]) -> None:
-        texts = [t for job in batch for t in job.texts]
-        names = [job.adapter for job in batch for _ in job.texts]
+        """Classify the batch as one call; if that fails, each job alone, so an error reaches only its cause."""
         try:
-            predictions = self.backend.classify(texts, adapter=names)
-        except QpeftError as error:
+            predictions = self._classify(batch)
+        except Exception as error:
             if len(batch) > 1:  # one bad request must not fail the others: retry each alone
                 for job in batch:
                     self._execute([job])
                 return
+            if not isinstance(error, QpeftError):  # a bug: logged, answered 500 to this request only
+                log.error("classification failed", exc_info=error)
             batch[0].future.set_exception(error)
-            return
-        except Exception as error:  # a bug: report it to every waiting request, keep serving
-            log.exception("classification failed")
-            for job in batch:
-                job.future.set_exception(error)
             return
         start = 0
         for job in batch:
             job.future.set_result(predictions[start : start + len(job.texts)])
             start += len(job.texts)
+
+    def _classify(self, batch: list[_Job]) -> list[Prediction]:
+        """One backend call over every row of the batch (RuntimeError when it answers the wrong row count)."""
+        texts = [t for job in batch for t in job.texts]
+        names = [job.adapter for job in batch for _ in job.texts]
+        predictions = list(self.backend.classify(texts, adapter=names))
+        if len(predictions) != len(texts):
+            raise RuntimeError(f"the backend answered {len(predictions)} rows for {len(texts)} texts")
+        return predictions
 
 
 # ------------------------------------------------------------------------------------------- backends, folder
@@ -273,16 +308,31 @@ def folder_file(folder: Path, name: str) -> Path:
     return path
 
 
-def load_folder(backend: Backend, folder: Path) -> list[str]:
-    """Load every ``*.qpeft`` file of the folder under its stem; returns the names."""
-    names = []
+@dataclass(frozen=True)
+class LoadedFolder:
+    """What start-up loaded from the adapters folder: the names, and each skipped file's reason (no paths)."""
+
+    names: list[str]
+    skipped: dict[str, str]  # file name -> why it was not loaded
+
+
+def load_folder(backend: Backend, folder: Path) -> LoadedFolder:
+    """Load every ``*.qpeft`` file of the folder under its stem; a file that fails is logged and skipped."""
+    redact = redactor(backend, folder)
+    names, skipped = [], {}
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         try:
-            backend.load(path.stem, folder_file(folder, path.stem))
-        except ApiError as error:
-            raise ConfigError(f"{path}: {error}") from None
-        names.append(path.stem)
-    return names
+            _load_file(backend, path.stem, folder_file(folder, path.stem))
+        except (QpeftError, ApiError) as error:
+            skipped[path.name] = redact(str(error))
+        except Exception as error:  # a bug while loading one file must not stop the others
+            log.error("loading %s failed", path.name, exc_info=error)
+            skipped[path.name] = f"internal error ({type(error).__name__})"
+        else:
+            names.append(path.stem)
+            continue
+        log.warning("skipped adapter file %s: %s", path.name, skipped[path.name])
+    return LoadedFolder(names, skipped)
 
 
 # ------------------------------------------------------------------------------------------- the app
@@ -328,18 +378,69 @@ def classify_request(data: object, settings: ServeSettings, names: list[str]) ->
             raise ApiError(
                 422, f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}"
             )
+        _check_unicode(text, i)
     if adapter not in names:
         raise ApiError(404, f"no adapter named {adapter[:60]!r} is loaded")
     return adapter, texts
+
+
+def _check_unicode(text: str, i: int) -> None:
+    """ApiError 422 when ``texts[i]`` is not encodable text (a lone surrogate, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ApiError(
+            422, f"texts[{i}] is not valid Unicode: a lone surrogate at character {error.start}"
+        ) from None
 
 
 def _prediction(p: Prediction) -> dict:
     return {"label": p.label, "scores": p.scores}
 
 
-def create_app(backend: Backend, folder: Path, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The FastAPI app serving ``backend``; adapters are loaded by name from ``folder`` only."""
+def redactor(backend: Backend, folder: Path) -> Redactor:
+    """The Redactor of a server: its adapters folder and (for the torch bank) its base folder named by role."""
+    folders = {folder: "the adapters folder"}
+    base_dir = getattr(backend, "base_dir", None)
+    if base_dir is not None:
+        folders[Path(base_dir)] = "the served base model"
+    return Redactor(folders)
+
+
+def _add_error_handlers(app: FastAPI, redact: Redactor) -> None:
+    """Every error answers ``{"error": "<one path-free line>"}``; a bug answers 500 and is logged."""
+
+    def answer(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": redact(message)}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return answer(error.status, str(error))
+
+    @app.exception_handler(QpeftError)
+    async def qpeft_error(_: Request, error: QpeftError) -> JSONResponse:
+        return answer(_status(error), str(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return answer(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        log.error("internal error: %r", error)
+        return answer(500, "internal error")
+
+
+def create_app(
+    backend: Backend,
+    folder: Path,
+    settings: ServeSettings = ServeSettings(),
+    skipped: dict[str, str] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``backend``; adapters are loaded by name from ``folder`` only; ``skipped``: the
+    files start-up could not load and why (listed until a file of that name loads)."""
     batcher = MicroBatcher(backend, settings.batch_window_s, settings.max_batch_rows)
+    skipped = dict(skipped or {})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -350,33 +451,29 @@ def create_app(backend: Backend, folder: Path, settings: ServeSettings = ServeSe
             await run_in_threadpool(batcher.close)
 
     app = FastAPI(title="qpeft serve", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse({"error": str(error)}, status_code=error.status)
-
-    @app.exception_handler(QpeftError)
-    async def qpeft_error(_: Request, error: QpeftError) -> JSONResponse:
-        return JSONResponse({"error": str(error)}, status_code=_status(error))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception) -> JSONResponse:
-        log.error("internal error: %r", error)
-        return JSONResponse({"error": "internal error"}, status_code=500)
+    _add_error_handlers(app, redactor(backend, folder))
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "adapters": len(backend.names())}
+        return {"status": "ok", "adapters": len(backend.names()), "skipped": len(skipped)}
 
     @app.get("/v1/adapters")
     async def list_adapters() -> dict:
-        return {"adapters": [{"name": n, "labels": backend.labels(n)} for n in backend.names()]}
+        return {
+            "adapters": [{"name": n, "labels": backend.labels(n)} for n in backend.names()],
+            "skipped": [{"file": file, "error": reason} for file, reason in skipped.items()],
+        }
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict:
         data = await _json(request, settings.max_body_bytes)
         adapter, texts = classify_request(data, settings, backend.names())
-        predictions = await asyncio.wrap_future(batcher.submit(adapter, texts))
+        try:
+            predictions = await asyncio.wrap_future(batcher.submit(adapter, texts))
+        except ConfigError:
+            if adapter not in backend.names():  # unloaded while the request waited
+                raise ApiError(404, f"no adapter named {adapter[:60]!r} is loaded") from None
+            raise
         return {"adapter": adapter, "predictions": [_prediction(p) for p in predictions]}
 
     @app.post("/v1/adapters", status_code=201)
@@ -397,6 +494,7 @@ def create_app(backend: Backend, folder: Path, settings: ServeSettings = ServeSe
                 )
             name = body["name"]
             await run_in_threadpool(_load_file, backend, name, folder_file(folder, name))
+            skipped.pop(f"{name}{SUFFIX}", None)
         return {"name": name, "labels": backend.labels(name)}
 
     @app.delete("/v1/adapters/{name}")
@@ -448,6 +546,14 @@ def serve(
     engine = make_backend(
         backend, base, onnx_model=onnx_model, cache_bytes=cache_bytes, max_length=max_length
     )
-    names = load_folder(engine, folder)
-    log.info("serving %d adapters from %s on %s:%d", len(names), folder, host, port)
-    uvicorn.run(create_app(engine, folder, settings), host=host, port=port, log_level=log_level)
+    loaded = load_folder(engine, folder)
+    log.info(
+        "serving %d adapters (%d skipped) from %s on %s:%d",
+        len(loaded.names),
+        len(loaded.skipped),
+        folder,
+        host,
+        port,
+    )
+    app = create_app(engine, folder, settings, loaded.skipped)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
