@@ -453,6 +453,9 @@ def test_error_messages_name_no_server_path(server, folder):
     assert answers[4090].json()["error"].startswith("upload up: the served base model: tensor ")
     assert answers[400].json()["error"].startswith("cut.qpeft: ")
     assert answers[4040].json() == {"error": "Not Found"}
+    wrong_method = client.put("/v1/classify")
+    assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
+    assert wrong_method.headers["allow"] == "POST"
 
 
 def test_redactor_names_folders_by_role_and_files_by_name():

@@ -22,7 +22,8 @@ name.
 
 Status codes: 400 malformed JSON or a corrupt adapter file, 404 unknown adapter, 409 an adapter of another
 base, 413 body too large, 415 wrong content type, 422 well-formed but invalid input (types, empty or oversized
-batch, over-long text). A backend is anything with ``load``/``unload``/``names``/``labels``/``classify``
+batch, over-long text or a text the tokenizer refuses), 500 a bug (answered to the request that hit it only).
+A backend is anything with ``load``/``unload``/``names``/``labels``/``classify``
 (:class:`Backend`): ``torch`` is :class:`~qpeft_deploy.runtime.bank.AdapterBank` (a mixed batch is one
 forward), ``onnx`` is :class:`OrtBackend` over an OrtAdapterSession on a swappable ONNX export (which runs a
 mixed batch as one onnxruntime run per adapter, and serves only adapters of the exported targets and ranks).
@@ -111,7 +112,10 @@ class Redactor:
     """Makes a message safe to send: known server folders named by role, other absolute paths by file name."""
 
     def __init__(self, folders: dict[Path, str]):
-        self.folders = sorted(((str(path), role) for path, role in folders.items()), key=lambda p: -len(p[0]))
+        named = [
+            (str(path), role) for path, role in folders.items() if len(str(path)) > 1
+        ]  # never "/" itself
+        self.folders = sorted(named, key=lambda p: -len(p[0]))
 
     def __call__(self, message: str) -> str:
         """The one-line, path-free, UTF-8-safe form of ``message``."""
@@ -410,8 +414,8 @@ def redactor(backend: Backend, folder: Path) -> Redactor:
 def _add_error_handlers(app: FastAPI, redact: Redactor) -> None:
     """Every error answers ``{"error": "<one path-free line>"}``; a bug answers 500 and is logged."""
 
-    def answer(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": redact(message)}, status_code=status)
+    def answer(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": redact(message)}, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -423,7 +427,7 @@ def _add_error_handlers(app: FastAPI, redact: Redactor) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        return answer(error.status_code, str(error.detail))
+        return answer(error.status_code, str(error.detail), error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> JSONResponse:
