@@ -38,12 +38,10 @@ PARAM_PREFIX = "qpeft."
 SWAPS = ("factors", "angles")
 DIGEST_MAGIC = b"QPEFTSUM"  # the integrity trailer: MAGIC + blake2b-256 of all bytes before the digest
 DIGEST_BYTES = 32
-MAGIC_TOLERANCE = (
-    8  # bits: a trailer whose MAGIC is this close is ours (damaged), not the end of a foreign file
-)
-MAX_ABS = (
-    1e4  # largest |value| of a float parameter (trained ones stay below 100; bounds keep outputs finite)
-)
+# bits: a trailer whose MAGIC is this close is ours (damaged), not the end of a foreign file
+MAGIC_TOLERANCE = 8
+# largest |value| of a float parameter (trained ones stay far below; the bound keeps outputs finite)
+MAX_ABS = 1e4
 MAX_FILE_BYTES = 1 << 31  # flatbuffers' own limit
 
 
