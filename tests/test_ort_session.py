@@ -1,9 +1,13 @@
-"""Tests of qpeft_deploy.runtime.ort_session: one onnxruntime session over a swappable MiniLM export serving
-trained adapters with 2 and 6 labels, per call and per row, from several threads; bad adapters refused."""
+"""Tests of qpeft_deploy.runtime.ort_session and the onnxruntime boundary (io/onnx_adapter.py, io/ort.py): one
+onnxruntime session over a swappable MiniLM export serving trained adapters with 2 and 6 labels, per call and per
+row, from several threads, reloaded while they run; bad, damaged and unsigned adapter files; onnxruntime's errors
+as one line."""
 
 from __future__ import annotations
 
+import gc
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,7 +21,17 @@ from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.export.onnx.export import export_onnx_adapter
 from qpeft_deploy.io.model_io import save_adapter
-from qpeft_deploy.io.onnx_adapter import MODEL_FILE, read_onnx_adapter, write_ort_adapter
+from qpeft_deploy.io.onnx_adapter import (
+    DIGEST_BYTES,
+    DIGEST_MAGIC,
+    MAX_ABS,
+    MODEL_FILE,
+    read_onnx_adapter,
+    swap_parameters,
+    write_ort_adapter,
+)
+from qpeft_deploy.io.ort import ort_errors, ort_message
+from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model
 from qpeft_deploy.runtime.ort_session import OrtAdapterSession
 
@@ -138,7 +152,7 @@ def test_bad_adapters_are_refused_before_any_run(files, batches, expected, tmp_p
     for bad in (foreign, tmp_path / "foreign.onnx_adapter"):
         with pytest.raises(BaseMismatchError):
             session.load("bad", bad)
-    structure, base, params = read_onnx_adapter(files / "six-factors.onnx_adapter")
+    structure, base, params, _ = read_onnx_adapter(files / "six-factors.onnx_adapter")
     params["qpeft.encoder.layer.2.output.dense.v"][3, 1] = np.nan
     write_ort_adapter(tmp_path / "nan.onnx_adapter", params, structure, base)
     with pytest.raises(FormatError, match="NaN"):
@@ -164,3 +178,136 @@ def test_plain_model_cannot_load_adapters(files, tmp_path):
     with pytest.raises(ConfigError, match="not a swappable model"):
         session.load("two", files / "two-factors.onnx_adapter")
     assert session({"input_ids": np.ones((2, 3), np.int64)}).tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+# ------------------------------------------------------------------------------- the onnxruntime boundary
+
+
+def small_params(seed: int = 0) -> dict[str, np.ndarray]:
+    """A few float32 parameters of several shapes (a made-up adapter)."""
+    rng = np.random.default_rng(seed)
+    return {f"qpeft.t{i}.v": rng.standard_normal((64, 4 + i)).astype(np.float32) for i in range(6)}
+
+
+def test_read_arrays_survive_garbage_collection(files, tmp_path):
+    written = small_params()
+    write_ort_adapter(tmp_path / "a.onnx_adapter", written, 11, 12)
+    structure, base, params, signed = read_onnx_adapter(tmp_path / "a.onnx_adapter")
+    gc.collect()
+    churn = [np.full((64, 8), -7.0, np.float32) for _ in range(2000)]  # reuses freed memory, if any
+    assert (structure, base, signed) == (11, 12, True) and params.keys() == written.keys()
+    assert all(np.array_equal(params[k], v) for k, v in written.items()) and len(churn) == 2000
+    from_qpeft = swap_parameters(read_adapter(files / "six.qpeft"), "factors")
+    real = read_onnx_adapter(files / "six-factors.onnx_adapter").params
+    gc.collect()
+    assert real.keys() == from_qpeft.keys()
+    assert all(np.array_equal(real[k], v) for k, v in from_qpeft.items())
+
+
+def test_every_flipped_bit_is_refused(files, tmp_path):
+    path = tmp_path / "a.onnx_adapter"
+    write_ort_adapter(path, small_params(), 3, 4)
+    data = path.read_bytes()
+    flipped = tmp_path / "flipped.onnx_adapter"
+    for bit in range(len(data) * 8):
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        flipped.write_bytes(damaged)
+        with pytest.raises(FormatError, match=f"^{flipped}: integrity digest mismatch") as caught:
+            read_onnx_adapter(flipped)
+        assert "\n" not in str(caught.value)
+    real = (files / "two-factors.onnx_adapter").read_bytes()
+    session = OrtAdapterSession(files / "factors" / MODEL_FILE)
+    for position in np.random.default_rng(0).integers(0, len(real), 8):
+        damaged = bytearray(real)
+        damaged[position] ^= 0x10
+        flipped.write_bytes(damaged)
+        with pytest.raises(FormatError, match="integrity digest mismatch"):
+            session.load("two", flipped)
+    assert session.names() == []
+
+
+def test_file_without_digest_loads_with_a_warning(files, batches, expected, tmp_path):
+    old = tmp_path / "old.onnx_adapter"
+    old.write_bytes((files / "six-factors.onnx_adapter").read_bytes()[: -len(DIGEST_MAGIC) - DIGEST_BYTES])
+    with pytest.warns(UserWarning, match="no integrity digest"):
+        assert read_onnx_adapter(old).signed is False
+    session = OrtAdapterSession(files / "factors" / MODEL_FILE)
+    with pytest.warns(UserWarning, match=f"{old}: no integrity digest"):
+        session.load("six", old)
+    assert close(session(batches[0], adapter="six"), expected["six"][0])
+
+
+def test_values_beyond_the_bound_are_refused(files, tmp_path):
+    structure, base, params, _ = read_onnx_adapter(files / "two-factors.onnx_adapter")
+    params["qpeft.classifier.bias"][0] = 2 * MAX_ABS
+    write_ort_adapter(tmp_path / "big.onnx_adapter", params, structure, base)
+    with pytest.raises(FormatError, match=r"big.onnx_adapter: qpeft.classifier.bias has values beyond"):
+        OrtAdapterSession(files / "factors" / MODEL_FILE).load("big", tmp_path / "big.onnx_adapter")
+
+
+def test_reload_while_other_threads_run(files, batches):
+    """One name reloaded continually (alternating a 2-label and a 6-label adapter, .onnx_adapter and .qpeft)
+    while threads run with it: every run gives one of the two single-threaded outputs, and never an error."""
+    session = OrtAdapterSession(files / "factors" / MODEL_FILE, threads=1)
+    sources = [files / "two-factors.onnx_adapter", files / "six.qpeft", files / "two.qpeft"]
+    sources.append(files / "six-factors.onnx_adapter")
+    reference = {}
+    for path in sources[:2]:
+        session.load("x", path)
+        out = session(batches[0], adapter="x")
+        reference[out.shape] = out
+    done = threading.Event()
+
+    def reload() -> int:
+        count = 0
+        while not done.is_set():
+            session.load("x", sources[count % len(sources)])
+            count += 1
+        return count
+
+    def runs(_: int) -> float:
+        worst = 0.0
+        for _ in range(25):
+            out = session(batches[0], adapter="x")
+            worst = max(worst, float(np.abs(out - reference[out.shape]).max()))
+        return worst
+
+    with ThreadPoolExecutor(4) as pool:
+        reloads = pool.submit(reload)
+        worst = list(pool.map(runs, range(3)))
+        done.set()
+    assert reloads.result() > 3 and max(worst) <= 1e-6
+
+
+def test_onnxruntime_errors_are_one_line_naming_the_file(files, batches, tmp_path):
+    def check(error: pytest.ExceptionInfo, path) -> None:
+        message = str(error.value)
+        assert str(path) in message and "\n" not in message
+        assert ".cc:" not in message and "onnxruntime_src" not in message and "::" not in message
+
+    unwritable = tmp_path / "missing" / "a.onnx_adapter"
+    with pytest.raises(ConfigError) as error:
+        write_ort_adapter(unwritable, small_params(), 1, 1)
+    check(error, unwritable)
+    garbage = tmp_path / "garbage.onnx_adapter"
+    garbage.write_bytes(b"\x08\x00\x00\x00TORT" + bytes(range(200)))
+    with pytest.raises(FormatError, match="not an onnxruntime adapter file") as error:
+        read_onnx_adapter(garbage)
+    check(error, garbage)
+    with pytest.raises(FormatError, match="cannot load the ONNX model") as error:
+        OrtAdapterSession(garbage)
+    check(error, garbage)
+    session = OrtAdapterSession(files / "factors" / MODEL_FILE)
+    with pytest.raises(ConfigError, match="cannot run the model") as error:
+        session({k: v[:, :, None] for k, v in batches[0].items()})
+    check(error, files / "factors" / MODEL_FILE)
+
+
+def test_ort_message_drops_source_and_signature():
+    import onnxruntime as ort
+
+    with pytest.raises(ort_errors()) as error:
+        ort.AdapterFormat.read_adapter("/nonexistent/a.onnx_adapter")
+    assert ".cc:" in str(error.value)  # what onnxruntime says
+    assert ort_message(error.value) == "Invalid fd was supplied: -1"

@@ -3,7 +3,9 @@
 ``load(name, path)`` takes an onnxruntime adapter file (``qpeft export onnx-adapter``) or a .qpeft file
 (converted in memory) and checks it against the model before any run: the parameter names and shapes (the
 head's ``num_labels`` axis may differ, so adapters with 2, 6, ... labels share one session), finite values,
-the structure id and the base id. A call names its adapter per request (``adapter="a"``) or per row
+the structure id and the base id (and, for onnxruntime adapter files, their integrity digest). onnxruntime
+then loads a private copy of exactly the checked parameters, so a file changed after the check cannot reach a
+run. A call names its adapter per request (``adapter="a"``) or per row
 (``adapter=["a", None, "b"]``): a mixed batch is split per adapter, each part runs with its own
 ``RunOptions.add_active_adapter`` and the rows are merged back in order. ``None`` runs the exported default.
 There is no hidden active adapter, so one session may serve many threads.
@@ -25,12 +27,13 @@ from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.onnx_adapter import (
     PARAM_PREFIX,
     base_id,
+    check_values,
+    encode_ort_adapter,
     read_onnx_adapter,
     structure_id,
     swap_parameters,
-    write_ort_adapter,
 )
-from qpeft_deploy.io.ort import cpu_session, ort_errors
+from qpeft_deploy.io.ort import cpu_session, ort_errors, ort_message
 from qpeft_deploy.io.qpeft_file import SUFFIX, read_adapter
 
 _DEFAULT = object()
@@ -52,9 +55,7 @@ class OrtAdapterSession:
         try:
             self._session = cpu_session(self.path, threads)
         except ort_errors() as e:
-            raise FormatError(
-                f"{self.path}: cannot load the ONNX model ({str(e).splitlines()[0][:160]})"
-            ) from None
+            raise FormatError(f"{self.path}: cannot load the ONNX model ({ort_message(e)})") from None
         meta = self._session.get_modelmeta().custom_metadata_map
         self._swap = meta.get("qpeft.swap")
         self._structure, self._base = int(meta.get("qpeft.structure", 0)), int(meta.get("qpeft.base", 0))
@@ -81,28 +82,23 @@ class OrtAdapterSession:
             raise ConfigError(f"{self.path}: not a swappable model (export it with --mode swappable)")
         structure, base, params, labels = self._read(path)
         self._check(path, structure, base, params)
-        handle = ort.LoraAdapter()
-        if path.suffix == SUFFIX:
-            with tempfile.TemporaryDirectory() as folder:
-                converted = Path(folder) / "adapter.onnx_adapter"
-                write_ort_adapter(converted, params, structure, base)
-                handle.Load(str(converted))
-        else:
-            handle.Load(str(path))
+        adapter = _Adapter(_activate(path, encode_ort_adapter(params, structure, base)), labels)
         with self._lock:
-            self._adapters[name] = _Adapter(handle, labels)
+            self._adapters[name] = adapter  # runs in flight keep the adapter they looked up alive
 
     def _read(self, path: Path) -> tuple[int, int, dict[str, np.ndarray], list[str] | None]:
         if not path.is_file():
             raise ConfigError(f"{path}: no such adapter file")
         if path.suffix != SUFFIX:
-            return (*read_onnx_adapter(path), None)
+            structure, base, params, _ = read_onnx_adapter(path)
+            return structure, base, params, None
         info = read_adapter(path)
         labels = info.config.labels() or None
         try:
             params = swap_parameters(info, self._swap)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        check_values(path, params)
         return structure_id(info, self._swap), base_id(info.fingerprint), params, labels
 
     def _check(self, path: Path, structure: int, base: int, params: dict[str, np.ndarray]) -> None:
@@ -128,8 +124,6 @@ class OrtAdapterSession:
                     f"{path}: {name} is {value.dtype}{list(value.shape)}, the model takes float32{expected}"
                 )
             labels.update(d for e, d in zip(expected, value.shape) if not isinstance(e, int))
-            if not np.isfinite(value).all():
-                raise FormatError(f"{path}: {name} contains NaN or Inf")
         if len(labels) > 1:
             raise ConfigError(f"{path}: head tensors disagree on the number of labels ({sorted(labels)})")
         if structure != self._structure:
@@ -201,8 +195,31 @@ class OrtAdapterSession:
     def _run(self, feeds: dict[str, np.ndarray], adapter: _Adapter | None) -> np.ndarray:
         options = ort.RunOptions()
         if adapter is not None:
-            options.add_active_adapter(adapter.handle)
-        return self._session.run([self._output], feeds, options)[0]
+            options.add_active_adapter(adapter.handle)  # ``adapter`` keeps the handle alive during the run
+        try:
+            return self._session.run([self._output], feeds, options)[0]
+        except ort_errors() as e:
+            raise ConfigError(
+                f"{self.path}: cannot run the model on these inputs ({ort_message(e)})"
+            ) from None
+
+
+def _activate(path: Path, data: bytes) -> ort.LoraAdapter:
+    """onnxruntime's handle of checked adapter bytes, loaded from a private copy: onnxruntime memory-maps the
+    file it loads, and the user's file may change or vanish while the adapter serves."""
+    handle = ort.LoraAdapter()
+    with tempfile.TemporaryDirectory(prefix="qpeft-") as folder:
+        copy = Path(folder) / "adapter.onnx_adapter"
+        try:
+            copy.write_bytes(data)
+            handle.Load(str(copy))
+        except OSError as e:
+            raise ConfigError(
+                f"{path}: cannot stage the adapter for onnxruntime: {e.strerror or e}"
+            ) from None
+        except ort_errors() as e:
+            raise FormatError(f"{path}: onnxruntime cannot load the adapter ({ort_message(e)})") from None
+    return handle
 
 
 def _merge_rows(parts, rows: int) -> np.ndarray | list[np.ndarray]:
