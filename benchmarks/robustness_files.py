@@ -283,7 +283,7 @@ def outcome(checker: Checker, path: Path, kind: str) -> tuple[str, str | None]:
     try:
         out = checker.logits(read_adapter(path), path)
     except FormatError as e:
-        return "refused", re.sub(r"[-0-9.e+]+", "#", str(e).removeprefix(f"{path}: "))[:48]
+        return "refused", re.sub(r"-?\d[\d.e+-]*", "#", str(e).removeprefix(f"{path}: "))[:48]
     except Hang:
         return "hang", None
     except Exception as e:  # noqa: BLE001 - counting every other exception type is the point
@@ -334,8 +334,9 @@ def run(per_kind: int, seed: int) -> dict:
                 counts = Counter()
                 for i in range(per_kind):
                     path = folder / "mutated.qpeft"
-                    path.write_bytes(mutate(data, kind, rng))
-                    result, reason = outcome(checker, path, kind)
+                    mutated = mutate(data, kind, rng)
+                    path.write_bytes(mutated)
+                    result, reason = outcome(checker, path, kind) if mutated != data else ("no-op", None)
                     counts[result.split(":")[0]] += 1
                     if reason:
                         reasons[reason] += 1
@@ -351,7 +352,7 @@ def run(per_kind: int, seed: int) -> dict:
     }
 
 
-COLUMNS = ["refused", "loaded, identical", "loaded, changed (re-digested edit)", "silent change"]
+COLUMNS = ["no-op", "refused", "loaded, identical", "loaded, changed (re-digested edit)", "silent change"]
 COLUMNS += ["non-finite logits", "other error", "hang"]
 
 
@@ -383,6 +384,7 @@ def report(result: dict, machine: dict, per_kind: int, seed: int) -> tuple[dict,
     head = [
         "",
         "files",
+        "no-op",
         "refused",
         "identical",
         "changed (re-digested)",
@@ -401,7 +403,7 @@ def report(result: dict, machine: dict, per_kind: int, seed: int) -> tuple[dict,
         f"{result['seconds']:.0f} s on {machine['cpu_model']} ({machine['cpu_count']} cores, 1 torch thread, "
         f"load {', '.join(f'{x:.1f}' for x in machine['load_average_1_5_15min'] or [])}); "
         f"a {TIMEOUT_S} s timeout per file. Damage must be refused or give bit-identical logits; a re-digested "
-        "edit may change the logits but must keep them finite.\n\n"
+        "edit may change the logits but must keep them finite. No-op: the mutation left the bytes unchanged.\n\n"
     )
     md += markdown_table(
         head, [line(k, c) for k, c in data["by_kind"].items()] + [line("**total**", overall)]
