@@ -35,7 +35,7 @@ import torch
 from benchmarks.common import machine_info, markdown_table, write_results
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import adapted_layers, attach, load_adapter_state
-from qpeft_deploy.errors import FormatError
+from qpeft_deploy.errors import FormatError, QpeftError
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.io.qpeft_file import DIGEST_KEY, integrity_digest, read_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
@@ -284,6 +284,8 @@ def outcome(checker: Checker, path: Path, kind: str) -> tuple[str, str | None]:
         out = checker.logits(read_adapter(path), path)
     except FormatError as e:
         return "refused", re.sub(r"-?\d[\d.e+-]*", "#", str(e).removeprefix(f"{path}: "))[:48]
+    except QpeftError as e:  # a valid file that does not fit the base (a re-digested edit): one-line error
+        return f"refused at load: {type(e).__name__}: {str(e)[:80]}", None
     except Hang:
         return "hang", None
     except Exception as e:  # noqa: BLE001 - counting every other exception type is the point
@@ -340,7 +342,7 @@ def run(per_kind: int, seed: int) -> dict:
                     counts[result.split(":")[0]] += 1
                     if reason:
                         reasons[reason] += 1
-                    if result.startswith("other error") and len(errors) < 20:
+                    if result.startswith(("other error", "refused at load")) and len(errors) < 20:
                         errors.append(f"{name} / {kind}: {result}")
                 rows.append({"variant": name, "kind": kind, "bytes": len(data), "files": per_kind} | counts)
             print(f"{name}: {sum(r['files'] for r in rows if r['variant'] == name)} files", flush=True)
@@ -352,7 +354,14 @@ def run(per_kind: int, seed: int) -> dict:
     }
 
 
-COLUMNS = ["no-op", "refused", "loaded, identical", "loaded, changed (re-digested edit)", "silent change"]
+COLUMNS = [
+    "no-op",
+    "refused",
+    "refused at load",
+    "loaded, identical",
+    "loaded, changed (re-digested edit)",
+    "silent change",
+]
 COLUMNS += ["non-finite logits", "other error", "hang"]
 
 
@@ -386,6 +395,7 @@ def report(result: dict, machine: dict, per_kind: int, seed: int) -> tuple[dict,
         "files",
         "no-op",
         "refused",
+        "refused at load",
         "identical",
         "changed (re-digested)",
         "silent",

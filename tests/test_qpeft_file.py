@@ -553,6 +553,10 @@ BAD = {
         "not blake2b-16",
     ),
     "alpha": (lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].update(alpha="1e5"))), "alpha"),
+    "head name": (
+        lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].update(head="pooler"))),
+        "not one of classifier, score",
+    ),
 }
 
 

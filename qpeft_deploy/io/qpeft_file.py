@@ -36,7 +36,7 @@ from qpeft_deploy import __version__
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.circuit import CONSTRUCTION_ID
 from qpeft_deploy.core.factors import circuit_angles, factor_params, target_params
-from qpeft_deploy.core.keys import SIDES
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, SIDES
 from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
     dequantize_angles,
@@ -88,7 +88,6 @@ _OPTIONAL = ("bits", "head", "head_shapes", "labels", "fingerprint", "extra")
 _ST_DTYPES = {"F16": ("<f2", 2), "F32": ("<f4", 4), "U8": ("u1", 1)}
 _TORCH_TO_ST = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
 _FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-_HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _HEAD_TENSOR = re.compile(r"([A-Za-z0-9_]+\.)*(weight|bias)")
 _DIGEST_VALUE = re.compile(DIGEST_ALGORITHM + r":[0-9a-f]{32}")
 
@@ -353,8 +352,8 @@ def _check_config(config: AdapterConfig, drop_head: bool) -> str | None:
         raise ConfigError(f"adapter alpha must be finite, got {config.alpha!r}")
     head = None if drop_head else config.head
     if head is not None:
-        if not _HEAD_NAME.fullmatch(head):
-            raise ConfigError(f"head module name {head!r} cannot be stored")
+        if head not in HEAD_MODULE_NAMES:
+            raise ConfigError(f"head module {head!r} is not one of {', '.join(HEAD_MODULE_NAMES)}")
         labels = config.id2label or {}
         if (
             sorted(labels) != list(range(len(labels)))
@@ -535,8 +534,10 @@ def _parse_head(meta: dict[str, str]) -> tuple[str | None, list[tuple[str, tuple
             raise _Invalid("head_shapes or labels without a head")
         return None, [], None
     head = meta["head"]
-    if not _HEAD_NAME.fullmatch(head) or "head_shapes" not in meta or "labels" not in meta:
-        raise _Invalid(f"head {head[:40]!r} is malformed or lacks head_shapes/labels")
+    if head not in HEAD_MODULE_NAMES or "head_shapes" not in meta or "labels" not in meta:
+        raise _Invalid(
+            f"head {head[:40]!r} is not one of {', '.join(HEAD_MODULE_NAMES)} or lacks head_shapes/labels"
+        )
     shapes = []
     for item in meta["head_shapes"].split(";"):
         name, colon, dims = item.partition(":")
