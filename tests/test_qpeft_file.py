@@ -930,6 +930,15 @@ def test_version_1_files_still_load_and_say_they_have_no_digest(tmp_path):
         assert inspect_adapter(v1)["digest"] == "no integrity digest (format version 1)"
         assert verify_adapter(v1)["digest"] == "no integrity digest (format version 1)"
         assert inspect_adapter(tmp_path / f"{kind}.qpeft")["digest"] == "blake2b-16 digest ok"
+    bias_first = edited(
+        version_1(SMALL["pauli4"]), lambda h, b: h["__metadata__"].update(head_shapes="bias:2;weight:2x5")
+    )
+    assert (
+        read_adapter(write(tmp_path, bias_first, "bias-first-v1.qpeft")).config.head == "classifier"
+    )  # old imports
+    adapter = small_adapter()
+    adapter.state = dict(reversed(list(adapter.state.items())))  # bias before weight: written weight first
+    assert split(encode_adapter(adapter))[0]["__metadata__"]["head_shapes"] == "weight:2x5;bias:2"
     hostile = write(tmp_path, version_1(set_value(SMALL["pauli32"], "h", 0, 1e30)), "hostile-v1.qpeft")
     with pytest.raises(FormatError, match="head value"):  # the bounds hold without a digest
         read_adapter(hostile)

@@ -195,14 +195,24 @@ def integrity_state(stored: StoredInfo) -> str:
     return f"no integrity digest (format version {stored.format_version})"
 
 
-def _check_head_shapes(shapes: list[tuple[str, tuple[int, ...]]], labels: int) -> None:
-    """A head of weights and biases: each bias right after its weight, the last weight (labels, hidden)."""
+def _head_order(keys: list[str]) -> list[str]:
+    """Head tensor keys with each module's weight before its bias, modules in their first-seen order."""
+    modules = {k.rpartition(".")[0]: i for i, k in reversed(list(enumerate(keys)))}
+    return sorted(keys, key=lambda k: (modules[k.rpartition(".")[0]], k.endswith("bias")))
+
+
+def _check_head_shapes(shapes: list[tuple[str, tuple[int, ...]]], labels: int, version: int) -> None:
+    """A head of weights and biases: each bias next to its weight (after it from version 2, which writers
+    order so) with the weight's first dimension, and the last weight (labels, hidden)."""
     for i, (name, shape) in enumerate(shapes):
         if not _HEAD_TENSOR.fullmatch(name):
             raise _Invalid(f"head tensor {name[:40]!r} is not a weight or bias")
         if name.endswith("bias"):
-            weight_name, weight_shape = shapes[i - 1] if i else ("", ())
-            if weight_name != name.removesuffix("bias") + "weight" or weight_shape[:1] != shape:
+            weight = name.removesuffix("bias") + "weight"
+            beside = [i - 1] + ([i + 1] if version < DIGEST_VERSION else [])
+            if not any(
+                0 <= j < len(shapes) and shapes[j][0] == weight and shapes[j][1][:1] == shape for j in beside
+            ):
                 raise _Invalid(f"head {name} {list(shape)} does not follow its weight's first dimension")
     weights = [shape for name, shape in shapes if name.endswith("weight")]
     last = list(weights[-1]) if weights else []
@@ -397,6 +407,7 @@ def encode_adapter(
             f"the config names head {config.head!r} but the state has no {config.head}.* tensors"
         )
     used.update(head_keys)
+    head_keys = _head_order(head_keys)
     head_shapes = [(k[len(head) + 1 :], tuple(state[k].shape)) for k in head_keys] if head else []
     has_fp = adapter.fingerprint is not None
     layout = _Layout(
@@ -431,7 +442,7 @@ def encode_adapter(
         )
     try:
         if head:
-            _check_head_shapes(head_shapes, len(config.labels()))
+            _check_head_shapes(head_shapes, len(config.labels()), FORMAT_VERSION)
         floats = tensors["a"] if bits is None else None
         _check_magnitudes(layout, float(config.alpha), floats, tensors["l"], tensors.get("h"))
     except _Invalid as e:
@@ -563,7 +574,7 @@ def _parse_head(meta: dict[str, str]) -> tuple[str | None, list[tuple[str, tuple
         or len(set(labels)) != len(labels)
     ):
         raise _Invalid("labels must be a non-empty JSON list of unique strings")
-    _check_head_shapes(shapes, len(labels))
+    _check_head_shapes(shapes, len(labels), int(meta["format_version"]))
     return head, shapes, dict(enumerate(labels))
 
 
