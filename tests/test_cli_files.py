@@ -69,7 +69,8 @@ def test_inspect_text_and_json(qpeft, adapter, tmp_path):
     result = run(qpeft, "inspect", out)
     assert result.exit_code == 0, result.output
     for text in (
-        "qpeft version 1",
+        "qpeft version 2",
+        "integrity     blake2b-16 digest ok",
         "pauli (split2-right-v1), L=1",
         "targets       37, K=8",
         "encoder.layer.{0-5}.attention.self.{key,query,value}.weight:384x384:8",
@@ -81,7 +82,7 @@ def test_inspect_text_and_json(qpeft, adapter, tmp_path):
     ):
         assert text in result.output, text
     data = json.loads(run(qpeft, "inspect", out, "--json").output)
-    assert data["targets"] == 37 and data["bits"] == 4 and data["format_version"] == 1
+    assert data["targets"] == 37 and data["bits"] == 4 and data["format_version"] == 2
     assert data["bytes"]["total"] == out.stat().st_size
     assert data["bytes"]["header"] <= 0.2 * data["bytes"]["total"]
     assert data["parameters"] == {"angles": 3252, "lambda": 296, "head": 770, "total": 4318}
@@ -128,3 +129,31 @@ def test_lora_file_passed_by_mistake(qpeft, tmp_path):
     )
     lora.save_pretrained(str(tmp_path))
     assert_one_line_error(run(qpeft, "inspect", tmp_path / "adapter_model.safetensors"), "PEFT LoRA")
+
+
+def as_version_1(data: bytes) -> bytes:
+    """The same adapter in the format-version-1 layout (no digest)."""
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"].pop("digest")
+    header["__metadata__"]["format_version"] = "1"
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+
+
+def test_verify_and_inspect_report_the_digest(qpeft, adapter, tmp_path):
+    result = run(qpeft, "verify", adapter, "--base", "minilm")
+    assert "blake2b-16 digest ok, values within bounds" in result.output, result.output
+    data = adapter.read_bytes()
+    at = 8 + struct.unpack("<Q", data[:8])[0] + 100  # one bit of the angles
+    flipped = tmp_path / "flipped.qpeft"
+    flipped.write_bytes(data[:at] + bytes([data[at] ^ 4]) + data[at + 1 :])
+    for command in (["verify"], ["verify", "--base", "minilm"], ["inspect"]):
+        assert_one_line_error(
+            run(qpeft, *command[:1], flipped, *command[1:]), str(flipped), "integrity digest"
+        )
+    old = tmp_path / "v1.qpeft"
+    old.write_bytes(as_version_1(data))
+    assert "integrity     no integrity digest (format version 1)" in run(qpeft, "inspect", old).output
+    result = run(qpeft, "verify", old, "--base", "minilm")
+    assert result.exit_code == 0 and "no integrity digest (format version 1)" in result.output

@@ -39,7 +39,7 @@ from qpeft_deploy.export.onnx.export import convert_precision, export_onnx
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.io.onnx_adapter import MODEL_FILE
 from qpeft_deploy.io.ort import session_options
-from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
+from qpeft_deploy.io.qpeft_file import integrity_digest, read_adapter, write_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.training.train import fit
 
@@ -426,14 +426,18 @@ def test_swappable_head_has_symbolic_label_axis(exports):
 
 
 def nan_adapter(src, dst):
-    """A copy of ``src`` whose first λ is NaN (bytes patched: the writer refuses NaN)."""
+    """A copy of ``src`` whose first λ is NaN (bytes patched and re-digested: the writer refuses NaN)."""
     data = bytearray(src.read_bytes())
     with safe_open(str(src), "pt") as f:
         assert f.get_tensor("l").dtype == torch.float32
     header_len = int.from_bytes(data[:8], "little")
-    begin = json.loads(data[8 : 8 + header_len])["l"]["data_offsets"][0] + 8 + header_len
+    header = json.loads(data[8 : 8 + header_len])
+    begin = header["l"]["data_offsets"][0] + 8 + header_len
     data[begin : begin + 4] = np.float32(math.nan).tobytes()
-    dst.write_bytes(bytes(data))
+    body = bytes(data[8 + header_len :])
+    spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+    digest = integrity_digest(header["__metadata__"], {k: body[b:e] for k, (b, e) in spans.items()})
+    dst.write_bytes(bytes(data).replace(header["__metadata__"]["digest"].encode(), digest.encode()))
     return dst
 
 

@@ -36,10 +36,14 @@ from qpeft_deploy.io.file_tools import inspect_adapter, pack_adapter, verify_ada
 from qpeft_deploy.io.model_io import load_adapted_model, load_adapter, save_adapter
 from qpeft_deploy.io.names import compress_names, expand_pattern
 from qpeft_deploy.io.qpeft_file import (
+    DIGEST_KEY,
     FORMAT_VERSION,
     MAX_HEADER,
+    SCALE_MAX,
     SUFFIX,
+    TAYLOR_NORM2_MAX,
     encode_adapter,
+    integrity_digest,
     read_adapter,
     write_adapter,
 )
@@ -458,6 +462,23 @@ def edited(data: bytes, edit) -> bytes:
     return join(header, result if isinstance(result, bytes) else body)
 
 
+def redigest(data: bytes) -> bytes:
+    """The file with its digest recomputed, as a deliberate editor would: only the other checks remain."""
+    header, body = split(data)
+    spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+    meta = header["__metadata__"]
+    meta[DIGEST_KEY] = integrity_digest(meta, {k: body[b:e] for k, (b, e) in spans.items()})
+    return join(header, body)
+
+
+def version_1(data: bytes) -> bytes:
+    """The same adapter in the format-version-1 layout (the current one without the digest)."""
+    header, body = split(data)
+    header["__metadata__"].pop(DIGEST_KEY)
+    header["__metadata__"]["format_version"] = "1"
+    return join(header, body)
+
+
 def test_small_files_read_back(tmp_path):
     for name, data in SMALL.items():
         adapter = read_adapter(write(tmp_path, data, name))
@@ -483,8 +504,8 @@ BAD = {
     "header past end": (lambda d: struct.pack("<Q", len(d)) + d[8:], "past the end"),
     "not json": (lambda d: d[:8] + b"!" + d[9:], "JSON"),
     "newer version": (
-        lambda d: edited(d, lambda h, b: h["__metadata__"].update(format_version="2")),
-        "newer than this reader",
+        lambda d: edited(d, lambda h, b: h["__metadata__"].update(format_version=str(FORMAT_VERSION + 1))),
+        "newer than this reader supports .* upgrade qpeft-deploy",
     ),
     "bad version": (
         lambda d: edited(d, lambda h, b: h["__metadata__"].update(format_version="1.0")),
@@ -510,7 +531,7 @@ BAD = {
         ),
         "gaps or overlap",
     ),
-    "nan": (lambda d: edited(d, nan_lambda), "NaN"),
+    "nan": (lambda d: redigest(edited(d, nan_lambda)), "NaN"),
     "construction": (
         lambda d: edited(d, lambda h, b: h["__metadata__"].update(construction="split2-left-v1")),
         "construction",
@@ -520,7 +541,22 @@ BAD = {
         lambda d: edited(d, lambda h, b: h["__metadata__"].update(targets="x.{0-999999999}.w:8x6:2")),
         "more than",
     ),
-    "padding": (lambda d: set_mask_padding_bit(d), "padding"),
+    "padding": (lambda d: redigest(set_mask_padding_bit(d)), "padding"),
+    "flipped padding": (lambda d: set_mask_padding_bit(d), "integrity digest mismatch"),
+    "no digest": (lambda d: edited(d, lambda h, b: h["__metadata__"].pop(DIGEST_KEY)), "missing"),
+    "digest on version 1": (
+        lambda d: edited(d, lambda h, b: h["__metadata__"].update(format_version="1")),
+        "unknown keys",
+    ),
+    "bad digest": (
+        lambda d: edited(d, lambda h, b: h["__metadata__"].update(digest="sha256:00")),
+        "not blake2b-16",
+    ),
+    "alpha": (lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].update(alpha="1e5"))), "alpha"),
+    "head name": (
+        lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].update(head="pooler"))),
+        "not one of classifier, score",
+    ),
 }
 
 
@@ -590,7 +626,15 @@ def check_consistent(adapter: AdapterFile, path) -> None:
     assert again.config == adapter.config and again.fingerprint == adapter.fingerprint
 
 
-KINDS = ["header"] * 4 + ["body"] * 3 + ["flip", "truncate", "insert", "delete", "length"]
+KINDS = ["header"] * 4 + ["body"] * 3 + ["redigest"] * 2 + ["flip", "truncate", "insert", "delete", "length"]
+
+
+def redigest_if_possible(data: bytes) -> bytes:
+    """``redigest`` where the damaged file still parses far enough; the file unchanged otherwise."""
+    try:
+        return redigest(data)
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return data
 
 
 @st.composite
@@ -616,6 +660,8 @@ def mutated(draw):
             data[:8] = struct.pack("<Q", draw(st.one_of(st.integers(0, 4096), st.integers(0, 2**64 - 1))))
         elif kind == "header":
             data = bytearray(edit_header(draw, bytes(data)))
+        elif kind == "redigest":
+            data = bytearray(redigest_if_possible(bytes(data)))
     return bytes(data)
 
 
@@ -712,6 +758,190 @@ def test_mutated_files_read_cleanly_or_raise_format_error(data, tmp_path):
         return
     event("read")
     check_consistent(adapter, tmp_path / "again.qpeft")
+
+
+# ------------------------------------------------------------------------------- integrity digest and bounds
+
+
+def flip_bit(data: bytes, bit: int) -> bytes:
+    return data[: bit // 8] + bytes([data[bit // 8] ^ (1 << bit % 8)]) + data[bit // 8 + 1 :]
+
+
+def tensor_bits(data: bytes, name: str) -> range:
+    """The bit positions in ``data`` of tensor ``name``'s bytes."""
+    begin, end = split(data)[0][name]["data_offsets"]
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    return range(8 * (start + begin), 8 * (start + end))
+
+
+def same_adapter(a: AdapterFile, b: AdapterFile) -> bool:
+    """Equal configs, fingerprints and states (bit for bit)."""
+    same_state = a.state.keys() == b.state.keys() and all(
+        torch.equal(a.state[k], b.state[k]) for k in a.state
+    )
+    return same_state and a.config == b.config and a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+@pytest.mark.parametrize("tensor", ["a", "l", "m", "h", "f"])
+def test_every_bit_flip_in_a_tensor_is_refused(kind, tensor, tmp_path):
+    data, path = SMALL[kind], tmp_path / "x.qpeft"
+    original = read_adapter(write(tmp_path, data, "original.qpeft"))
+    old, shift = version_1(data), 8 * (len(version_1(data)) - len(data))
+    silent = 0  # the audit's failure, reproduced on the digest-less version-1 layout first
+    for bit in tensor_bits(data, tensor):
+        path.write_bytes(flip_bit(old, bit + shift))
+        try:
+            silent += not same_adapter(read_adapter(path), original)
+        except FormatError:
+            pass
+        path.write_bytes(flip_bit(data, bit))
+        with pytest.raises(FormatError, match="integrity digest mismatch") as error:
+            read_adapter(path)
+        assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    assert silent > 0
+
+
+def test_every_bit_flip_in_the_header_is_refused(tmp_path):
+    data, path = SMALL["pauli4"], tmp_path / "x.qpeft"
+    header_bits = 8 * (8 + struct.unpack("<Q", data[:8])[0])
+    for bit in range(header_bits):
+        path.write_bytes(flip_bit(data, bit))
+        with pytest.raises(FormatError) as error:
+            read_adapter(path)
+        assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def test_two_flipped_bits_in_a_demo_file_are_refused_by_load_and_verify(model, inputs, tmp_path):
+    """The audit's case: two flipped bits in a 4-bit, fp16, fingerprinted file (as the demo writes)."""
+    path = save_adapter(model, tmp_path / "rt.qpeft", bits=4, lambda_dtype="fp16", base="minilm")
+    data = path.read_bytes()
+    bits = tensor_bits(data, "h")
+    damaged = flip_bit(flip_bit(data, bits.start + 14), bits.start + 16 * 100 + 14)  # two exponent bits
+    silent = write(tmp_path, redigest(damaged), "silent.qpeft")  # without the digest: accepted, logits change
+    assert verify_adapter(silent, base="minilm")["fingerprint"] == "matches minilm"
+    assert not torch.equal(logits(load_adapted_model("minilm", silent), inputs), logits(model, inputs))
+    bad = write(tmp_path, damaged, "bad.qpeft")
+    for attempt in (read_adapter, lambda p: load_adapted_model("minilm", p), verify_adapter):
+        with pytest.raises(FormatError, match="integrity digest mismatch"):
+            attempt(bad)
+    with pytest.raises(FormatError, match=f"{bad}: integrity digest"):
+        verify_adapter(bad, base="minilm")
+
+
+def set_value(data: bytes, tensor: str, index: int, value: float) -> bytes:
+    """The file with element ``index`` of float tensor ``tensor`` set to ``value`` and the digest recomputed."""
+    header, body = split(data)
+    fmt = {"F16": "<e", "F32": "<f"}[header[tensor]["dtype"]]
+    at = header[tensor]["data_offsets"][0] + index * struct.calcsize(fmt)
+    return redigest(join(header, body[:at] + struct.pack(fmt, value) + body[at + struct.calcsize(fmt) :]))
+
+
+F32_MAX = 3.4028234663852886e38
+HOSTILE_VALUES = {  # re-digested files with the audit's non-finite-logit values: the bounds refuse each
+    "alpha 1e308": ("pauli32", lambda d: set_meta(d, alpha="1e308"), "alpha 1e\\+308 is outside"),
+    "alpha -1e308": ("pauli32", lambda d: set_meta(d, alpha="-1e308"), "alpha -1e\\+308 is outside"),
+    "lambda max": ("pauli32", lambda d: set_value(d, "l", 2, F32_MAX), "λ of enc.1.q.weight"),
+    "alpha·lambda": ("pauli4", lambda d: set_meta(d, alpha="60000"), "λ of .* puts \\|λ\\| or \\|α·λ\\|"),
+    "taylor a 1e30": ("taylor32", lambda d: set_value(d, "a", 0, 1e30), "Taylor parameters of enc.0.q"),
+    "taylor b 300": ("taylor32", lambda d: set_value(d, "a", 5, 300.0), "Taylor parameters of enc.0.q"),
+    "head 1e30": ("pauli32", lambda d: set_value(d, "h", 3, -1e30), "head value"),
+    "angle 1e30": ("pauli32", lambda d: set_value(d, "a", 7, 1e30), "angle 1e\\+30 of enc.0.q.weight"),
+}
+
+
+def set_meta(data: bytes, **values: str) -> bytes:
+    return redigest(edited(data, lambda h, b: h["__metadata__"].update(values)))
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_VALUES))
+def test_values_beyond_the_bounds_are_refused(case, tmp_path):
+    kind, mutate, match = HOSTILE_VALUES[case]
+    files = SMALL | {"taylor32": encode_adapter(small_adapter("taylor"), lambda_dtype="fp32")}
+    path = write(tmp_path, mutate(files[kind]))
+    with pytest.raises(FormatError, match=match) as error:
+        read_adapter(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def test_writer_refuses_values_beyond_the_bounds():
+    good = small_adapter("taylor")
+    for key, value, match in (
+        ("enc.0.q.spectrum.lam", SCALE_MAX * 2, "λ of enc.0.q.weight"),
+        ("enc.1.q.v.b", 1e30, "Taylor parameters of enc.1.q.weight \\(v\\)"),
+        ("classifier.bias", 1e30, "head value"),
+    ):
+        state = {k: v.clone() for k, v in good.state.items()}
+        state[key].view(-1)[0] = value
+        with pytest.raises(ConfigError, match=match):
+            encode_adapter(
+                AdapterFile(good.config, state, good.shapes, good.fingerprint), lambda_dtype="fp32"
+            )
+    good.config.alpha = -1e308
+    with pytest.raises(ConfigError, match="alpha"):
+        encode_adapter(good)
+
+
+def at_the_bounds(variant: str) -> nn.Module:
+    """MiniLM adapted with every value as large as the bounds allow, all one sign (the forward pass's worst
+    case): |α·λ| and |head| = SCALE_MAX, every mask bit set, and every Taylor factor at Σx² = TAYLOR_NORM2_MAX."""
+    model = adapted_minilm(variant=variant)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("spectrum.lam") or name.startswith("classifier."):
+                p.fill_(SCALE_MAX)
+        for layer in adapted_layers(model).values():
+            layer.spectrum.mask.fill_(True)
+            for side in (layer.u, layer.v) if variant == "taylor" else ():
+                count = sum(p.numel() for p in side.parameters())
+                for p in side.parameters():
+                    p.fill_(math.sqrt(TAYLOR_NORM2_MAX / count) * (1 - 1e-6))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["pauli", "taylor"])
+def test_values_at_the_bounds_give_finite_logits(variant, inputs, tmp_path):
+    path = save_adapter(at_the_bounds(variant), tmp_path / "edge.qpeft", lambda_dtype="fp16")
+    out = logits(load_adapted_model("minilm", path), inputs)
+    assert torch.isfinite(out).all() and float(out.abs().max()) > 1e3
+
+
+def test_reordered_head_shapes_are_refused(tmp_path):
+    data = SMALL["pauli4"]
+    for shapes, match in (
+        ("bias:2;weight:2x5", "does not follow its weight"),
+        ("weight:5x2;bias:2", "does not follow its weight"),
+        ("weight:5x2", "not \\(2 labels, hidden\\)"),
+        ("weight:10;bias:0", "does not follow its weight"),
+        ("weight:2x5;scale:2", "not a weight or bias"),
+    ):
+        damaged = edited(data, lambda h, b, s=shapes: h["__metadata__"].update(head_shapes=s))
+        for path in (write(tmp_path, damaged, "a.qpeft"), write(tmp_path, redigest(damaged), "b.qpeft")):
+            with pytest.raises(FormatError, match=match):
+                read_adapter(path)
+
+
+def test_version_1_files_still_load_and_say_they_have_no_digest(tmp_path):
+    for kind, data in SMALL.items():
+        v1 = write(tmp_path, version_1(data), f"{kind}-v1.qpeft")
+        adapter, current = read_adapter(v1), read_adapter(write(tmp_path, data, f"{kind}.qpeft"))
+        assert adapter.stored.format_version == 1 and current.stored.format_version == FORMAT_VERSION == 2
+        assert same_adapter(adapter, current)
+        assert inspect_adapter(v1)["digest"] == "no integrity digest (format version 1)"
+        assert verify_adapter(v1)["digest"] == "no integrity digest (format version 1)"
+        assert inspect_adapter(tmp_path / f"{kind}.qpeft")["digest"] == "blake2b-16 digest ok"
+    bias_first = edited(
+        version_1(SMALL["pauli4"]), lambda h, b: h["__metadata__"].update(head_shapes="bias:2;weight:2x5")
+    )
+    assert (
+        read_adapter(write(tmp_path, bias_first, "bias-first-v1.qpeft")).config.head == "classifier"
+    )  # old imports
+    adapter = small_adapter()
+    adapter.state = dict(reversed(list(adapter.state.items())))  # bias before weight: written weight first
+    assert split(encode_adapter(adapter))[0]["__metadata__"]["head_shapes"] == "weight:2x5;bias:2"
+    hostile = write(tmp_path, version_1(set_value(SMALL["pauli32"], "h", 0, 1e30)), "hostile-v1.qpeft")
+    with pytest.raises(FormatError, match="head value"):  # the bounds hold without a digest
+        read_adapter(hostile)
 
 
 def test_verify_and_inspect(model, tmp_path):

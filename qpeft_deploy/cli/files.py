@@ -69,6 +69,7 @@ def _human(summary: dict) -> str:
     lines = [
         f"file          {summary['path']} ({summary['bytes']['total']:,} bytes)",
         f"format        qpeft version {summary['format_version']}, written by {summary['tool']}",
+        f"integrity     {summary['digest']}",
         f"base          {base.get('name') or 'name not recorded'}" + (f" (id {base['id']})" if base else ""),
         (
             f"variant       {summary['variant']} ({summary['construction']}), L={summary['layers']}, "
@@ -115,12 +116,12 @@ def inspect_command(adapter: Path, as_json: bool) -> None:
 )
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 def verify_command(adapter: Path, base: str | None, quiet: bool) -> None:
-    """Check an adapter file: structure, finite values, orthonormal U/V, and (--base) the fingerprint."""
+    """Check an adapter file: digest, structure, value bounds, orthonormal U/V, and (--base) the fingerprint."""
     from qpeft_deploy.io.file_tools import verify_adapter
 
     report = verify_adapter(adapter, base=base)
     if not quiet:
         click.echo(
-            f"ok: {adapter} ({report['targets']} targets, max |UᵀU − I| = "
-            f"{report['max_orthogonality_error']:.1e}, fingerprint {report['fingerprint']})"
+            f"ok: {adapter} ({report['targets']} targets, {report['digest']}, values within bounds, "
+            f"max |UᵀU − I| = {report['max_orthogonality_error']:.1e}, fingerprint {report['fingerprint']})"
         )

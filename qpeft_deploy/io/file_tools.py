@@ -9,10 +9,17 @@ from qpeft_deploy.core.factors import orthogonality_errors
 from qpeft_deploy.core.keys import mask_key
 from qpeft_deploy.errors import FormatError
 from qpeft_deploy.io.fingerprint import check_base, fingerprint_id, with_base
-from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
+from qpeft_deploy.io.qpeft_file import (
+    SCALE_MAX,
+    TAYLOR_NORM2_MAX,
+    integrity_state,
+    read_adapter,
+    write_adapter,
+)
 from qpeft_deploy.models import resolve_base
 
 ORTHO_TOLERANCE = 1e-5
+BOUNDS = f"|α|, |λ|, |α·λ|, |head| ≤ {SCALE_MAX:g}; Taylor Σx² ≤ {TAYLOR_NORM2_MAX:g} per factor"
 
 KEEP = "keep"  # pack: keep the source file's setting
 
@@ -42,6 +49,7 @@ def inspect_adapter(path: str | Path) -> dict:
     return {
         "path": str(path),
         "format_version": info.format_version,
+        "digest": integrity_state(info),
         "tool": info.tool,
         "variant": config.variant,
         "construction": info.construction,
@@ -72,7 +80,7 @@ def inspect_adapter(path: str | Path) -> dict:
 
 
 def verify_adapter(path: str | Path, base: str | None = None) -> dict:
-    """Check a file (structure, finiteness, orthogonality of U/V to 1e-5, and ``base``'s fingerprint)."""
+    """Check a file (digest, structure, bounds, orthogonality of U/V to 1e-5, and ``base``'s fingerprint)."""
     adapter = read_adapter(path)
     errors = orthogonality_errors(adapter)
     worst_key = max(errors, key=errors.get)
@@ -84,6 +92,8 @@ def verify_adapter(path: str | Path, base: str | None = None) -> dict:
     report = {
         "path": str(path),
         "targets": len(errors),
+        "digest": integrity_state(adapter.stored),
+        "bounds": f"ok ({BOUNDS})",
         "max_orthogonality_error": errors[worst_key],
         "fingerprint": "not checked",
     }

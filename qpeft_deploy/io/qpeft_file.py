@@ -1,4 +1,4 @@
-"""The .qpeft adapter file (format version 1, see docs/FORMAT.md): encode, decode and validate.
+"""The .qpeft adapter file (format version 2, see docs/FORMAT.md): encode, decode and validate.
 
 A .qpeft file is a plain safetensors file with at most five tensors and a string-only ``__metadata__``:
 
@@ -10,13 +10,18 @@ A .qpeft file is a plain safetensors file with at most five tensors and a string
 
 The targets are written as a few patterns with one (N, M, K) each (``encoder.layer.{0-5}.output.dense.weight
 :384x1536:8``); expanding the patterns gives the canonical target order, and every offset into the packed
-tensors follows from the config. The reader checks the header length before reading it, every tensor's dtype,
-shape and offsets against the config before using it, padding bits and finiteness, and raises
-:class:`FormatError` ("<path>: <problem>") for anything wrong.
+tensors follows from the config. The metadata key ``digest`` (BLAKE2b-16 over the other metadata and every
+tensor's bytes) makes any changed bit a refusal; the values are bounded so that no accepted file computes
+non-finite outputs. The reader checks the header length before reading it, every tensor's dtype, shape and
+offsets against the config before using it, then the digest, padding bits, finiteness and bounds, and raises
+:class:`FormatError` ("<path>: <problem>") for anything wrong. Version-1 files (no digest) are still read.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
 import json
 import math
 import re
@@ -30,7 +35,8 @@ from safetensors.torch import save as safetensors_bytes
 from qpeft_deploy import __version__
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.circuit import CONSTRUCTION_ID
-from qpeft_deploy.core.factors import circuit_angles, target_params
+from qpeft_deploy.core.factors import circuit_angles, factor_params, target_params
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, SIDES
 from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
     dequantize_angles,
@@ -47,7 +53,14 @@ from qpeft_deploy.io.safetensors import read_header, tensor_entry
 from qpeft_deploy.io.strict_json import strict_json
 
 FORMAT = "qpeft"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DIGEST_VERSION = 2  # the first format version with the integrity digest
+DIGEST_KEY = "digest"
+DIGEST_ALGORITHM = "blake2b-16"
+DIGEST_BYTES = 16
+DIGEST_DOMAIN = b"qpeft-digest\0"
+SCALE_MAX = 65504.0  # bound on |α|, |λ|, |α·λ|, head values and fp32 angles: the largest finite fp16
+TAYLOR_NORM2_MAX = 65536.0  # bound on Σx² over one Taylor factor's parameters (A's and B's entries)
 SUFFIX = ".qpeft"
 TOOL = f"qpeft-deploy {__version__}"
 TAYLOR_CONSTRUCTION = "stiefel-exp-v1"
@@ -75,7 +88,8 @@ _OPTIONAL = ("bits", "head", "head_shapes", "labels", "fingerprint", "extra")
 _ST_DTYPES = {"F16": ("<f2", 2), "F32": ("<f4", 4), "U8": ("u1", 1)}
 _TORCH_TO_ST = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
 _FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-_HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_HEAD_TENSOR = re.compile(r"([A-Za-z0-9_]+\.)*(weight|bias)")
+_DIGEST_VALUE = re.compile(DIGEST_ALGORITHM + r":[0-9a-f]{32}")
 
 
 class _Invalid(Exception):
@@ -152,6 +166,118 @@ def _compress_targets(targets: dict[str, tuple[int, int, int]]) -> tuple[list[st
     if ordered.keys() != targets.keys() or len(ordered) != len(targets):
         raise ConfigError("target names cannot be written as patterns (names with '-' ranges inside?)")
     return groups, ordered
+
+
+# ---------------------------------------------------------------------------------------- integrity, bounds
+
+
+def _field(h: hashlib.blake2b, data: bytes) -> None:
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def integrity_digest(meta: dict[str, str], tensors: dict[str, bytes]) -> str:
+    """The ``digest`` value: BLAKE2b-16 over every other metadata entry and every tensor's bytes (FORMAT.md)."""
+    h = hashlib.blake2b(DIGEST_DOMAIN, digest_size=DIGEST_BYTES)
+    for key in sorted(k for k in meta if k != DIGEST_KEY):
+        _field(h, key.encode("utf-8", "surrogatepass"))
+        _field(h, meta[key].encode("utf-8", "surrogatepass"))
+    for name in sorted(tensors):
+        _field(h, name.encode("utf-8", "surrogatepass"))
+        _field(h, tensors[name])
+    return f"{DIGEST_ALGORITHM}:{h.hexdigest()}"
+
+
+def integrity_state(stored: StoredInfo) -> str:
+    """How a file read by :func:`read_adapter` was protected: a verified digest, or none (format version 1)."""
+    if stored.format_version >= DIGEST_VERSION:
+        return f"{DIGEST_ALGORITHM} digest ok"
+    return f"no integrity digest (format version {stored.format_version})"
+
+
+def _head_order(keys: list[str]) -> list[str]:
+    """Head tensor keys with each module's weight before its bias, modules in their first-seen order."""
+    modules = {k.rpartition(".")[0]: i for i, k in reversed(list(enumerate(keys)))}
+    return sorted(keys, key=lambda k: (modules[k.rpartition(".")[0]], k.endswith("bias")))
+
+
+def _check_head_shapes(shapes: list[tuple[str, tuple[int, ...]]], labels: int, version: int) -> None:
+    """A head of weights and biases: each bias next to its weight (after it from version 2, which writers
+    order so) with the weight's first dimension, and the last weight (labels, hidden)."""
+    for i, (name, shape) in enumerate(shapes):
+        if not _HEAD_TENSOR.fullmatch(name):
+            raise _Invalid(f"head tensor {name[:40]!r} is not a weight or bias")
+        if name.endswith("bias"):
+            weight = name.removesuffix("bias") + "weight"
+            beside = [i - 1] + ([i + 1] if version < DIGEST_VERSION else [])
+            if not any(
+                0 <= j < len(shapes) and shapes[j][0] == weight and shapes[j][1][:1] == shape for j in beside
+            ):
+                raise _Invalid(f"head {name} {list(shape)} does not follow its weight's first dimension")
+    weights = [shape for name, shape in shapes if name.endswith("weight")]
+    last = list(weights[-1]) if weights else []
+    if len(last) != 2 or last[0] != labels or last[1] < 1:
+        raise _Invalid(f"the head's last weight is {last or 'missing'}, not ({labels} labels, hidden)")
+
+
+def _first_over(values: torch.Tensor, bound: float) -> int | None:
+    """Index of the first of ``values`` above ``bound`` (None if none is)."""
+    over = (values > bound).nonzero()
+    return int(over[0, 0]) if len(over) else None
+
+
+def _owner(names: list[str], counts: list[int], index: int) -> str:
+    """Which of ``names`` (holding ``counts`` consecutive elements each) holds element ``index``."""
+    return names[bisect.bisect_right(list(itertools.accumulate(counts)), index)]
+
+
+def _factor_counts(layout: _Layout) -> tuple[list[str], list[int]]:
+    """Every factor in storage order ('<target> (u)', then '(v)') and its number of stored parameters."""
+    names, counts = [], []
+    for key, (n, m, k) in layout.targets.items():
+        for side, dim in zip(SIDES, (n, m), strict=True):
+            names.append(f"{key} ({side})")
+            counts.append(sum(math.prod(s) for _, s in factor_params(layout.variant, dim, k, layout.layers)))
+    return names, counts
+
+
+def _check_factors(layout: _Layout, params: torch.Tensor) -> None:
+    """Float factor parameters: |θ| ≤ SCALE_MAX per angle, Σx² ≤ TAYLOR_NORM2_MAX per Taylor factor."""
+    names, counts = _factor_counts(layout)
+    values = params.double()
+    if layout.variant == "pauli":
+        index = _first_over(values.abs(), SCALE_MAX)
+        if index is not None:
+            owner = _owner(names, counts, index)
+            raise _Invalid(f"angle {float(values[index]):.3g} of {owner} is outside ±{SCALE_MAX:g}")
+        return
+    ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.long)
+    sums = torch.cat([torch.zeros(1, dtype=torch.float64), (values * values).cumsum(0)])
+    norms = sums[ends] - sums[torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])]
+    index = _first_over(norms, TAYLOR_NORM2_MAX)
+    if index is not None:
+        raise _Invalid(
+            f"Taylor parameters of {names[index]}: Σx² = {float(norms[index]):.3g} exceeds {TAYLOR_NORM2_MAX:g}"
+        )
+
+
+def _check_magnitudes(
+    layout: _Layout, alpha: float, params: torch.Tensor | None, lams: torch.Tensor, head: torch.Tensor | None
+) -> None:
+    """Refuse values outside the bounds of docs/FORMAT.md (no accepted file computes Inf or NaN)."""
+    if not abs(alpha) <= SCALE_MAX:
+        raise _Invalid(f"alpha {alpha:.3g} is outside ±{SCALE_MAX:g}")
+    scaled = lams.double().abs() * max(1.0, abs(alpha))  # bounds |λ| and |α·λ| at once
+    index = _first_over(scaled, SCALE_MAX)
+    if index is not None:
+        owner = _owner(list(layout.targets), [d[2] for d in layout.targets.values()], index)
+        raise _Invalid(
+            f"λ of {owner}: {float(lams[index]):.3g} (α = {alpha:g}) puts |λ| or |α·λ| above {SCALE_MAX:g}"
+        )
+    if params is not None:
+        _check_factors(layout, params)
+    if head is not None and len(head) and float(head.double().abs().max()) > SCALE_MAX:
+        raise _Invalid(f"head value {float(head.abs().max()):.3g} is outside ±{SCALE_MAX:g}")
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -236,8 +362,8 @@ def _check_config(config: AdapterConfig, drop_head: bool) -> str | None:
         raise ConfigError(f"adapter alpha must be finite, got {config.alpha!r}")
     head = None if drop_head else config.head
     if head is not None:
-        if not _HEAD_NAME.fullmatch(head):
-            raise ConfigError(f"head module name {head!r} cannot be stored")
+        if head not in HEAD_MODULE_NAMES:
+            raise ConfigError(f"head module {head!r} is not one of {', '.join(HEAD_MODULE_NAMES)}")
         labels = config.id2label or {}
         if (
             sorted(labels) != list(range(len(labels)))
@@ -246,6 +372,18 @@ def _check_config(config: AdapterConfig, drop_head: bool) -> str | None:
         ):
             raise ConfigError("an adapter with a head needs id2label with ids 0..n-1 and unique names")
     return head
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes as safetensors stores them (little-endian, row-major)."""
+    return tensor.numpy().astype(_ST_DTYPES[_TORCH_TO_ST[tensor.dtype]][0], copy=False).tobytes()
+
+
+def _serialise(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """The safetensors bytes of ``tensors`` with ``meta`` and its integrity digest."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta[DIGEST_KEY] = integrity_digest(meta, {k: _tensor_bytes(v) for k, v in tensors.items()})
+    return safetensors_bytes(tensors, metadata=meta)
 
 
 def encode_adapter(
@@ -269,10 +407,8 @@ def encode_adapter(
             f"the config names head {config.head!r} but the state has no {config.head}.* tensors"
         )
     used.update(head_keys)
+    head_keys = _head_order(head_keys)
     head_shapes = [(k[len(head) + 1 :], tuple(state[k].shape)) for k in head_keys] if head else []
-    for name, _ in head_shapes:
-        if not re.fullmatch(r"[A-Za-z0-9_.]+", name):
-            raise ConfigError(f"head tensor name {name!r} cannot be stored")
     has_fp = adapter.fingerprint is not None
     layout = _Layout(
         config.variant, config.layers, targets, groups, bits, lambda_dtype, head, head_shapes, has_fp
@@ -304,9 +440,14 @@ def encode_adapter(
         tensors["f"] = torch.frombuffer(bytearray(digests), dtype=torch.uint8).reshape(
             len(targets), DIGEST_SIZE
         )
-    data = safetensors_bytes(
-        {k: v.contiguous() for k, v in tensors.items()}, metadata=_metadata(config, layout)
-    )
+    try:
+        if head:
+            _check_head_shapes(head_shapes, len(config.labels()), FORMAT_VERSION)
+        floats = tensors["a"] if bits is None else None
+        _check_magnitudes(layout, float(config.alpha), floats, tensors["l"], tensors.get("h"))
+    except _Invalid as e:
+        raise ConfigError(str(e)) from None
+    data = _serialise(tensors, _metadata(config, layout))
     if int.from_bytes(data[:8], "little") > MAX_HEADER:
         raise ConfigError(
             f"the adapter's header would exceed {MAX_HEADER} bytes (too many targets or labels)"
@@ -355,8 +496,9 @@ def _check_identity(meta: object, header: dict) -> dict[str, str]:
             f"format version {version} is newer than this reader supports ({FORMAT_VERSION}); "
             "upgrade qpeft-deploy"
         )
-    missing = [k for k in _REQUIRED if k not in meta]
-    unknown = [k for k in meta if k not in _REQUIRED + _OPTIONAL]
+    required = _REQUIRED + ((DIGEST_KEY,) if int(version) >= DIGEST_VERSION else ())
+    missing = [k for k in required if k not in meta]
+    unknown = [k for k in meta if k not in required + _OPTIONAL]
     if missing or unknown:
         raise _Invalid(f"metadata is missing {missing} or has unknown keys {unknown[:3]}")
     return meta
@@ -403,8 +545,10 @@ def _parse_head(meta: dict[str, str]) -> tuple[str | None, list[tuple[str, tuple
             raise _Invalid("head_shapes or labels without a head")
         return None, [], None
     head = meta["head"]
-    if not _HEAD_NAME.fullmatch(head) or "head_shapes" not in meta or "labels" not in meta:
-        raise _Invalid(f"head {head[:40]!r} is malformed or lacks head_shapes/labels")
+    if head not in HEAD_MODULE_NAMES or "head_shapes" not in meta or "labels" not in meta:
+        raise _Invalid(
+            f"head {head[:40]!r} is not one of {', '.join(HEAD_MODULE_NAMES)} or lacks head_shapes/labels"
+        )
     shapes = []
     for item in meta["head_shapes"].split(";"):
         name, colon, dims = item.partition(":")
@@ -430,6 +574,7 @@ def _parse_head(meta: dict[str, str]) -> tuple[str | None, list[tuple[str, tuple
         or len(set(labels)) != len(labels)
     ):
         raise _Invalid("labels must be a non-empty JSON list of unique strings")
+    _check_head_shapes(shapes, len(labels), int(meta["format_version"]))
     return head, shapes, dict(enumerate(labels))
 
 
@@ -518,10 +663,17 @@ def _array(data: bytes, span: tuple[int, int], dtype: str, what: str) -> torch.T
     return tensor
 
 
-def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
-    meta = _check_identity(header.get("__metadata__"), header)
-    config, layout = _parse_config(meta, size - start)
-    spans = _check_tensors(header, layout, size - start, path)
+def _check_digest(meta: dict[str, str], data: bytes, spans: dict[str, tuple[int, int]]) -> None:
+    """Refuse a file whose metadata or tensor bytes differ from what its writer digested."""
+    stored = meta[DIGEST_KEY]
+    if not _DIGEST_VALUE.fullmatch(stored):
+        raise _Invalid(f"digest {stored[:48]!r} is not {DIGEST_ALGORITHM}:<32 lowercase hex digits>")
+    if integrity_digest(meta, {name: data[b:e] for name, (b, e) in spans.items()}) != stored:
+        raise _Invalid("integrity digest mismatch: the file was corrupted or edited after it was written")
+
+
+def _read_data(path: Path, start: int, size: int) -> bytes:
+    """The data section (everything after the header); its length was checked against the config."""
     try:
         with open(path, "rb") as f:
             f.seek(start)
@@ -530,20 +682,30 @@ def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
         raise _Invalid(f"cannot read: {e.strerror or e}") from None
     if len(data) != size - start:
         raise _Invalid("file changed while reading")
+    return data
+
+
+def _values(data: bytes, spans: dict, layout: _Layout) -> tuple[torch.Tensor, ...]:
+    """Flat angles (or Taylor parameters), λ, masks and head (None without one), padding and finiteness checked."""
     specs = layout.tensors()
-    count = layout.angle_count()
     try:
         if layout.bits is None:
             angles = _array(data, spans["a"], specs["a"][0], "factor parameters")
         else:
-            angles = dequantize_angles(
-                unpack_bits(_array(data, spans["a"], "U8", "angles"), layout.bits, count), layout.bits
-            )
+            codes = unpack_bits(_array(data, spans["a"], "U8", "angles"), layout.bits, layout.angle_count())
+            angles = dequantize_angles(codes, layout.bits)
         masks = unpack_bits(_array(data, spans["m"], "U8", "mask"), 1, layout.lambda_count()).bool()
     except ConfigError as e:
         raise _Invalid(str(e)) from None
     lams = _array(data, spans["l"], specs["l"][0], "λ")
+    head = _array(data, spans["h"], specs["h"][0], "head") if layout.head is not None else None
+    return angles, lams, masks, head
 
+
+def _state(
+    layout: _Layout, angles: torch.Tensor, lams: torch.Tensor, masks: torch.Tensor, head: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The adapter state: the flat tensors cut per target (canonical order) and per head tensor."""
     state, a_pos, l_pos = {}, 0, 0
     for key, dims in layout.targets.items():
         params, lam_key, mask_key = target_params(layout.variant, key, dims, layout.layers)
@@ -553,13 +715,25 @@ def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
         state[lam_key] = lams[l_pos : l_pos + dims[2]]
         state[mask_key] = masks[l_pos : l_pos + dims[2]]
         l_pos += dims[2]
-    if layout.head is not None:
-        flat, h_pos = _array(data, spans["h"], specs["h"][0], "head"), 0
-        for name, shape in layout.head_shapes:
-            if f"{layout.head}.{name}" in state:
-                raise _Invalid(f"head tensor {name} collides with a target's tensor")
-            state[f"{layout.head}.{name}"] = flat[h_pos : h_pos + math.prod(shape)].reshape(shape)
-            h_pos += math.prod(shape)
+    h_pos = 0
+    for name, shape in layout.head_shapes:
+        if f"{layout.head}.{name}" in state:
+            raise _Invalid(f"head tensor {name} collides with a target's tensor")
+        state[f"{layout.head}.{name}"] = head[h_pos : h_pos + math.prod(shape)].reshape(shape)
+        h_pos += math.prod(shape)
+    return state
+
+
+def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
+    meta = _check_identity(header.get("__metadata__"), header)
+    config, layout = _parse_config(meta, size - start)
+    spans = _check_tensors(header, layout, size - start, path)
+    data = _read_data(path, start, size)
+    if int(meta["format_version"]) >= DIGEST_VERSION:
+        _check_digest(meta, data, spans)
+    angles, lams, masks, head = _values(data, spans, layout)
+    _check_magnitudes(layout, config.alpha, angles if layout.bits is None else None, lams, head)
+    state = _state(layout, angles, lams, masks, head)
     fingerprint = None
     if layout.has_fingerprint:
         digests = _array(data, spans["f"], "U8", "fingerprint").numpy().reshape(-1, DIGEST_SIZE)
