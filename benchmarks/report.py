@@ -49,6 +49,26 @@ SECTIONS = [
         "Vision (ViT, Fashion-MNIST 5-9)",
         "Quantum-PEFT vs PEFT LoRA r=8 and head-only on the shipped small ViT; ONNX merged vs runtime latency.",
     ),
+    (
+        "robustness_files",
+        "Robustness: corrupted adapter files",
+        "Mutated `.qpeft` files: each refused with a one-line FormatError or loading to bit-identical logits.",
+    ),
+    (
+        "robustness_kills",
+        "Robustness: killed writers",
+        "SIGKILL at random moments of every writing command: inputs intact, old or new output whole.",
+    ),
+    (
+        "robustness_serve",
+        "Robustness: poisoned requests",
+        "A real server under 8 client threads with 1% poisoned requests: every valid answer checked.",
+    ),
+    (
+        "robustness_ort",
+        "Robustness: adapter reloads under load",
+        "One swappable ORT session, 8 threads running while adapters are reloaded: no false errors.",
+    ),
 ]
 PEER_COLOUR, OURS_COLOUR, REF_COLOUR = "#d62728", "#1f77b4", "#7f7f7f"
 
