@@ -130,6 +130,16 @@ def _check_protected(output: Path, protect: Sequence[str | Path]) -> None:
             raise ConfigError(f"{output}: the output must lie outside the input folder {given}")
 
 
+def _probe(output: Path) -> None:
+    """Fail now, not after minutes of work, where the folder cannot take a new file (read-only, no access)."""
+    probe = temp_name(output)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise _cannot_write(output, e) from None
+
+
 def prepare_output(
     output: str | Path, *, overwrite: bool, protect: Sequence[str | Path] = (), folder: bool = False
 ) -> Path:
@@ -141,6 +151,7 @@ def prepare_output(
         raise ConfigError(f"{output}: cannot write: folder {output.parent} does not exist")
     _check_protected(output, protect)
     remove_stale(output.parent)
+    _probe(output)
     if not os.path.lexists(output):
         return output
     if folder and not output.is_dir():
@@ -161,7 +172,9 @@ def _cannot_write(path: Path, error: BaseException) -> ConfigError:
         free = os.statvfs(path.parent).f_bavail
     except OSError:
         free = 1
-    reason = "no space left on device" if free == 0 else f"the writer failed ({type(error).__name__})"
+    reason = (
+        "no space left on device" if free == 0 else "write failed (disk full, file size limit or I/O error)"
+    )
     return ConfigError(f"{path}: cannot write: {reason}")
 
 
