@@ -38,7 +38,7 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # linux/fs.h
 _AT_FDCWD = -100
 HOST = hashlib.blake2s(socket.gethostname().encode(), digest_size=3).hexdigest()  # pids are per host
 _TEMP = re.compile(
-    r"\.(?P<name>.+)\.qpeft-(?P<kind>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{8}"
+    r"\.(?P<name>.+)\.qpeft-(?P<kind>tmp|old|probe)-(?P<host>[0-9a-f]{6})-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{8}"
 )
 
 
@@ -68,7 +68,8 @@ def rename2(source: Path, target: Path, flags: int) -> bool:
 
 
 def temp_name(output: Path, kind: str = "tmp") -> Path:
-    """A temporary name beside ``output`` that says whose it is (host, pid) and what it holds (tmp | old)."""
+    """A temporary name beside ``output`` that says whose it is (host, pid) and what it holds (tmp: the new
+    output, old: the replaced one, probe: an empty file that tested the folder)."""
     return output.with_name(f".{output.name}.qpeft-{kind}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -132,7 +133,7 @@ def _check_protected(output: Path, protect: Sequence[str | Path]) -> None:
 
 def _probe(output: Path) -> None:
     """Fail now, not after minutes of work, where the folder cannot take a new file (read-only, no access)."""
-    probe = temp_name(output)
+    probe = temp_name(output, "probe")
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
