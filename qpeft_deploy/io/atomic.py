@@ -124,9 +124,12 @@ def _check_protected(output: Path, protect: Sequence[str | Path]) -> None:
     real = Path(os.path.realpath(output))
     for given in protect:
         inside = Path(os.path.realpath(given))
-        kind = "folder" if inside.is_dir() else "file"
         if real == inside or real in inside.parents:
-            raise ConfigError(f"{output}: the output must not be or contain the input {kind} {given}")
+            if inside.is_dir():
+                raise ConfigError(
+                    f"{output}: the output must lie outside the input folder {given}, not be or contain it"
+                )
+            raise ConfigError(f"{output}: the output must not be or contain the input file {given}")
         if inside in real.parents:
             raise ConfigError(f"{output}: the output must lie outside the input folder {given}")
 
