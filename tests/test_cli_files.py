@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +162,76 @@ def test_verify_and_inspect_report_the_digest(qpeft, adapter, tmp_path):
     assert "integrity     no integrity digest (format version 1)" in run(qpeft, "inspect", old).output
     result = run(qpeft, "verify", old, "--base", "minilm")
     assert result.exit_code == 0 and "no integrity digest (format version 1)" in result.output
+
+
+def _qpeft(*args: object, **env: str) -> subprocess.CompletedProcess:
+    """The real ``qpeft`` in a new process (its own stdout encoding, signals, blocking reads)."""
+    command = [sys.executable, "-m", "qpeft_deploy.cli.main", *map(str, args)]
+    return subprocess.run(command, check=False, capture_output=True, timeout=120, env=os.environ | env)
+
+
+def test_pack_refuses_an_existing_output_unless_overwrite(qpeft, adapter, tmp_path):
+    out = tmp_path / "out.qpeft"
+    out.write_bytes(b"mine")
+    assert_one_line_error(
+        run(qpeft, "pack", adapter, "-o", out, "--bits", "4"), "out.qpeft", "already exists"
+    )
+    assert out.read_bytes() == b"mine"
+    assert run(qpeft, "pack", adapter, "-o", out, "--bits", "4", "--overwrite").exit_code == 0
+    assert read_adapter(out).stored.bits == 4 and sorted(os.listdir(tmp_path)) == ["out.qpeft"]
+
+
+def test_pack_never_writes_over_or_into_an_input(qpeft, adapter, tmp_path):
+    source = tmp_path / "a.qpeft"
+    source.write_bytes(adapter.read_bytes())
+    base = tmp_path / "base"
+    shutil.copytree(resolve_base("minilm"), base)
+    cases = [
+        (["-o", source], "must not be or contain the input file"),
+        (["-o", base / "a.qpeft", "--base", base], "must lie outside the input folder"),
+    ]
+    for args, words in cases:
+        assert_one_line_error(run(qpeft, "pack", source, *args, "--bits", "4", "--overwrite"), words)
+    assert source.read_bytes() == adapter.read_bytes() and "a.qpeft" not in os.listdir(base)
+
+
+def test_pack_into_a_read_only_or_full_destination_is_one_line(qpeft, adapter, tmp_path):
+    if Path("/sys").is_dir():
+        assert_one_line_error(run(qpeft, "pack", adapter, "-o", "/sys/a.qpeft"), "/sys/a.qpeft: cannot write")
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    limit += "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
+    code = limit + "from qpeft_deploy.cli.main import main; import sys; sys.argv[0] = 'qpeft'; main()"
+    out = tmp_path / "a.qpeft"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "pack", str(adapter), "-o", str(out)], check=False, capture_output=True
+    )
+    assert (
+        result.returncode == 2
+        and result.stderr.decode().strip() == f"qpeft: error: {out}: cannot write: File too large"
+    )
+    assert os.listdir(tmp_path) == []
+
+
+def test_inspect_refuses_a_fifo_at_once(tmp_path):
+    os.mkfifo(tmp_path / "pipe.qpeft")
+    result = _qpeft("inspect", tmp_path / "pipe.qpeft")  # reading it would block forever
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"qpeft: error: {tmp_path / 'pipe.qpeft'}: cannot read: is a FIFO (named pipe), not a regular file"
+    ]
+
+
+@pytest.mark.parametrize(
+    "encoding", [{"PYTHONIOENCODING": "latin-1"}, {"PYTHONIOENCODING": "ascii"}, {"LC_ALL": "C"}]
+)
+def test_inspect_prints_on_a_stdout_that_is_not_utf8(qpeft, tmp_path, encoding):
+    model = attach(load_task_model("minilm", {0: "négatif", 1: "позитив"}), ["query"], rank=2)
+    path = save_adapter(model, tmp_path / "λ.qpeft")
+    for args in ([], ["--json"]):
+        result = _qpeft("inspect", path, *args, **encoding)
+        assert result.returncode == 0 and result.stderr == b"", result.stderr.decode(errors="replace")
+        out = result.stdout  # UTF-8 where Python or click chose it, else escapes: never an exception
+        assert b"\\u03bb" in out or "λ".encode() in out
+        assert b"\\u043f" in out or "позитив".encode() in out
+    missing = _qpeft("inspect", tmp_path / "gone-λ.qpeft", **encoding)
+    assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -145,3 +146,22 @@ def test_sigterm_removes_the_temporary_folder(adapters, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_and_unmerge_never_write_over_or_around_an_input(qpeft, adapters, tmp_path):
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    adapter = holder / "a.qpeft"
+    adapter.write_bytes(adapters[0].read_bytes())
+    result = run(qpeft, "merge", "--adapter", adapter, "-o", holder, "--overwrite", "--quiet")
+    assert_one_line_error(result, "must not be or contain the input file")
+    assert os.listdir(holder) == ["a.qpeft"] and adapter.read_bytes() == adapters[0].read_bytes()
+    merged = tmp_path / "merged"
+    assert run(qpeft, "merge", "--adapter", adapters[0], "-o", merged, "--quiet").exit_code == 0
+    before = sorted(os.listdir(merged))
+    for output in (merged, merged / "back"):
+        result = run(
+            qpeft, "unmerge", "--merged", merged, "--adapter", adapters[0], "-o", output, "--overwrite"
+        )
+        assert_one_line_error(result, "input folder")
+    assert sorted(os.listdir(merged)) == before and sorted(os.listdir(tmp_path)) == ["holder", "merged"]

@@ -1,6 +1,9 @@
 """`qpeft train` and `qpeft eval` end to end on real MiniLM and real SMS messages (tiny budget)."""
 
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -99,3 +102,23 @@ def test_eval_on_a_corrupt_base_is_one_line_and_exit_2(trained, tmp_path, kind):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert_one_line_error(result, str(folder))
     assert "Traceback" not in result.output
+
+
+def test_train_refuses_its_output_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("x.qpeft").write_bytes(b"mine")
+    Path("data.csv").write_text("text,label\ngood,1\nbad,0\n")
+    cases = [
+        (["-o", "x.qpeft"], "already exists"),
+        (
+            ["-o", "data.csv", "--task", "csv:data.csv", "--overwrite"],
+            "must not be or contain the input file",
+        ),
+    ]
+    for args, message in cases:
+        start = time.monotonic()
+        result = CliRunner().invoke(cli, ["train", "--task", "sms", *args])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+        assert time.monotonic() - start < 30  # refused before loading data or training
+    assert Path("x.qpeft").read_bytes() == b"mine" and sorted(os.listdir()) == ["data.csv", "x.qpeft"]

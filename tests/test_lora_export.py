@@ -171,6 +171,8 @@ def test_bad_input_leaves_nothing(tmp_path, pauli):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="busy"):
         export_lora(path, tmp_path / "busy")
+    with pytest.raises(ConfigError, match="busy.*not an exported PEFT folder"):
+        export_lora(path, tmp_path / "busy", overwrite=True)
     with pytest.raises(ConfigError, match="local path"):
         export_lora(path, tmp_path / "out2", base_name="/home/me/minilm")
     adapter = read_adapter(path)
@@ -182,7 +184,9 @@ def test_bad_input_leaves_nothing(tmp_path, pauli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.qpeft", "busy", "junk.qpeft", "other.qpeft"]
     with pytest.warns(UserWarning, match="force"):
         export_lora(tmp_path / "other.qpeft", tmp_path / "out3", force=True)
-    export_lora(path, tmp_path / "out3")  # a previous export is replaced
+    with pytest.raises(ConfigError, match="already exists"):
+        export_lora(path, tmp_path / "out3")
+    export_lora(path, tmp_path / "out3", overwrite=True)  # a previous export is replaced
     assert sorted(p.name for p in (tmp_path / "out3").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
 
 

@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification, BertModel, GPT2Conf
 from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synthetic_llama
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
+from qpeft_deploy.io.atomic import HOST
 from qpeft_deploy.io.file_tools import verify_adapter
 from qpeft_deploy.io.fingerprint import UNMERGED_FILE
 from qpeft_deploy.io.model_io import save_adapter
@@ -436,8 +437,8 @@ def test_sigkill_half_way_leaves_the_base_intact_and_the_next_run_cleans_up(tmp_
     assert digest_files(base) == before
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / f".merged.qpeft-tmp-{dead.pid}-0badf00d"
-    alive = tmp_path / f".merged.qpeft-tmp-{os.getpid()}-0c0ffee0"
+    stale = tmp_path / f".merged.qpeft-tmp-{HOST}-{dead.pid}-0badf00d"
+    alive = tmp_path / f".merged.qpeft-tmp-{HOST}-{os.getpid()}-0c0ffee0"
     stale.mkdir()
     alive.mkdir()
     merge_checkpoint(base, [adapter], output, max_shard_size="3MB", quiet=True)  # ...until the next run

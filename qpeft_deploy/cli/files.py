@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 
 from qpeft_deploy.cli.choices import ANGLE_BITS, KEEP
+from qpeft_deploy.cli.options import overwrite_option
+from qpeft_deploy.cli.signals import unwinds
 
 BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
 FILE = click.Path(dir_okay=False, path_type=Path)
@@ -18,7 +20,13 @@ FILE = click.Path(dir_okay=False, path_type=Path)
 
 @click.command("pack")
 @click.argument("adapter", type=FILE)
-@click.option("-o", "--output", type=FILE, required=True, help="The .qpeft file to write.")
+@click.option(
+    "-o",
+    "--output",
+    type=FILE,
+    required=True,
+    help="The .qpeft file to write (refused if it exists, unless --overwrite).",
+)
 @click.option(
     "--bits",
     type=click.Choice(BITS_CHOICES),
@@ -33,7 +41,9 @@ FILE = click.Path(dir_okay=False, path_type=Path)
 )
 @click.option("--drop-head", is_flag=True, help="Leave the classification head out.")
 @click.option("--base", default=None, help="Store this base's fingerprint (HF folder or 'minilm').")
+@overwrite_option
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@unwinds
 def pack_command(
     adapter: Path,
     output: Path,
@@ -41,6 +51,7 @@ def pack_command(
     lambda_dtype: str | None,
     drop_head: bool,
     base: str | None,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     """Re-pack an adapter file ADAPTER with other storage options."""
@@ -53,6 +64,7 @@ def pack_command(
         lambda_dtype=lambda_dtype or KEEP,
         drop_head=drop_head,
         base=base,
+        overwrite=overwrite,
     )
     if not quiet:
         click.echo(f"wrote {out} ({out.stat().st_size:,} bytes, was {adapter.stat().st_size:,})")

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from qpeft_deploy.cli.choices import LORA_DTYPES, LORA_TASK_TYPES
-from qpeft_deploy.cli.options import base_option, quiet_option
+from qpeft_deploy.cli.options import base_option, overwrite_option, quiet_option
+from qpeft_deploy.cli.signals import unwinds
 from qpeft_deploy.errors import ConfigError
 
 FILE = click.Path(dir_okay=False, path_type=Path)
@@ -21,7 +22,13 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 
 @click.command("lora")
 @click.argument("adapter", type=FILE)
-@click.option("-o", "--output", type=FOLDER, required=True, help="The PEFT folder to write.")
+@click.option(
+    "-o",
+    "--output",
+    type=FOLDER,
+    required=True,
+    help="The PEFT folder to write (--overwrite: replace an export).",
+)
 @base_option
 @click.option(
     "--base-name",
@@ -49,7 +56,9 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 @click.option(
     "--force", is_flag=True, help="Export even if the adapter's base fingerprint differs from --base."
 )
+@overwrite_option
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@unwinds
 def export_lora_command(
     adapter: Path,
     output: Path,
@@ -60,6 +69,7 @@ def export_lora_command(
     balanced: bool,
     drop_head: bool,
     force: bool,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     """Write the adapter file ADAPTER as a PEFT LoRA folder whose ΔW equals α·U diag(λ) Vᵀ exactly."""
@@ -75,6 +85,7 @@ def export_lora_command(
         balanced=balanced,
         drop_head=drop_head,
         force=force,
+        overwrite=overwrite,
     )
     if not quiet:
         ranks = sorted(set(report["ranks"].values()))
@@ -86,7 +97,13 @@ def export_lora_command(
 
 @click.command("lora")
 @click.argument("peft_dir", type=FOLDER)
-@click.option("-o", "--output", type=FILE, required=True, help="The .qpeft file to write.")
+@click.option(
+    "-o",
+    "--output",
+    type=FILE,
+    required=True,
+    help="The .qpeft file to write (refused if it exists, unless --overwrite).",
+)
 @click.option(
     "--variant",
     type=click.Choice(["taylor", "pauli"]),
@@ -114,7 +131,9 @@ def export_lora_command(
     help="Fail (write nothing) when a layer's relative ΔW error exceeds this.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@overwrite_option
 @quiet_option
+@unwinds
 def import_lora_command(
     peft_dir: Path,
     output: Path,
@@ -128,6 +147,7 @@ def import_lora_command(
     lr: float,
     max_error: float | None,
     seed: int,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     """Convert the PEFT LoRA folder PEFT_DIR into a .qpeft adapter; prints a JSON report."""
@@ -149,5 +169,6 @@ def import_lora_command(
         max_error=max_error,
         seed=seed,
         quiet=quiet,
+        overwrite=overwrite,
     )
     click.echo(json.dumps(report, indent=2))

@@ -5,6 +5,7 @@ Any ``QpeftError`` (bad input) becomes one line on stderr and exit code 2; anyth
 
 from __future__ import annotations
 
+import io
 import sys
 
 import click
@@ -64,8 +65,17 @@ for command in (export_onnx_command, export_onnx_adapter_command, export_lora_co
 import_group.add_command(import_lora_command)
 
 
+def robust_output() -> None:
+    """Never fail on printing: characters stdout or stderr cannot encode (LC_ALL=C, PYTHONIOENCODING=latin-1)
+    are written as backslash escapes instead of raising UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main() -> None:
     """Console-script entry point."""
+    robust_output()
     sys.exit(cli.main(prog_name="qpeft", standalone_mode=True))
 
 

@@ -5,17 +5,13 @@ Errors are raised as ``QpeftError``; the main group prints them as one line on s
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from qpeft_deploy.cli.choices import DEFAULT_MAX_SHARD_SIZE, KEEP
-from qpeft_deploy.cli.options import base_option, quiet_option
+from qpeft_deploy.cli.options import base_option, overwrite_option, quiet_option
+from qpeft_deploy.cli.signals import unwinds
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
@@ -35,20 +31,6 @@ shard_option = click.option(
     show_default=True,
     help="Largest safetensors shard (e.g. 500MB, 2GB, 1GiB).",
 )
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-
-
-@contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit meanwhile: an interrupted run removes its temporary folder."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _summary(output: Path) -> str:
@@ -85,6 +67,7 @@ def _summary(output: Path) -> str:
 @overwrite_option
 @click.option("--force", is_flag=True, help="Merge even if the base differs from an adapter's fingerprint.")
 @quiet_option
+@unwinds
 def merge_command(
     base: str,
     adapters: tuple[Path, ...],
@@ -100,19 +83,18 @@ def merge_command(
     """Merge adapters into a base checkpoint (streamed, sharded, atomic); a head makes the task model."""
     from qpeft_deploy.merge.checkpoint import merge_checkpoint
 
-    with sigterm_unwinds():
-        out = merge_checkpoint(
-            base,
-            adapters,
-            output,
-            weights=weights,
-            head_from=head_from,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            force=force,
-            quiet=quiet,
-        )
+    out = merge_checkpoint(
+        base,
+        adapters,
+        output,
+        weights=weights,
+        head_from=head_from,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        force=force,
+        quiet=quiet,
+    )
     if not quiet:
         click.echo(_summary(out))
 
@@ -137,6 +119,7 @@ def merge_command(
 @shard_option
 @overwrite_option
 @quiet_option
+@unwinds
 def unmerge_command(
     merged: Path,
     adapters: tuple[Path, ...],
@@ -149,15 +132,14 @@ def unmerge_command(
     """Take merged adapters out again: restores the base checkpoint (exact to ~1e-7 for fp32 weights)."""
     from qpeft_deploy.merge.checkpoint import unmerge_checkpoint
 
-    with sigterm_unwinds():
-        out = unmerge_checkpoint(
-            merged,
-            adapters,
-            output,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            quiet=quiet,
-        )
+    out = unmerge_checkpoint(
+        merged,
+        adapters,
+        output,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
     if not quiet:
         click.echo(_summary(out))

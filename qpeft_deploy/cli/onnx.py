@@ -13,7 +13,8 @@ from qpeft_deploy.cli.choices import ONNX_MODES as MODES
 from qpeft_deploy.cli.choices import ONNX_SWAPS as SWAPS
 from qpeft_deploy.cli.choices import ONNX_TASKS as TASKS
 from qpeft_deploy.cli.choices import ONNX_VIAS as VIAS
-from qpeft_deploy.cli.options import base_option, quiet_option
+from qpeft_deploy.cli.options import base_option, overwrite_option, quiet_option
+from qpeft_deploy.cli.signals import unwinds
 
 SWAP_HELP = (
     "swappable adapters carry: factors (materialised U, V: fast runs, LoRA-sized files) or angles "
@@ -67,9 +68,11 @@ SWAP_HELP = (
     "--output",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="output folder (model.onnx, config, tokenizer)",
+    help="output folder (model.onnx, config, tokenizer; refused if it exists, unless --overwrite)",
 )
+@overwrite_option
 @quiet_option
+@unwinds
 def export_onnx_command(base: str, adapter: Path, output: Path, **options) -> None:
     """Export a base model with an adapter to ONNX."""
     from qpeft_deploy.export.onnx.export import export_onnx
@@ -85,10 +88,12 @@ def export_onnx_command(base: str, adapter: Path, output: Path, **options) -> No
     "--output",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="onnxruntime adapter file (.onnx_adapter)",
+    help="onnxruntime adapter file (.onnx_adapter; refused if it exists, unless --overwrite)",
 )
-def export_onnx_adapter_command(adapter: Path, swap: str, output: Path) -> None:
+@overwrite_option
+@unwinds
+def export_onnx_adapter_command(adapter: Path, swap: str, output: Path, overwrite: bool) -> None:
     """Write ADAPTER as an onnxruntime adapter file for a swappable export."""
     from qpeft_deploy.export.onnx.export import export_onnx_adapter
 
-    click.echo(json.dumps(export_onnx_adapter(adapter, output, swap=swap)))
+    click.echo(json.dumps(export_onnx_adapter(adapter, output, swap=swap, overwrite=overwrite)))

@@ -1,4 +1,4 @@
-"""Options shared by every command (docs/CONVENTIONS.md: --base, --quiet, --dtype)."""
+"""Options shared by every command (docs/CONVENTIONS.md: --base, --quiet, --overwrite)."""
 
 import click
 
@@ -9,3 +9,8 @@ base_option = click.option(
     help="base model: an HF folder, or 'minilm' for the shipped all-MiniLM-L6-v2",
 )
 quiet_option = click.option("--quiet", is_flag=True, help="no progress bars")
+overwrite_option = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an existing output (it stays until the new one is complete; never an input)",
+)

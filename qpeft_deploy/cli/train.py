@@ -6,7 +6,8 @@ import json
 
 import click
 
-from qpeft_deploy.cli.options import base_option, quiet_option
+from qpeft_deploy.cli.options import base_option, overwrite_option, quiet_option
+from qpeft_deploy.cli.signals import unwinds
 
 
 def parse_targets(value: str) -> str | list[str]:
@@ -62,16 +63,32 @@ def parse_rank(value: str) -> int | str:
     help="with --bits: train on b-bit angles (straight-through) so the file reproduces the trained model",
 )
 @click.option("--no-eval", is_flag=True, help="skip the test-set evaluation")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="adapter file (.qpeft)")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="adapter file (.qpeft; refused before training if it exists, unless --overwrite)",
+)
+@overwrite_option
 @quiet_option
+@unwinds
 def train_command(
-    base: str, task: str, targets: str, rank: str, output: str, no_eval: bool, quiet: bool, **options
+    base: str,
+    task: str,
+    targets: str,
+    rank: str,
+    output: str,
+    no_eval: bool,
+    overwrite: bool,
+    quiet: bool,
+    **options,
 ) -> None:
     """Train an adapter (angles, λ and the task head) on a text- or image-classification task."""
     from qpeft_deploy.training.train import TrainSpec, train_adapter
 
     spec = TrainSpec(base=base, task=task, targets=parse_targets(targets), rank=parse_rank(rank), **options)
-    report = train_adapter(spec, output, evaluate=not no_eval, quiet=quiet)
+    report = train_adapter(spec, output, evaluate=not no_eval, quiet=quiet, overwrite=overwrite)
     click.echo(json.dumps(report, indent=2))
 
 

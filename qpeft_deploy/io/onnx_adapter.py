@@ -21,6 +21,7 @@ import hashlib
 import json
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ from qpeft_deploy.core.keys import factor_key, target_prefix
 from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.io.atomic import atomic_file
 from qpeft_deploy.io.ort import ort_errors, ort_message
+from qpeft_deploy.io.paths import open_regular
 
 MODEL_FILE = "model.onnx"
 PARAM_PREFIX = "qpeft."
@@ -151,9 +153,18 @@ def encode_ort_adapter(params: dict[str, np.ndarray], structure: int, base: int)
     return body + _trailer(body)
 
 
-def write_ort_adapter(path: Path, params: dict[str, np.ndarray], structure: int, base: int) -> None:
-    """Write ``params`` as an onnxruntime adapter file with its integrity digest (atomically)."""
-    atomic_file(path, encode_ort_adapter(params, structure, base))
+def write_ort_adapter(
+    path: Path,
+    params: dict[str, np.ndarray],
+    structure: int,
+    base: int,
+    *,
+    overwrite: bool = True,
+    protect: Sequence[Path] = (),
+) -> None:
+    """Write ``params`` as an onnxruntime adapter file with its integrity digest (atomically; an existing
+    file is replaced only with ``overwrite``, and ``protect`` names inputs it may never be)."""
+    atomic_file(path, encode_ort_adapter(params, structure, base), overwrite=overwrite, protect=protect)
 
 
 def read_onnx_adapter(path: str | Path) -> OrtAdapter:
@@ -214,7 +225,7 @@ def _bit_distance(a: bytes, b: bytes) -> int:
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, at most MAX_FILE_BYTES."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None

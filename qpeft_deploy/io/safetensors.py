@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qpeft_deploy.errors import ConfigError, FormatError
+from qpeft_deploy.io.paths import open_regular
 from qpeft_deploy.io.strict_json import strict_json
 
 MAX_HEADER = 100 << 20  # safetensors' own limit
@@ -45,7 +46,7 @@ def read_header(path: Path, max_header: int) -> tuple[dict, int, int]:
     so a corrupt length never causes a large allocation.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO would block forever, a device read forever
             size = f.seek(0, 2)
             f.seek(0)
             if size < 8:

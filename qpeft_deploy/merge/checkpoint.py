@@ -337,10 +337,13 @@ def _write_plan(
     overwrite: bool,
     desc: str,
     quiet: bool,
+    inputs: Sequence[Path],
     verify: Callable[[], None] | None = None,
 ) -> Path:
-    """Write the output folder; ``verify`` runs in a thread meanwhile and its error discards the output."""
-    with ThreadPoolExecutor(1) as pool, atomic_folder(output, overwrite=overwrite, protect=[source]) as tmp:
+    """Write the output folder (never into, over or around ``source`` and the other ``inputs``); ``verify``
+    runs in a thread meanwhile and its error discards the output."""
+    protect = [source, *inputs]
+    with ThreadPoolExecutor(1) as pool, atomic_folder(output, overwrite=overwrite, protect=protect) as tmp:
         pending = pool.submit(verify) if verify is not None else None
         _copy_extras(
             source, tmp, skip={UNMERGED_FILE} | ({CONFIG_FILE} if plan.config is not None else set())
@@ -401,6 +404,7 @@ def merge_checkpoint(
         overwrite=overwrite,
         desc="merge",
         quiet=quiet,
+        inputs=files,
         verify=verify,
     )
 
@@ -513,5 +517,12 @@ def unmerge_checkpoint(
     weights = _recorded_weights(folder, record, files)
     plan = _unmerge_plan(checkpoint, config, record, files, loaded, weights, out_dtype)
     return _write_plan(
-        plan, folder, Path(output), max_bytes=max_bytes, overwrite=overwrite, desc="unmerge", quiet=quiet
+        plan,
+        folder,
+        Path(output),
+        max_bytes=max_bytes,
+        overwrite=overwrite,
+        desc="unmerge",
+        quiet=quiet,
+        inputs=files,
     )

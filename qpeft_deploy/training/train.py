@@ -39,8 +39,10 @@ from qpeft_deploy.core.spectrum import scheduled_rank
 from qpeft_deploy.data.images import is_image_task
 from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
-from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer
+from qpeft_deploy.io.atomic import atomic_file, prepare_output
+from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
+from qpeft_deploy.io.qpeft_file import encode_adapter
+from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer, resolve_base
 
 Example = tuple[object, int]  # (text, label) or (image, label)
 
@@ -283,10 +285,21 @@ def run_spec(
     return model, report
 
 
-def train_adapter(spec: TrainSpec, output: str | Path, evaluate: bool = True, quiet: bool = False) -> dict:
-    """Train an adapter as ``spec`` says and save it to ``output``; returns the report."""
+def _inputs(spec: TrainSpec) -> list[Path]:
+    """The files a training run reads, which its output may not replace: the base folder and a csv task."""
+    csv = [Path(spec.task[4:])] if spec.task.startswith("csv:") else []
+    return [resolve_base(spec.base), *csv]
+
+
+def train_adapter(
+    spec: TrainSpec, output: str | Path, evaluate: bool = True, quiet: bool = False, overwrite: bool = False
+) -> dict:
+    """Train an adapter as ``spec`` says and save it to ``output`` (an existing file is replaced only with
+    ``overwrite``, which is checked before training); returns the report."""
+    prepare_output(output, overwrite=overwrite, protect=_inputs(spec))
     model, report = run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet)
-    path = save_adapter(model, output, bits=spec.bits, base=spec.base)
+    data = encode_adapter(adapter_from_model(model, spec.base), bits=spec.bits)
+    path = atomic_file(output, data, overwrite=overwrite, protect=_inputs(spec))
     report.update(adapter=str(path), file_bytes=path.stat().st_size)
     return report
 

@@ -35,6 +35,7 @@ from qpeft_deploy.export.lora.peft_folder import (
     skeleton_model,
     write_folder,
 )
+from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import check_base
 from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import MINILM, resolve_base
@@ -183,11 +184,15 @@ def export_lora(
     balanced: bool = False,
     drop_head: bool = False,
     force: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Write the .qpeft adapter ``adapter_path`` as the PEFT LoRA folder ``output``; returns a report."""
+    """Write the .qpeft adapter ``adapter_path`` as the PEFT LoRA folder ``output``; returns a report. With
+    ``overwrite`` a previous export at ``output`` is replaced."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(adapter_path)
+    inputs = [path, resolve_base(base)]
+    prepare_output(output, overwrite=overwrite, protect=inputs, folder=True)
     adapter = read_adapter(path)
     task_type = _task_type(adapter, path, task_type, drop_head)
     check_base(
@@ -208,7 +213,7 @@ def export_lora(
         balanced=balanced,
         drop_head=drop_head,
     )
-    folder = write_folder(output, config, tensors)
+    folder = write_folder(output, config, tensors, overwrite=overwrite, protect=inputs)
     ranks = {name: config["rank_pattern"].get(name, config["r"]) for name in config["target_modules"]}
     return {
         "output": str(folder),

@@ -43,8 +43,9 @@ from qpeft_deploy.export.lora.peft_folder import (
     skeleton_model,
     target_keys,
 )
+from qpeft_deploy.io.atomic import atomic_file, prepare_output
 from qpeft_deploy.io.fingerprint import base_fingerprint
-from qpeft_deploy.io.qpeft_file import write_adapter
+from qpeft_deploy.io.qpeft_file import encode_adapter
 from qpeft_deploy.models import MINILM, resolve_base
 
 TAYLOR_TOLERANCE = 1e-5
@@ -244,12 +245,15 @@ def import_lora(
     seed: int = 0,
     fit_steps: int = FIT_STEPS,
     quiet: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Convert the PEFT LoRA ``folder`` into the .qpeft file ``output``; returns a report."""
+    """Convert the PEFT LoRA ``folder`` into the .qpeft file ``output`` (an existing one replaced only with
+    ``overwrite``); returns a report."""
     if variant == "taylor" and (layers is not None or calibration is not None):
         raise ConfigError("--layers and --calibrate apply to --variant pauli (a Taylor import is exact)")
     if max_error is not None and not max_error >= 0:
         raise ConfigError(f"--max-error must be >= 0, got {max_error}")
+    prepare_output(output, overwrite=overwrite, protect=[folder, resolve_base(base)])
     start, lora = time.perf_counter(), read_lora(folder)
     adapter, keys = convert_lora(
         lora,
@@ -266,7 +270,9 @@ def import_lora(
     if calibration is not None:
         adapter, report["accuracy"] = calibrate(adapter, lora, base, calibration, seed, quiet)
         report["calibrated_relative_error"] = _summary(relative_errors(lora, keys, adapter))
-    path = write_adapter(output, adapter)
+    path = atomic_file(
+        output, encode_adapter(adapter), overwrite=overwrite, protect=[folder, resolve_base(base)]
+    )
     size = path.stat().st_size
     return {
         "output": str(path),

@@ -12,8 +12,8 @@ base weights (PiSSA, OLoRA, CorDA, LoftQ), aLoRA, layer replication, embedding o
 than SEQ_CLS / FEATURE_EXTRACTION / CAUSAL_LM, and ``modules_to_save`` other than the classification head.
 :func:`target_keys` then matches the modules against a base model (:func:`skeleton_model`).
 
-Writing (:func:`write_folder`). Atomic; an existing output is replaced only when it is an empty folder or a
-previous export.
+Writing (:func:`write_folder`). Atomic; an existing output is replaced only with ``overwrite`` and only when it
+is an empty folder or a previous export.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from qpeft_deploy.core.attach import is_linear
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, head_tensors, module_name_for_key, weight_key
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.atomic import atomic_folder
+from qpeft_deploy.io.atomic import atomic_folder, prepare_output
 from qpeft_deploy.io.safetensors import read_header
 from qpeft_deploy.io.strict_json import strict_json
 from qpeft_deploy.models import resolve_base
@@ -328,15 +329,25 @@ def target_keys(lora: LoraAdapter, model: nn.Module) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def write_folder(output: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``config`` and ``tensors`` as the PEFT folder ``output``, atomically, replacing only an empty
-    folder or a previous export; returns ``output``."""
+def write_folder(
+    output: str | Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    *,
+    overwrite: bool = False,
+    protect: Sequence[str | Path] = (),
+) -> Path:
+    """Write ``config`` and ``tensors`` as the PEFT folder ``output``, atomically; with ``overwrite`` it
+    replaces an empty folder or a previous export, never anything else or an input (``protect``)."""
     output = Path(output)
+    prepare_output(output, overwrite=overwrite, protect=protect, folder=True)
     if output.exists() and not (output.is_dir() and {p.name for p in output.iterdir()} <= REPLACEABLE):
         raise ConfigError(
             f"{output}: exists and is not an exported PEFT folder; remove it or choose another -o"
         )
-    with atomic_folder(output, overwrite=True) as folder:  # files and folder modes follow the umask
+    with atomic_folder(
+        output, overwrite=overwrite, protect=protect
+    ) as folder:  # files and folder modes follow the umask
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (folder / WEIGHTS_FILE).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     return output

@@ -42,7 +42,7 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.circuit import OPSET
 from qpeft_deploy.export.onnx.compare import compare, probes, reference
 from qpeft_deploy.export.onnx.graph import adapter_graph, make_head_overridable
-from qpeft_deploy.io.atomic import atomic_folder
+from qpeft_deploy.io.atomic import atomic_folder, prepare_output
 from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.model_io import load_adapted_model, load_adapter
 from qpeft_deploy.io.onnx_adapter import (
@@ -341,22 +341,23 @@ def export_onnx(
     check_task: str | None = None,
     check_examples: int = 200,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Export ``base`` + the .qpeft ``adapter`` as an ONNX folder ``output`` (model.onnx, config, tokenizer;
-    an existing folder is replaced); returns a report: sizes, kind per layer, ORT vs torch on a probe batch
+    an existing folder is replaced only with ``overwrite``, never the base's or the adapter's); returns a report: sizes, kind per layer, ORT vs torch on a probe batch
     (and ``check_task`` accuracy)."""
     options = Options(mode, dtype, quantize, swap, apply, via, task, force, check_task, check_examples)
     options.validate()
     output = Path(output)
+    inputs = [resolve_base(base), Path(adapter)]
+    prepare_output(output, overwrite=overwrite, protect=inputs, folder=True)  # before minutes of work
     with tqdm(total=4, desc=f"export onnx ({mode})", disable=quiet) as steps:
-        report = _export(base, Path(adapter), output, options, steps)
+        report = _export(base, Path(adapter), output, options, steps, overwrite)
     return {"output": str(output), "model_bytes": (output / MODEL_FILE).stat().st_size} | report
 
 
-def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqdm) -> dict:
+def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqdm, overwrite: bool) -> dict:
     """The steps of :func:`export_onnx`: load, export, edit, compare, publish."""
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"{output}: exists and is not a folder")
     info = read_adapter(adapter)
     task = _choose_task(info, base, options.task)
     if task.name == "text-generation" and (options.via != "optimum" or options.mode != "merged"):
@@ -369,7 +370,7 @@ def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqd
     layers = {key: layer.base for key, layer in adapted_layers(model).items()}
     detach(model, merge=options.mode == "merged")
     steps.update()
-    with atomic_folder(output, overwrite=True, protect=[resolve_base(base)]) as folder:
+    with atomic_folder(output, overwrite=overwrite, protect=[resolve_base(base), adapter]) as folder:
         path = _write_model(folder, base, model, task, batches[0][0], tokenizer, options.via)
         steps.update()
         report = _finish_mode(path, info, layers, base, options, task)
@@ -380,10 +381,15 @@ def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqd
     return report
 
 
-def export_onnx_adapter(adapter: str | Path, output: str | Path, *, swap: str = "factors") -> dict:
-    """Write the onnxruntime adapter file (``AdapterFormat``) of a .qpeft file for a swappable model."""
+def export_onnx_adapter(
+    adapter: str | Path, output: str | Path, *, swap: str = "factors", overwrite: bool = False
+) -> dict:
+    """Write the onnxruntime adapter file (``AdapterFormat``) of a .qpeft file for a swappable model; an
+    existing ``output`` is replaced only with ``overwrite``."""
     adapter, output = Path(adapter), Path(output)
+    prepare_output(output, overwrite=overwrite, protect=[adapter])
     info = read_adapter(adapter)
     params = swap_parameters(info, swap)
-    write_ort_adapter(output, params, structure_id(info, swap), base_id(info.fingerprint))
+    structure, base = structure_id(info, swap), base_id(info.fingerprint)
+    write_ort_adapter(output, params, structure, base, overwrite=overwrite, protect=[adapter])
     return {"output": str(output), "bytes": output.stat().st_size, "swap": swap, "parameters": len(params)}
