@@ -148,8 +148,10 @@ def encode_ort_adapter(params: dict[str, np.ndarray], structure: int, base: int)
         try:
             fmt.export_adapter(str(tmp))
             body = tmp.read_bytes()
-        except (OSError, *ort_errors()) as e:
-            raise ConfigError(f"cannot encode an onnxruntime adapter: {_reason(e)}") from None
+        except (OSError, *ort_errors()):
+            raise ConfigError(
+                "onnxruntime could not write it (disk full, file size limit or I/O error)"
+            ) from None
     return body + _trailer(body)
 
 
@@ -164,7 +166,11 @@ def write_ort_adapter(
 ) -> None:
     """Write ``params`` as an onnxruntime adapter file with its integrity digest (atomically; an existing
     file is replaced only with ``overwrite``, and ``protect`` names inputs it may never be)."""
-    atomic_file(path, encode_ort_adapter(params, structure, base), overwrite=overwrite, protect=protect)
+    try:
+        data = encode_ort_adapter(params, structure, base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: cannot write: {e}") from None
+    atomic_file(path, data, overwrite=overwrite, protect=protect)
 
 
 def read_onnx_adapter(path: str | Path) -> OrtAdapter:
