@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from qpeft_deploy.cli.choices import ANGLE_BITS, KEEP
-from qpeft_deploy.cli.options import overwrite_option
+from qpeft_deploy.cli.options import overwrite_option, qpeft_output_option
 from qpeft_deploy.cli.signals import unwinds
 
 BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
@@ -20,13 +20,7 @@ FILE = click.Path(dir_okay=False, path_type=Path)
 
 @click.command("pack")
 @click.argument("adapter", type=FILE)
-@click.option(
-    "-o",
-    "--output",
-    type=FILE,
-    required=True,
-    help="The .qpeft file to write (refused if it exists, unless --overwrite).",
-)
+@qpeft_output_option
 @click.option(
     "--bits",
     type=click.Choice(BITS_CHOICES),

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from qpeft_deploy.cli.choices import LORA_DTYPES, LORA_TASK_TYPES
-from qpeft_deploy.cli.options import base_option, overwrite_option, quiet_option
+from qpeft_deploy.cli.options import base_option, overwrite_option, qpeft_output_option, quiet_option
 from qpeft_deploy.cli.signals import unwinds
 from qpeft_deploy.errors import ConfigError
 
@@ -97,13 +97,7 @@ def export_lora_command(
 
 @click.command("lora")
 @click.argument("peft_dir", type=FOLDER)
-@click.option(
-    "-o",
-    "--output",
-    type=FILE,
-    required=True,
-    help="The .qpeft file to write (refused if it exists, unless --overwrite).",
-)
+@qpeft_output_option
 @click.option(
     "--variant",
     type=click.Choice(["taylor", "pauli"]),

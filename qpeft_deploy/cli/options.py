@@ -1,5 +1,7 @@
 """Options shared by every command (docs/CONVENTIONS.md: --base, --quiet, --overwrite)."""
 
+from pathlib import Path
+
 import click
 
 base_option = click.option(
@@ -13,4 +15,11 @@ overwrite_option = click.option(
     "--overwrite",
     is_flag=True,
     help="replace an existing output (it stays until the new one is complete; never an input)",
+)
+qpeft_output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The .qpeft file to write (refused if it exists, unless --overwrite).",
 )
