@@ -8,14 +8,14 @@ from pathlib import Path
 from qpeft_deploy.core.factors import orthogonality_errors
 from qpeft_deploy.core.keys import mask_key
 from qpeft_deploy.errors import FormatError
-from qpeft_deploy.io.atomic import atomic_file, prepare_output
+from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import check_base, fingerprint_id, with_base
 from qpeft_deploy.io.qpeft_file import (
     SCALE_MAX,
     TAYLOR_NORM2_MAX,
-    encode_adapter,
     integrity_state,
     read_adapter,
+    write_adapter,
 )
 from qpeft_deploy.models import resolve_base
 
@@ -44,8 +44,15 @@ def pack_adapter(
         adapter = with_base(adapter, base)
     bits = adapter.stored.bits if bits == KEEP else bits
     lambda_dtype = adapter.stored.lambda_dtype if lambda_dtype == KEEP else lambda_dtype
-    data = encode_adapter(adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
-    return atomic_file(out, data, overwrite=overwrite, protect=inputs)
+    return write_adapter(
+        out,
+        adapter,
+        bits=bits,
+        lambda_dtype=lambda_dtype,
+        drop_head=drop_head,
+        overwrite=overwrite,
+        protect=inputs,
+    )
 
 
 def inspect_adapter(path: str | Path) -> dict:

@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -462,11 +463,14 @@ def write_adapter(
     bits: int | None = None,
     lambda_dtype: str = "fp32",
     drop_head: bool = False,
+    overwrite: bool = True,
+    protect: Sequence[str | Path] = (),
 ) -> Path:
-    """Write ``adapter`` to a .qpeft file atomically: b-bit angles (None: fp32), λ/head as lambda_dtype."""
-    return atomic_file(
-        path, encode_adapter(adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
-    )
+    """Write ``adapter`` to a .qpeft file atomically: b-bit angles (None: fp32), λ/head as lambda_dtype. An
+    existing file is replaced unless ``overwrite`` is False (the CLI's choice); ``protect`` names inputs the
+    file may never be, contain or lie in."""
+    data = encode_adapter(adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
+    return atomic_file(path, data, overwrite=overwrite, protect=protect)
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -39,9 +39,9 @@ from qpeft_deploy.core.spectrum import scheduled_rank
 from qpeft_deploy.data.images import is_image_task
 from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.atomic import atomic_file, prepare_output
+from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
-from qpeft_deploy.io.qpeft_file import encode_adapter
+from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer, resolve_base
 
 Example = tuple[object, int]  # (text, label) or (image, label)
@@ -298,8 +298,8 @@ def train_adapter(
     ``overwrite``, which is checked before training); returns the report."""
     prepare_output(output, overwrite=overwrite, protect=_inputs(spec))
     model, report = run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet)
-    data = encode_adapter(adapter_from_model(model, spec.base), bits=spec.bits)
-    path = atomic_file(output, data, overwrite=overwrite, protect=_inputs(spec))
+    adapter = adapter_from_model(model, spec.base)
+    path = write_adapter(output, adapter, bits=spec.bits, overwrite=overwrite, protect=_inputs(spec))
     report.update(adapter=str(path), file_bytes=path.stat().st_size)
     return report
 

@@ -43,9 +43,9 @@ from qpeft_deploy.export.lora.peft_folder import (
     skeleton_model,
     target_keys,
 )
-from qpeft_deploy.io.atomic import atomic_file, prepare_output
+from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import base_fingerprint
-from qpeft_deploy.io.qpeft_file import encode_adapter
+from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.models import MINILM, resolve_base
 
 TAYLOR_TOLERANCE = 1e-5
@@ -270,9 +270,7 @@ def import_lora(
     if calibration is not None:
         adapter, report["accuracy"] = calibrate(adapter, lora, base, calibration, seed, quiet)
         report["calibrated_relative_error"] = _summary(relative_errors(lora, keys, adapter))
-    path = atomic_file(
-        output, encode_adapter(adapter), overwrite=overwrite, protect=[folder, resolve_base(base)]
-    )
+    path = write_adapter(output, adapter, overwrite=overwrite, protect=[folder, resolve_base(base)])
     size = path.stat().st_size
     return {
         "output": str(path),
