@@ -1,7 +1,7 @@
 """Per-token cost of a Quantum-PEFT update: circuit mode vs dense-U mode vs the base layer's own matmul.
 
 For square N×N layers and ranks K, times on a batch of T tokens (fp32, torch.no_grad, median of repeats):
-  circuit  QuantumPeftLinear.delta(x) with mode="circuit" (Q_Mᵀ and Q_N applied to the activations)
+  circuit  QuantumPeftLinear.delta(x, base) with mode="circuit" (Q_Mᵀ and Q_N applied to the activations)
   dense    the same with mode="dense" and U, V already cached
   base     x @ Wᵀ alone (nn.Linear(N, N, bias=False)), the cost the update is compared against
   build_u  materialising U = Q_N[:, :K] once (PauliCircuit.columns(K)), what dense mode pays per angle change
@@ -42,10 +42,10 @@ def bench_case(n: int, k: int, tokens: int, repeats: int, warmup: int) -> dict:
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(2))
     circuit, dense = make_layer(base, k, "circuit"), make_layer(base, k, "dense")
     dense.factors()  # fill the U, V cache: dense mode is timed at steady state
-    max_diff = (circuit.delta(x) - dense.delta(x)).abs().max().item()
+    max_diff = (circuit.delta(x, circuit.base) - dense.delta(x, dense.base)).abs().max().item()
     fns = {
-        "circuit": lambda: circuit.delta(x),
-        "dense": lambda: dense.delta(x),
+        "circuit": lambda: circuit.delta(x, circuit.base),
+        "dense": lambda: dense.delta(x, dense.base),
         "base": lambda: base(x),
         "build_u": lambda: circuit.u.columns(k),
     }

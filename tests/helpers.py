@@ -51,3 +51,13 @@ def assert_one_line_error(result: Result, *words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("qpeft: error: "), result.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def tiny_gpt2_folder(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer GPT-2 LM (Conv1D layers, tied embeddings) saved as an HF folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder

@@ -19,6 +19,7 @@ LAYERS = {
     "installed": 0,
     "core": 1,
     "models": 2,
+    "peft_native": 2,
     "data": 3,
     "io": 3,
     "training": 4,

@@ -260,7 +260,7 @@ def test_circuit_apply_matches_layer_delta(kind, fused, n, m, k, layers):
         params.insert(0, layer.base.weight.detach().T.contiguous().numpy())
     got = run_function(Signature(kind, n, m, k, layers, fused), x.numpy(), params)
     with torch.no_grad():
-        want = (layer.delta(x) + (x @ layer.base.weight.T if fused else 0)).numpy()
+        want = (layer.delta(x, layer.base) + (x @ layer.base.weight.T if fused else 0)).numpy()
     assert got.shape == want.shape
     assert np.abs(got - want).max() < 1e-5 * max(1.0, float(np.abs(want).max()))
 

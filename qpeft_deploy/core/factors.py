@@ -16,7 +16,7 @@ import torch
 
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.circuit import build_schedule, parameter_count, rotate
-from qpeft_deploy.core.keys import SIDES, factor_key, lambda_key, mask_key
+from qpeft_deploy.core.keys import LAMBDA, MASK, SIDES, factor_key, lambda_key, mask_key, state_key
 from qpeft_deploy.core.taylor import stiefel_exp
 
 
@@ -33,14 +33,21 @@ def factor_params(variant: str, dim: int, rank: int, layers: int) -> list[tuple[
     return [("a", (rank * (rank - 1) // 2,)), ("b", (dim - rank, rank))]
 
 
-def target_params(variant: str, key: str, dims: tuple[int, int, int], layers: int):
-    """(state key, shape) of a target's factor parameters (U's then V's), then its λ and mask keys."""
+def target_layout(variant: str, dims: tuple[int, int, int], layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name inside the target, shape) of each of a target's tensors, in storage order: U's factor parameters,
+    V's, then λ and the mask (a target's state key is its prefix + "." + name, core/keys.py)."""
     n, m, k = dims
-    params = [
-        (factor_key(key, side, name), shape)
+    factors = [
+        (f"{side}.{name}", shape)
         for side, dim in zip(SIDES, (n, m))
         for name, shape in factor_params(variant, dim, k, layers)
     ]
+    return [*factors, (LAMBDA, (k,)), (MASK, (k,))]
+
+
+def target_params(variant: str, key: str, dims: tuple[int, int, int], layers: int):
+    """(state key, shape) of a target's factor parameters (U's then V's), then its λ and mask keys."""
+    params = [(state_key(key, name), shape) for name, shape in target_layout(variant, dims, layers)[:-2]]
     return params, lambda_key(key), mask_key(key)
 
 

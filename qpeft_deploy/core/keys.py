@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 HEAD_MODULE_NAMES = ("classifier", "score")
 SIDES = ("u", "v")  # U's factor first, then V's: the storage order everywhere
+LAMBDA, MASK = "spectrum.lam", "spectrum.mask"  # names of λ and its keep-mask inside a target
 
 
 def target_prefix(key: str) -> str:
@@ -25,19 +26,24 @@ def target_prefix(key: str) -> str:
     return key.removesuffix(".weight")
 
 
+def state_key(key: str, name: str) -> str:
+    """State key of tensor ``name`` (``u.theta``, ``spectrum.lam``, ...) of target ``key``."""
+    return f"{target_prefix(key)}.{name}"
+
+
 def factor_key(key: str, side: str, name: str) -> str:
     """State key of parameter ``name`` of factor ``side`` ('u' or 'v') of target ``key``."""
-    return f"{target_prefix(key)}.{side}.{name}"
+    return state_key(key, f"{side}.{name}")
 
 
 def lambda_key(key: str) -> str:
     """State key of a target's λ."""
-    return f"{target_prefix(key)}.spectrum.lam"
+    return state_key(key, LAMBDA)
 
 
 def mask_key(key: str) -> str:
     """State key of a target's λ keep-mask."""
-    return f"{target_prefix(key)}.spectrum.mask"
+    return state_key(key, MASK)
 
 
 def head_tensors(state: dict, head: str | None) -> dict:

@@ -1,4 +1,4 @@
-"""QuantumPeftLinear: a frozen linear layer plus ΔW = α·U diag(λ) Vᵀ with circuit-built U and V.
+"""Quantum-PEFT layers: ΔW = α·U diag(λ) Vᵀ with circuit-built U and V, for a frozen linear layer.
 
 W is N×M (N out, M in). U = Q_N(θ_U)[:, :K], V = Q_M(θ_V)[:, :K] (or Taylor frames). An nn.Conv2d (groups 1)
 is read as its flattened kernel, W = weight.reshape(N, -1) with M = in_channels·kh·kw in PyTorch's order;
@@ -8,6 +8,10 @@ its ΔW is reshaped back to the kernel shape and convolved with the input. Three
 - merged: ΔW folded into the weight in fp32 and cast once; ``unmerge`` takes it out again.
 ``auto`` picks circuit or dense per layer from the multiply-adds per token (a Conv2d always runs dense).
 Circuits always run in fp32.
+
+:class:`QuantumPeftDelta` is the update alone (it keeps no base weight): the one implementation that both
+``attach`` (:class:`QuantumPeftLinear`, the update plus its base layer) and the PEFT method
+(``peft_native/tuner.py``, one update per named adapter) run.
 """
 
 from __future__ import annotations
@@ -52,8 +56,9 @@ def make_factor(
     raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
-class QuantumPeftLinear(nn.Module):
-    """Wraps a frozen nn.Linear / Conv1D / Conv2d and adds a Quantum-PEFT update."""
+class QuantumPeftDelta(nn.Module):
+    """The update ΔW = α·U diag(λ) Vᵀ for one frozen nn.Linear / Conv1D / Conv2d, which it is given per call
+    and does not keep: the factors ``u`` and ``v``, the ``spectrum`` λ, and how to apply or fold ΔW."""
 
     def __init__(
         self,
@@ -71,31 +76,23 @@ class QuantumPeftLinear(nn.Module):
             raise ConfigError(f"rank must be between 1 and min(N, M) = {min(n_out, n_in)}, got {rank!r}")
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
         self.out_features, self.in_features, self.rank = n_out, n_in, rank
         self.layers, self.alpha, self.variant = layers, float(alpha), variant
+        self.is_conv = isinstance(base, nn.Conv2d)
         self.u = make_factor(variant, n_out, rank, layers, generator)
         self.v = make_factor(variant, n_in, rank, layers, generator)
         self.spectrum = Spectrum(rank)
         self.mode = self.cheapest_mode() if mode == "auto" else mode
         if self.mode == "circuit" and variant != "pauli":
             raise ConfigError("circuit mode needs the pauli variant (Taylor frames are always dense)")
-        if self.mode == "circuit" and isinstance(base, nn.Conv2d):
+        if self.mode == "circuit" and self.is_conv:
             raise ConfigError("circuit mode is for linear layers; an nn.Conv2d runs dense (mode auto/dense)")
-        self.merged = False
         self._cache: tuple[tuple[torch.Tensor, ...], tuple, torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (HF models read it, e.g. ViT checks ``projection.weight.dtype``)."""
-        return self.base.weight
 
     def cheapest_mode(self) -> str:
         """'circuit' when rotating activations costs fewer multiply-adds per token than K·(N+M); Conv2d layers
         and Taylor frames always run 'dense'."""
-        if self.variant != "pauli" or isinstance(self.base, nn.Conv2d):
+        if self.variant != "pauli" or self.is_conv:
             return "dense"
         circuit = self.u.cost_per_vector() + self.v.cost_per_vector()
         return "circuit" if circuit < self.rank * (self.out_features + self.in_features) else "dense"
@@ -125,14 +122,13 @@ class QuantumPeftLinear(nn.Module):
         u, v = self.factors()
         return (u * (self.alpha * self.spectrum.values().float())) @ v.T
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔW x for activations x (..., M), in fp32 without forming ΔW; for a Conv2d, x is (B, C, H, W) and
-        ΔW, reshaped to the kernel, is convolved with the base's stride, padding and dilation."""
+    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """ΔW x for activations x (..., M), in fp32 without forming ΔW; for a Conv2d ``base``, x is (B, C, H, W)
+        and ΔW, reshaped to the kernel, is convolved with the base's stride, padding and dilation."""
         x = x.float()
-        if isinstance(self.base, nn.Conv2d):
-            conv = self.base
-            kernel = self._weight_delta_in_storage_layout()
-            return nn.functional.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)
+        if self.is_conv:
+            kernel = self.delta_like(base)
+            return nn.functional.conv2d(x, kernel, None, base.stride, base.padding, base.dilation)
         scale = self.alpha * self.spectrum.values().float()
         if self.mode == "circuit":
             h = self.v.rotate(x, transpose=True)[..., : self.rank] * scale
@@ -141,35 +137,65 @@ class QuantumPeftLinear(nn.Module):
         u, v = self.factors()
         return ((x @ v) * scale) @ u.T
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        return y + self.delta(x).to(y.dtype)
-
-    def _weight_delta_in_storage_layout(self) -> torch.Tensor:
-        """ΔW shaped like the base weight: transposed for Conv1D (in×out), the kernel shape for Conv2d."""
+    def delta_like(self, base: nn.Module) -> torch.Tensor:
+        """ΔW shaped like ``base``'s weight: transposed for Conv1D (in×out), the kernel shape for Conv2d."""
         delta = self.delta_weight()
-        return delta.T if isinstance(self.base, Conv1D) else delta.reshape(self.base.weight.shape)
+        return delta.T if isinstance(base, Conv1D) else delta.reshape(base.weight.shape)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ΔW into the base weight (added in fp32, cast once)."""
-        if not self.merged:
-            w = self.base.weight
-            w.copy_((w.float() + self._weight_delta_in_storage_layout()).to(w.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take ΔW back out of the base weight."""
-        if self.merged:
-            w = self.base.weight
-            w.copy_((w.float() - self._weight_delta_in_storage_layout()).to(w.dtype))
-            self.merged = False
+    def fold_into(self, base: nn.Module, sign: int = 1) -> None:
+        """Add (``sign`` 1) or subtract (−1) ΔW to ``base``'s weight: in fp32, cast once."""
+        w = base.weight
+        w.copy_((w.float() + sign * self.delta_like(base)).to(w.dtype))
 
     def extra_repr(self) -> str:
         return (
             f"N={self.out_features}, M={self.in_features}, K={self.rank}, L={self.layers}, "
-            f"alpha={self.alpha}, variant={self.variant}, mode={self.mode}, merged={self.merged}"
+            f"alpha={self.alpha}, variant={self.variant}, mode={self.mode}"
         )
+
+
+class QuantumPeftLinear(QuantumPeftDelta):
+    """A frozen nn.Linear / Conv1D / Conv2d (``base``) plus its Quantum-PEFT update: what ``attach`` puts in."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        layers: int = 1,
+        alpha: float = 1.0,
+        variant: str = "pauli",
+        mode: str = "auto",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(base, rank, layers, alpha, variant, mode, generator)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base = base
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (HF models read it, e.g. ViT checks ``projection.weight.dtype``)."""
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.delta(x, self.base).to(y.dtype)
+
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (added in fp32, cast once)."""
+        if not self.merged:
+            self.fold_into(self.base)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take ΔW back out of the base weight."""
+        if self.merged:
+            self.fold_into(self.base, -1)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, merged={self.merged}"
