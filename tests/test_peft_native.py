@@ -253,3 +253,17 @@ def test_importing_the_package_stays_light_and_registers_on_peft_import():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "QpeftConfig"
+
+
+def test_low_cpu_mem_usage_load_and_a_bf16_base_keep_the_update_in_fp32(tmp_path):
+    batch = inputs("minilm")
+    peft_model = get_peft_model(minilm(), QpeftConfig(task_type="SEQ_CLS", r=4))
+    train_steps(peft_model, batch)
+    want = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path)
+    meta_built = PeftModel.from_pretrained(minilm(), tmp_path, low_cpu_mem_usage=True).eval()
+    assert (logits(meta_built, batch) - want).abs().max() <= 1e-6
+    half = PeftModel.from_pretrained(minilm().to(torch.bfloat16), tmp_path).eval()
+    delta = next(m.qpeft_delta["default"] for m in half.modules() if isinstance(m, QpeftLayer))
+    assert delta.u.theta.dtype == delta.spectrum.lam.dtype == torch.float32
+    assert (logits(half, batch).float() - want).abs().max() < 0.05

@@ -66,7 +66,9 @@ class QpeftLayer(nn.Module, BaseTunerLayer):
         )
         if config.angle_bits is not None:
             delta.u.angle_bits = delta.v.angle_bits = config.angle_bits
-        self.qpeft_delta[adapter_name] = delta.to(base.weight.device)
+        if not any(p.is_meta for p in delta.parameters()):  # PEFT's low_cpu_mem_usage builds on meta
+            delta = delta.to(base.weight.device)  # the device only: the update stays fp32 on any base dtype
+        self.qpeft_delta[adapter_name] = delta
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
