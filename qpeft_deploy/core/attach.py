@@ -154,7 +154,9 @@ def attach_exact(
         if head is not None and (name == head or name.startswith(head + ".")):
             raise ConfigError(f"{key}: the classification head is trained in full and cannot be a target")
         with _naming(key):
-            wrapped[name] = QuantumPeftLinear(module, k, layers, alpha, variant, mode, generator)
+            wrapped[name] = QuantumPeftLinear(
+                module, k, layers, alpha=alpha, variant=variant, mode=mode, generator=generator
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in wrapped.items():

@@ -16,6 +16,8 @@ Circuits always run in fp32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -158,17 +160,9 @@ class QuantumPeftDelta(nn.Module):
 class QuantumPeftLinear(QuantumPeftDelta):
     """A frozen nn.Linear / Conv1D / Conv2d (``base``) plus its Quantum-PEFT update: what ``attach`` puts in."""
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int,
-        layers: int = 1,
-        alpha: float = 1.0,
-        variant: str = "pauli",
-        mode: str = "auto",
-        generator: torch.Generator | None = None,
-    ):
-        super().__init__(base, rank, layers, alpha, variant, mode, generator)
+    def __init__(self, base: nn.Module, rank: int, layers: int = 1, **options: Any):
+        """``options``: ``alpha``, ``variant``, ``mode``, ``generator``, as for :class:`QuantumPeftDelta`."""
+        super().__init__(base, rank, layers, **options)
         for p in base.parameters():
             p.requires_grad_(False)
         self.base = base
