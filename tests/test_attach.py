@@ -360,3 +360,15 @@ def test_module_apply_works_on_an_adapted_model(model, batch):
     before = logits(model, batch)
     model.apply(lambda m: None)
     assert torch.equal(logits(model, batch), before)
+
+
+def test_gradient_checkpointing_reaches_every_adapter(model, batch):
+    attach(model, rank=4)
+    model.gradient_checkpointing_enable()  # HF's default: reentrant checkpoints
+    model.train()
+    model(**batch, labels=torch.zeros(len(batch["input_ids"]), dtype=torch.long)).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert model.get_input_embeddings()._forward_hooks  # PEFT's input-require-grads hook
+    detach(model)
+    assert not model.get_input_embeddings()._forward_hooks

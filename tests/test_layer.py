@@ -389,3 +389,15 @@ def test_cache_filled_under_inference_mode_serves_training():
     x = torch.randn(2, 16, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and layer.spectrum.lam.grad is not None
+
+
+def test_casting_the_model_keeps_the_update_in_fp32_and_casts_the_base():
+    layer = make_layer(16, 24, 4)
+    randomise(layer)
+    x = torch.randn(3, 16)
+    want = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.base.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in layer.named_parameters() if not n.startswith("base.")} == {torch.float32}
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    assert (layer(x.bfloat16()).float() - want).abs().max() < 0.1

@@ -124,8 +124,10 @@ def test_unknown_task_is_refused():
         run_spec(TrainSpec(task="imdb"), quiet=True)
 
 
-@pytest.mark.parametrize("qat", [True, False])
-def test_quantisation_aware_training_makes_the_4_bit_file_reproduce_the_model(data, tokenizer, tmp_path, qat):
+@pytest.mark.parametrize("qat,save_bits", [(True, 4), (True, None), (False, 4)])
+def test_quantisation_aware_training_makes_the_file_reproduce_the_model(data, tokenizer, tmp_path, qat, save_bits):
+    """A QAT model saved with 4-bit codes or with fp32 angles (the snapped ones it computes with) reloads
+    to the same logits; without QAT the 4-bit file differs."""
     spec = TrainSpec(
         task="rt",
         rank=8,
@@ -142,7 +144,7 @@ def test_quantisation_aware_training_makes_the_4_bit_file_reproduce_the_model(da
     assert all(c.angle_bits == (4 if qat else None) for c in circuits)
     texts = [text for text, _ in data.test]
     trained = predict(model, tokenizer, texts, max_length=32)
-    path = save_adapter(model, tmp_path / "a.qpeft", bits=4, base="minilm")
+    path = save_adapter(model, tmp_path / "a.qpeft", bits=save_bits, base="minilm")
     packed = predict(load_adapted_model("minilm", path), tokenizer, texts, max_length=32)
     gap = (trained - packed).abs().max().item()
     assert gap < 1e-4 if qat else gap > 1e-3, gap

@@ -20,7 +20,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qpeft_deploy.core.adapter import AdapterConfig
-from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key, target_prefix, weight_key
+from qpeft_deploy.core.keys import (
+    HEAD_MODULE_NAMES,
+    SIDES,
+    base_key,
+    factor_key,
+    module_name_for_key,
+    target_prefix,
+    weight_key,
+)
 from qpeft_deploy.core.layer import VARIANTS, QuantumPeftLinear, linear_shape
 from qpeft_deploy.errors import ConfigError
 
@@ -162,6 +170,7 @@ def attach_exact(
     for name, layer in wrapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
+    _input_grads(model, enable=True)
     if head is not None:
         for p in model.get_submodule(head).parameters():
             p.requires_grad_(True)
@@ -177,6 +186,17 @@ def attach_exact(
     )
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def _input_grads(model: nn.Module, enable: bool) -> None:
+    """Make (or stop making) the input embeddings' output require grad, as PEFT does: with every base weight
+    frozen, HF's (reentrant) gradient checkpointing would otherwise give the adapters inside no gradient."""
+    toggle = getattr(model, "enable_input_require_grads" if enable else "disable_input_require_grads", None)
+    if callable(toggle) and (enable or hasattr(model, "_require_grads_hook")):
+        try:
+            toggle()
+        except NotImplementedError:  # a model without input embeddings: nothing to do
+            pass
 
 
 def train_head_only(model: nn.Module) -> nn.Module:
@@ -213,13 +233,18 @@ def lora_parameter_count(model: nn.Module, r: int = 8) -> int:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors: ``<base key>.<u.theta|v.theta|spectrum.lam|spectrum.mask|...>`` and the head."""
+    """The adapter's tensors: ``<base key>.<u.theta|v.theta|spectrum.lam|spectrum.mask|...>`` and the head.
+    Angles are those the circuits compute with: snapped to the grid while training quantisation-aware."""
     state = {}
     for key, layer in adapted_layers(model).items():
         prefix = target_prefix(key)
         for name, tensor in layer.state_dict().items():
             if not name.startswith("base."):
                 state[f"{prefix}.{name}"] = tensor.detach().clone()
+        for side in SIDES:
+            factor = getattr(layer, side)
+            if getattr(factor, "angle_bits", None) is not None:
+                state[factor_key(key, side, "theta")] = factor.angles().detach().clone()
     head = adapter_config(model).head
     if head is not None:
         for name, tensor in model.get_submodule(head).state_dict().items():
@@ -298,4 +323,5 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
             setattr(model.get_submodule(parent_name), child, module.base)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+        _input_grads(model, enable=False)
     return model

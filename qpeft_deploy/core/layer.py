@@ -16,6 +16,7 @@ Circuits always run in fp32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,6 +91,16 @@ class QuantumPeftDelta(nn.Module):
         if self.mode == "circuit" and self.is_conv:
             raise ConfigError("circuit mode is for linear layers; an nn.Conv2d runs dense (mode auto/dense)")
         self._cache: tuple[tuple[torch.Tensor, ...], tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantumPeftDelta:
+        """``.to()``, ``.half()``, ``.bfloat16()``: the update follows the device but keeps its fp32 tensors
+        (circuits always run in fp32; the output is cast to the base's dtype). A wrapped base is cast as asked."""
+        super()._apply(fn, recurse)
+        for part in (self.u, self.v, self.spectrum):
+            for tensor in [*part.parameters(), *part.buffers()]:
+                if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                    tensor.data = tensor.data.float()
+        return self
 
     def cheapest_mode(self) -> str:
         """'circuit' when rotating activations costs fewer multiply-adds per token than K·(N+M); Conv2d layers
