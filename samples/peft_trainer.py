@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'last'")
     p.add_argument("--no-dropout", action="store_true", help="dropout 0 (exact run-to-run comparisons)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument(
+        "--gpu", action="store_true", help="train on GPUs (NCCL when distributed); default: CPU, gloo"
+    )
     p.add_argument("--output-dir", required=True, type=Path)
     return p.parse_args(argv)
 
@@ -97,7 +100,8 @@ class RecordingTrainer(Trainer):
 
 
 def build_trainer(args: argparse.Namespace) -> RecordingTrainer:
-    """The Trainer for ``args``: adapter model, tokenized task, CPU (gloo DDP when launched on several ranks)."""
+    """The Trainer for ``args``: adapter model, tokenized task, CPU (gloo DDP when launched on several ranks)
+    unless ``--gpu``."""
     torch.set_num_threads(args.threads)
     rows, labels = tokenized(args.base, args.task, args.examples, args.max_length)
     model = build_model(args.base, labels, args.rank, args.seed, args.no_dropout)
@@ -109,8 +113,8 @@ def build_trainer(args: argparse.Namespace) -> RecordingTrainer:
         learning_rate=args.lr,
         seed=args.seed,
         data_seed=args.seed,
-        use_cpu=True,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        use_cpu=not args.gpu,
+        ddp_backend="gloo" if not args.gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable tensor is used in each step (a PeftModel gets True)
         logging_steps=1,
         save_strategy="steps" if args.save_steps else "no",
