@@ -267,3 +267,27 @@ def test_low_cpu_mem_usage_load_and_a_bf16_base_keep_the_update_in_fp32(tmp_path
     delta = next(m.qpeft_delta["default"] for m in half.modules() if isinstance(m, QpeftLayer))
     assert delta.u.theta.dtype == delta.spectrum.lam.dtype == torch.float32
     assert (logits(half, batch).float() - want).abs().max() < 0.05
+
+
+def test_layers_under_a_nested_wrapper_save_and_load_their_adapter(tmp_path):
+    """Activation checkpointing (and FSDP auto-wrapping) put a wrapper module inside the model, so module names
+    gain ``_checkpoint_wrapped_module.`` (``_fsdp_wrapped_module.``) mid-way; state-dict keys do not."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    def wrapped(model):
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, BertLayer))
+        return model
+
+    batch = inputs("minilm")
+    peft_model = wrapped(get_peft_model(minilm(), QpeftConfig(task_type="SEQ_CLS", r=4)))
+    assert any("._checkpoint_wrapped_module." in name for name, _ in peft_model.named_modules())
+    train_steps(peft_model, batch)
+    trained = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert len(keys) == 37 + 2 and not any("wrapped" in k for k in keys)
+    for base in (minilm(), wrapped(minilm())):  # a plain base, and a wrapped one (resuming a wrapped run)
+        loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+        assert (logits(loaded, batch) - trained).abs().max() <= 1e-6

@@ -24,7 +24,16 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.peft_native.config import FULL, QpeftConfig
 
 DELTA = "qpeft_delta"  # the ModuleDict of updates (adapter name -> QuantumPeftDelta) in each tuner layer
-FSDP_PREFIX = "_fsdp_wrapped_module."
+# Wrappers that FSDP auto-wrapping and activation checkpointing insert at any depth of a module's name; torch's
+# state-dict hooks drop every one of them from the keys (torch.distributed.fsdp's clean_tensor_name).
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def state_key(module_name: str) -> str:
+    """A module's name as its state-dict keys spell it: every FSDP / activation-checkpoint wrapper removed."""
+    for segment in WRAPPER_SEGMENTS:
+        module_name = module_name.replace(segment, "")
+    return module_name
 
 
 def delta_layout(delta: QuantumPeftDelta) -> list[tuple[str, tuple[int, ...]]]:
@@ -159,8 +168,9 @@ class QpeftModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        rank = self._rank(config, current_key, linear_shape(base))
-        self._injected.add(current_key)
+        key = state_key(current_key)  # target_shapes holds wrapper-free names
+        rank = self._rank(config, key, linear_shape(base))
+        self._injected.add(key)
         if isinstance(target, QpeftLayer):
             target.update_layer(adapter_name, config, rank, self._generator)
             return
@@ -198,7 +208,7 @@ class QpeftModel(BaseTuner):
     def _layers(cls, model: nn.Module, adapter_name: str) -> dict[str, QuantumPeftDelta]:
         """Model state-dict key of each update of ``adapter_name`` -> the update."""
         return {
-            f"{name.removeprefix(FSDP_PREFIX)}.{DELTA}.{adapter_name}": module.qpeft_delta[adapter_name]
+            f"{state_key(name)}.{DELTA}.{adapter_name}": module.qpeft_delta[adapter_name]
             for name, module in model.named_modules()
             if isinstance(module, QpeftLayer) and adapter_name in module.qpeft_delta
         }
@@ -217,8 +227,11 @@ class QpeftModel(BaseTuner):
         )
         packed = {}
         for key, delta in cls._layers(model, adapter_name).items():
-            tensors = {k[len(key) + 1 :]: selected.pop(k) for k in list(selected) if k.startswith(key + ".")}
-            packed[key] = pack_target(tensors, delta_layout(delta))
+            # From state_dict, not from PEFT's selection, which misses layers under a nested wrapper.
+            names = [k for k in state_dict if k.startswith(key + ".")]
+            packed[key] = pack_target({k[len(key) + 1 :]: state_dict[k] for k in names}, delta_layout(delta))
+            for name in names:
+                selected.pop(name, None)
         return {**selected, **packed}
 
     @classmethod
