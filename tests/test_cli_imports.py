@@ -85,7 +85,7 @@ def test_cli_choices_match_the_library():
     assert choices.ONNX_MODES == onnx.MODES and choices.ONNX_DTYPES == onnx.DTYPES
     assert choices.ONNX_SWAPS == onnx_adapter.SWAPS and choices.ONNX_APPLIES == onnx.APPLIES
     assert choices.ONNX_VIAS == onnx.VIAS and choices.ONNX_TASKS == tuple(onnx.TASKS)
-    assert choices.LORA_TASK_TYPES == tuple(lora.TASK_MODELS) and choices.LORA_DTYPES == tuple(lora.DTYPES)
+    assert choices.PEFT_TASK_TYPES == tuple(lora.TASK_MODELS) and choices.LORA_DTYPES == tuple(lora.DTYPES)
 
 
 def test_errors_are_still_one_line(tmp_path):

@@ -125,7 +125,9 @@ def test_unknown_task_is_refused():
 
 
 @pytest.mark.parametrize("qat,save_bits", [(True, 4), (True, None), (False, 4)])
-def test_quantisation_aware_training_makes_the_file_reproduce_the_model(data, tokenizer, tmp_path, qat, save_bits):
+def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
+    data, tokenizer, tmp_path, qat, save_bits
+):
     """A QAT model saved with 4-bit codes or with fp32 angles (the snapped ones it computes with) reloads
     to the same logits; without QAT the 4-bit file differs."""
     spec = TrainSpec(

@@ -16,6 +16,6 @@ ONNX_APPLIES = ("auto", "circuit", "dense")
 ONNX_VIAS = ("torch", "optimum")
 ONNX_TASKS = ("text-classification", "feature-extraction", "text-generation", "image-classification")
 
-# qpeft_deploy.export.lora.export: TASK_MODELS and DTYPES (their keys)
-LORA_TASK_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION", "CAUSAL_LM")
+# qpeft_deploy.io.peft_folder.TASK_MODELS (its keys), qpeft_deploy.export.lora.export.DTYPES (its keys)
+PEFT_TASK_TYPES = ("SEQ_CLS", "FEATURE_EXTRACTION", "CAUSAL_LM")
 LORA_DTYPES = ("fp32", "fp16", "bf16")

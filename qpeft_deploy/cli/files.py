@@ -11,15 +11,14 @@ from pathlib import Path
 import click
 
 from qpeft_deploy.cli.choices import ANGLE_BITS, KEEP
-from qpeft_deploy.cli.options import overwrite_option, qpeft_output_option
+from qpeft_deploy.cli.options import ADAPTER, overwrite_option, qpeft_output_option
 from qpeft_deploy.cli.signals import unwinds
 
 BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
-FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 @click.command("pack")
-@click.argument("adapter", type=FILE)
+@click.argument("adapter", type=ADAPTER)
 @qpeft_output_option
 @click.option(
     "--bits",
@@ -48,7 +47,7 @@ def pack_command(
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Re-pack an adapter file ADAPTER with other storage options."""
+    """Re-pack an adapter ADAPTER (a .qpeft file or a PEFT-native folder) with other storage options."""
     from qpeft_deploy.io.file_tools import pack_adapter
 
     out = pack_adapter(
@@ -61,7 +60,14 @@ def pack_command(
         overwrite=overwrite,
     )
     if not quiet:
-        click.echo(f"wrote {out} ({out.stat().st_size:,} bytes, was {adapter.stat().st_size:,})")
+        click.echo(f"wrote {out} ({out.stat().st_size:,} bytes, was {_size(adapter):,})")
+
+
+def _size(adapter: Path) -> int:
+    """Bytes of an adapter file, or of the files of a PEFT folder."""
+    if adapter.is_dir():
+        return sum(p.stat().st_size for p in adapter.iterdir() if p.is_file())
+    return adapter.stat().st_size
 
 
 def _human(summary: dict) -> str:
@@ -74,7 +80,9 @@ def _human(summary: dict) -> str:
     fingerprint, base = summary["fingerprint"], summary["base"] or {}
     lines = [
         f"file          {summary['path']} ({summary['bytes']['total']:,} bytes)",
-        f"format        qpeft version {summary['format_version']}, written by {summary['tool']}",
+        f"format        qpeft version {summary['format_version']}, written by {summary['tool']}"
+        if summary["container"] == "qpeft"
+        else f"format        PEFT-native folder, written by {summary['tool']}",
         f"integrity     {summary['digest']}",
         f"base          {base.get('name') or 'name not recorded'}" + (f" (id {base['id']})" if base else ""),
         (
@@ -105,10 +113,10 @@ def _human(summary: dict) -> str:
 
 
 @click.command("inspect")
-@click.argument("adapter", type=FILE)
+@click.argument("adapter", type=ADAPTER)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(adapter: Path, as_json: bool) -> None:
-    """Describe an adapter file (targets, K, L, sizes by part, bits, fingerprint); needs no base model."""
+    """Describe an adapter file or PEFT-native folder (targets, K, L, sizes by part, bits, fingerprint); needs no base model."""
     from qpeft_deploy.io.file_tools import inspect_adapter
 
     summary = inspect_adapter(adapter)
@@ -116,13 +124,13 @@ def inspect_command(adapter: Path, as_json: bool) -> None:
 
 
 @click.command("verify")
-@click.argument("adapter", type=FILE)
+@click.argument("adapter", type=ADAPTER)
 @click.option(
     "--base", default=None, help="Also check the base fingerprint against this HF folder or 'minilm'."
 )
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 def verify_command(adapter: Path, base: str | None, quiet: bool) -> None:
-    """Check an adapter file: digest, structure, value bounds, orthonormal U/V, and (--base) the fingerprint."""
+    """Check an adapter file or PEFT-native folder: digest, structure, value bounds, orthonormal U/V, and (--base) the fingerprint."""
     from qpeft_deploy.io.file_tools import verify_adapter
 
     report = verify_adapter(adapter, base=base)

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import click
 
-from qpeft_deploy.cli.choices import LORA_DTYPES, LORA_TASK_TYPES
-from qpeft_deploy.cli.options import base_option, overwrite_option, qpeft_output_option, quiet_option
+from qpeft_deploy.cli.choices import LORA_DTYPES, PEFT_TASK_TYPES
+from qpeft_deploy.cli.options import ADAPTER, base_option, overwrite_option, qpeft_output_option, quiet_option
 from qpeft_deploy.cli.signals import unwinds
 from qpeft_deploy.errors import ConfigError
 
-FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
 
 
 @click.command("lora")
-@click.argument("adapter", type=FILE)
+@click.argument("adapter", type=ADAPTER)
 @click.option(
     "-o",
     "--output",
@@ -37,7 +36,7 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 )
 @click.option(
     "--task-type",
-    type=click.Choice(LORA_TASK_TYPES),
+    type=click.Choice(PEFT_TASK_TYPES),
     default=None,
     help="PEFT task type naming the modules (default: SEQ_CLS with a head, else FEATURE_EXTRACTION; "
     "CAUSAL_LM for decoder LLMs served by vLLM or LoRAX).",

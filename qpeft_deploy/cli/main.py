@@ -16,6 +16,7 @@ from qpeft_deploy.cli.files import inspect_command, pack_command, verify_command
 from qpeft_deploy.cli.lora import export_lora_command, import_lora_command
 from qpeft_deploy.cli.merge import merge_command, unmerge_command
 from qpeft_deploy.cli.onnx import export_onnx_adapter_command, export_onnx_command
+from qpeft_deploy.cli.peft import export_peft_command
 from qpeft_deploy.cli.serve import serve_command
 from qpeft_deploy.cli.train import eval_command, train_command
 from qpeft_deploy.errors import QpeftError
@@ -60,7 +61,7 @@ for command in (
     data_group,
 ):
     cli.add_command(command)
-for command in (export_onnx_command, export_onnx_adapter_command, export_lora_command):
+for command in (export_onnx_command, export_onnx_adapter_command, export_lora_command, export_peft_command):
     export_group.add_command(command)
 import_group.add_command(import_lora_command)
 

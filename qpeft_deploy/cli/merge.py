@@ -10,10 +10,9 @@ from pathlib import Path
 import click
 
 from qpeft_deploy.cli.choices import DEFAULT_MAX_SHARD_SIZE, KEEP
-from qpeft_deploy.cli.options import base_option, overwrite_option, quiet_option
+from qpeft_deploy.cli.options import ADAPTER, base_option, overwrite_option, quiet_option
 from qpeft_deploy.cli.signals import unwinds
 
-FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
 DTYPE_HELP = "keep | fp32 | fp16 | bf16: precision of the floating-point weights written"
 
@@ -44,10 +43,10 @@ def _summary(output: Path) -> str:
 @click.option(
     "--adapter",
     "adapters",
-    type=FILE,
+    type=ADAPTER,
     multiple=True,
     required=True,
-    help="A .qpeft file; repeat to merge several (ΔW = Σ wᵢ·ΔWᵢ).",
+    help="A .qpeft file or PEFT-native folder; repeat to merge several (ΔW = Σ wᵢ·ΔWᵢ).",
 )
 @click.option(
     "--weight",
@@ -104,10 +103,10 @@ def merge_command(
 @click.option(
     "--adapter",
     "adapters",
-    type=FILE,
+    type=ADAPTER,
     multiple=True,
     required=True,
-    help="Every .qpeft file that was merged (repeat; weights come from the merge record).",
+    help="Every adapter (.qpeft file or PEFT folder) that was merged (repeat; weights come from the merge record).",
 )
 @output_option
 @click.option(

@@ -13,7 +13,7 @@ from qpeft_deploy.cli.choices import ONNX_MODES as MODES
 from qpeft_deploy.cli.choices import ONNX_SWAPS as SWAPS
 from qpeft_deploy.cli.choices import ONNX_TASKS as TASKS
 from qpeft_deploy.cli.choices import ONNX_VIAS as VIAS
-from qpeft_deploy.cli.options import base_option, overwrite_option, quiet_option
+from qpeft_deploy.cli.options import ADAPTER, base_option, overwrite_option, quiet_option
 from qpeft_deploy.cli.signals import unwinds
 
 SWAP_HELP = (
@@ -24,9 +24,7 @@ SWAP_HELP = (
 
 @click.command("onnx")
 @base_option
-@click.option(
-    "--adapter", required=True, type=click.Path(dir_okay=False, path_type=Path), help="adapter file (.qpeft)"
-)
+@click.option("--adapter", required=True, type=ADAPTER, help="adapter (.qpeft file or PEFT-native folder)")
 @click.option(
     "--mode",
     type=click.Choice(MODES),
@@ -81,7 +79,7 @@ def export_onnx_command(base: str, adapter: Path, output: Path, **options) -> No
 
 
 @click.command("onnx-adapter")
-@click.argument("adapter", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("adapter", type=ADAPTER)
 @click.option("--swap", type=click.Choice(SWAPS), default="factors", show_default=True, help=SWAP_HELP)
 @click.option(
     "-o",

@@ -16,6 +16,7 @@ overwrite_option = click.option(
     is_flag=True,
     help="replace an existing output (it stays until the new one is complete; never an input)",
 )
+ADAPTER = click.Path(path_type=Path)  # an adapter: a .qpeft file or a PEFT-native folder (read_adapter)
 qpeft_output_option = click.option(
     "-o",
     "--output",

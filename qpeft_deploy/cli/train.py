@@ -94,7 +94,9 @@ def train_command(
 
 @click.command("eval")
 @base_option
-@click.option("--adapter", required=True, type=click.Path(dir_okay=False), help="adapter file (.qpeft)")
+@click.option(
+    "--adapter", required=True, type=click.Path(), help="adapter (.qpeft file or PEFT-native folder)"
+)
 @click.option(
     "--task", required=True, help="rt | trec6 | sms | csv:<path> | fmnist-5to9 | fmnist-0to4 | mnist"
 )

@@ -50,6 +50,7 @@ class StoredInfo:
     parameters: dict[str, int]  # angles, lambda, head, total
     nbytes: dict[str, int]  # header, angles, lambda, mask, head, fingerprint, total
     fingerprint_algorithm: str | None
+    container: str = "qpeft"  # qpeft: a .qpeft file; peft: a PEFT-native folder (io/peft_native.py)
 
 
 @dataclass

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 HEAD_MODULE_NAMES = ("classifier", "score")
 SIDES = ("u", "v")  # U's factor first, then V's: the storage order everywhere
 LAMBDA, MASK = "spectrum.lam", "spectrum.mask"  # names of λ and its keep-mask inside a target
+PEFT_TYPE = "QPEFT"  # the method's peft_type in a PEFT config
+PEFT_DELTA = "qpeft_delta"  # a PEFT checkpoint's tensor of one target: <module>.qpeft_delta (core/packing.py)
 
 
 def target_prefix(key: str) -> str:

@@ -35,7 +35,7 @@ def pack_adapter(
     base: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Re-pack a .qpeft file with other options (``KEEP``: as in ``src``); ``base`` stores its fingerprint.
+    """Re-pack a .qpeft file (or convert a PEFT-native folder) with other options (``KEEP``: as in ``src``); ``base`` stores its fingerprint.
     An existing ``out`` is replaced only with ``overwrite``; ``out`` may never be ``src`` or in the base."""
     inputs = [src] if base is None else [src, resolve_base(base)]
     prepare_output(out, overwrite=overwrite, protect=inputs)
@@ -56,11 +56,12 @@ def pack_adapter(
 
 
 def inspect_adapter(path: str | Path) -> dict:
-    """A JSON-able summary of a .qpeft file (needs no base model)."""
+    """A JSON-able summary of a .qpeft file or PEFT-native folder (needs no base model)."""
     adapter = read_adapter(path)
     config, info = adapter.config, adapter.stored
     return {
         "path": str(path),
+        "container": info.container,
         "format_version": info.format_version,
         "digest": integrity_state(info),
         "tool": info.tool,

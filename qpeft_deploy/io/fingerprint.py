@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -124,10 +125,30 @@ def fingerprint_id(fingerprint: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def check_shapes(adapter: AdapterFile, base_dir: Path) -> None:
+    """BaseMismatchError unless the base stores every target as an N×M weight (M×N: Conv1D; a Conv2d kernel:
+    N × M/(kh·kw) × kh × kw), so a base of other targets or sizes is never recorded as the adapter's."""
+    tensors = read_checkpoint(base_dir).tensors
+    for key, (n, m) in adapter.shapes.items():
+        stored = locate_key(key, tensors)
+        if stored is None:
+            raise BaseMismatchError(
+                f"{base_dir}: base has no tensor {key}, which the adapter targets (another base model?)"
+            )
+        shape = tensors[stored].shape
+        if math.prod(shape) != n * m or shape[0] not in (n, m):
+            raise BaseMismatchError(
+                f"{base_dir}: {key} is {'x'.join(map(str, shape))} in the base but {n}x{m} (out x in) in the "
+                "adapter (another base model?)"
+            )
+
+
 def with_base(adapter: AdapterFile, base: str) -> AdapterFile:
     """``adapter`` with the fingerprint of ``base`` (an alias or HF folder) and the base's name (the alias, or
-    the folder's name) in ``config.extra["base"]``; its short id follows from the fingerprint."""
+    the folder's name) in ``config.extra["base"]``, after checking the base has the adapter's target shapes;
+    its short id follows from the fingerprint."""
     folder = resolve_base(base)
+    check_shapes(adapter, folder)
     fingerprint = base_fingerprint(folder, adapter.config.targets)
     name = base if base == MINILM else folder.name
     config = replace(adapter.config, extra={**adapter.config.extra, "base": name})

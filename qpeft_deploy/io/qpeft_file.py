@@ -149,6 +149,11 @@ def _group_string(pattern: str, dims: tuple[int, int, int]) -> str:
     return f"{pattern}:{n}x{m}:{k}"
 
 
+def target_groups(adapter: AdapterFile) -> list[str]:
+    """The target patterns a .qpeft file of ``adapter`` would store (``pattern:NxM:K``)."""
+    return _compress_targets(adapter.check())[0]
+
+
 def _compress_targets(targets: dict[str, tuple[int, int, int]]) -> tuple[list[str], dict]:
     """Group strings for the metadata, and the targets re-ordered canonically (as a reader expands them)."""
     by_dims: dict[tuple[int, int, int], list[str]] = {}
@@ -190,7 +195,10 @@ def integrity_digest(meta: dict[str, str], tensors: dict[str, bytes]) -> str:
 
 
 def integrity_state(stored: StoredInfo) -> str:
-    """How a file read by :func:`read_adapter` was protected: a verified digest, or none (format version 1)."""
+    """How a file read by :func:`read_adapter` was protected: a verified digest, or none (format version 1,
+    or a PEFT-native folder)."""
+    if stored.container == "peft":
+        return "no integrity digest (PEFT-native folder)"
     if stored.format_version >= DIGEST_VERSION:
         return f"{DIGEST_ALGORITHM} digest ok"
     return f"no integrity digest (format version {stored.format_version})"
@@ -769,8 +777,13 @@ def _stored(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and fully validate a .qpeft file; raises FormatError("<path>: <problem>") for any defect."""
+    """Read and fully validate a .qpeft file or a PEFT-native folder (io/peft_native.py); raises
+    FormatError("<path>: <problem>") for any defect."""
     path = Path(path)
+    if path.is_dir():
+        from qpeft_deploy.io.peft_native import read_peft_folder  # it builds on this module
+
+        return read_peft_folder(path)
     header, start, size = read_header(path, MAX_HEADER)
     try:
         return _decode(path, header, start, size)

@@ -45,6 +45,8 @@ from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.atomic import atomic_folder
 from qpeft_deploy.io.fingerprint import UNMERGED_FILE, attest_unmerged, check_base
+from qpeft_deploy.io.peft_folder import CONFIG_FILE as PEFT_CONFIG
+from qpeft_deploy.io.peft_folder import WEIGHTS_FILE as PEFT_WEIGHTS
 from qpeft_deploy.io.qpeft_file import TOOL, read_adapter
 from qpeft_deploy.io.safetensors import (
     Checkpoint,
@@ -182,7 +184,11 @@ def _set_config_dtype(config: dict, dtype: str) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of an adapter file, or of a PEFT folder's config and weights files, one after the other."""
+    h = hashlib.sha256()
+    for file in [path / PEFT_CONFIG, path / PEFT_WEIGHTS] if path.is_dir() else [path]:
+        h.update(file.read_bytes())
+    return h.hexdigest()
 
 
 def _check_weights(files: Sequence[Path], weights: Sequence[float] | None) -> list[float]:

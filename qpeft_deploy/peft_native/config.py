@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+from qpeft_deploy.core.keys import PEFT_TYPE
 from qpeft_deploy.core.layer import MODES, VARIANTS
 from qpeft_deploy.core.quantize import ANGLE_BITS
 from qpeft_deploy.errors import ConfigError
 
-PEFT_TYPE = "QPEFT"
 FULL = "full"
 
 

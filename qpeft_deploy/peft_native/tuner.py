@@ -17,13 +17,13 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from qpeft_deploy.core.factors import target_layout
-from qpeft_deploy.core.keys import HEAD_MODULE_NAMES
+from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, PEFT_DELTA
 from qpeft_deploy.core.layer import QuantumPeftDelta, linear_shape
 from qpeft_deploy.core.packing import pack_target, unpack_target
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.peft_native.config import FULL, QpeftConfig
 
-DELTA = "qpeft_delta"  # the ModuleDict of updates (adapter name -> QuantumPeftDelta) in each tuner layer
+DELTA = PEFT_DELTA  # the ModuleDict of updates (adapter name -> QuantumPeftDelta) in each tuner layer
 # Wrappers that FSDP auto-wrapping and activation checkpointing insert at any depth of a module's name; torch's
 # state-dict hooks drop every one of them from the keys (torch.distributed.fsdp's clean_tensor_name).
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

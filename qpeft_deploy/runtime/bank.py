@@ -423,7 +423,8 @@ class AdapterBank:
     # ------------------------------------------------------------------------------- load, unload, names
 
     def load(self, name: str, path: str | Path, *, force: bool = False) -> None:
-        """Load (or atomically replace) adapter ``name`` from a .qpeft file; the base is never reloaded."""
+        """Load (or atomically replace) adapter ``name`` from a .qpeft file or a PEFT-native folder; the base is
+        never reloaded."""
         check_name(name)
         file = read_adapter(path)
         self._check_base(file, path, force)

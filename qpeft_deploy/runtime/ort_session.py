@@ -74,7 +74,7 @@ class OrtAdapterSession:
     # ------------------------------------------------------------------------------------------- adapters
 
     def load(self, name: str, path: str | Path) -> None:
-        """Load (or replace) adapter ``name`` from an onnxruntime adapter file or a .qpeft file."""
+        """Load (or replace) adapter ``name`` from an onnxruntime adapter file, a .qpeft file or a PEFT folder."""
         if not isinstance(name, str) or not name:
             raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
         path = Path(path)
@@ -87,9 +87,9 @@ class OrtAdapterSession:
             self._adapters[name] = adapter  # runs in flight keep the adapter they looked up alive
 
     def _read(self, path: Path) -> tuple[int, int, dict[str, np.ndarray], list[str] | None]:
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"{path}: no such adapter file")
-        if path.suffix != SUFFIX:
+        if path.is_file() and path.suffix != SUFFIX:
             structure, base, params, _ = read_onnx_adapter(path)
             return structure, base, params, None
         info = read_adapter(path)

@@ -23,24 +23,23 @@ from transformers.pytorch_utils import Conv1D
 
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.factors import target_factors
-from qpeft_deploy.core.keys import module_name_for_key, target_prefix
-from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.core.threads import one_torch_thread
-from qpeft_deploy.errors import BaseMismatchError, ConfigError
-from qpeft_deploy.export.lora.peft_folder import (
-    TASK_MODELS,
-    WEIGHTS_FILE,
-    lora_key,
-    saved_key,
-    skeleton_model,
-    write_folder,
-)
+from qpeft_deploy.errors import ConfigError
+from qpeft_deploy.export.lora.peft_folder import lora_key
 from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import check_base
+from qpeft_deploy.io.peft_folder import (
+    TASK_MODELS,
+    WEIGHTS_FILE,
+    base_model_name,
+    saved_key,
+    skeleton_model,
+    target_module,
+    write_folder,
+)
 from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import MINILM, resolve_base
 
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -64,30 +63,6 @@ def peft_layout(module: nn.Module, lora_a: np.ndarray, lora_b: np.ndarray) -> tu
     return lora_a.reshape(-1, *module.weight.shape[1:]), lora_b[:, :, None, None]
 
 
-def base_model_name(base: str, base_name: str | None) -> str:
-    """``base_model_name_or_path``: ``base_name``, the MiniLM hub id, or the base folder's name."""
-    if base_name is not None:
-        if Path(base_name).is_absolute() or base_name.startswith("~"):
-            raise ConfigError(f"--base-name {base_name!r}: give a hub id or relative name, not a local path")
-        return base_name
-    return MINILM_HUB_ID if base == MINILM else resolve_base(base).name
-
-
-def _module_of(model: nn.Module, adapter: AdapterFile, key: str, path: Path) -> tuple[str, nn.Module]:
-    try:
-        name = module_name_for_key(model, target_prefix(key))
-    except ConfigError:
-        raise BaseMismatchError(f"{path}: target {key} is not a module of {type(model).__name__}") from None
-    module = model.get_submodule(name)
-    expected = adapter.shapes[key]
-    if linear_shape(module) != expected:
-        raise BaseMismatchError(
-            f"{path}: {key} is {expected[0]}x{expected[1]} in the adapter but "
-            f"{linear_shape(module)[0]}x{linear_shape(module)[1]} in the base"
-        )
-    return name, module
-
-
 def _rank_config(ranks: dict[str, int]) -> dict:
     """r and lora_alpha (the largest rank) plus patterns for the other layers, so every scale is 1."""
     r = max(ranks.values())
@@ -101,7 +76,7 @@ def _lora_tensors(
     """(lora_A/lora_B tensors, rank by target module, whether any target is a Conv1D) of the active targets."""
     tensors, ranks, conv1d = {}, {}, False
     for key in adapter.config.targets:
-        name, module = _module_of(model, adapter, key, path)
+        name, module = target_module(model, adapter, key, path)
         with one_torch_thread():
             f = target_factors(adapter, key, torch.float64)
         lora_a, lora_b = lora_pair(f.u.numpy(), f.values.numpy(), f.v.numpy(), balanced)

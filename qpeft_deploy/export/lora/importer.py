@@ -35,16 +35,10 @@ from qpeft_deploy.core.taylor import stiefel_log
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError
 from qpeft_deploy.export.lora.calibrate import Calibration, calibrate
-from qpeft_deploy.export.lora.peft_folder import (
-    WEIGHTS_FILE,
-    LoraAdapter,
-    LoraLayer,
-    read_lora,
-    skeleton_model,
-    target_keys,
-)
+from qpeft_deploy.export.lora.peft_folder import LoraAdapter, LoraLayer, read_lora, target_keys
 from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import base_fingerprint
+from qpeft_deploy.io.peft_folder import WEIGHTS_FILE, skeleton_model
 from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.models import MINILM, resolve_base
 

@@ -1,55 +1,42 @@
-"""The PEFT LoRA folder, the format both directions of the bridge share: its names, reading, writing.
+"""The PEFT LoRA folder: the LoRA side of the bridge, read in both directions' terms.
 
-A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT 0.21's ``save_pretrained``
-writes them, with keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
-``base_model.model.<head>.weight`` / ``.bias`` (no adapter name inside the keys). The pickle-based
-``adapter_model.bin`` is never read.
+The folder's files, key prefix, task models and atomic writing are io/peft_folder.py's (shared with the
+Quantum-PEFT folder); LoRA keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
+``base_model.model.<head>.weight`` / ``.bias``.
 
 Reading (:func:`read_lora`). Per module ΔW = s·B·A, B = lora_B (N×r), A = lora_A (r×M), s = alpha / r
 (rsLoRA: alpha / √r), r and alpha per layer from ``rank_pattern`` / ``alpha_pattern`` (PEFT's matching rule).
 Refused with a one-line FormatError: other PEFT types, DoRA, trained biases, initialisations that change the
 base weights (PiSSA, OLoRA, CorDA, LoftQ), aLoRA, layer replication, embedding or conv LoRA, task types other
 than SEQ_CLS / FEATURE_EXTRACTION / CAUSAL_LM, and ``modules_to_save`` other than the classification head.
-:func:`target_keys` then matches the modules against a base model (:func:`skeleton_model`).
-
-Writing (:func:`write_folder`). Atomic; an existing output is replaced only with ``overwrite`` and only when it
-is an empty folder or a previous export.
+:func:`target_keys` then matches the modules against a base model (``skeleton_model``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from qpeft_deploy.core.attach import is_linear
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, head_tensors, module_name_for_key, weight_key
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.atomic import atomic_folder, prepare_output
+from qpeft_deploy.io.peft_folder import (
+    CONFIG_FILE,
+    KEY_PREFIX,
+    TASK_MODELS,
+    WEIGHTS_FILE,
+    read_config,
+    weights_file,
+)
 from qpeft_deploy.io.safetensors import read_header
-from qpeft_deploy.io.strict_json import strict_json
-from qpeft_deploy.models import resolve_base
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-# The PEFT task types export and import name modules for, and the transformers Auto class of each.
-TASK_MODELS = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "FEATURE_EXTRACTION": "AutoModel",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-}
-# What an output folder may hold for export to replace it: a previous export (PEFT also writes README.md).
-REPLACEABLE = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 MAX_HEADER = 100 << 20
 _LORA_KEY = re.compile(rf"{re.escape(KEY_PREFIX)}(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<side>[AB])\.weight")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -68,32 +55,6 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 def lora_key(module: str, side: str) -> str:
     """Tensor key of ``lora_A`` (side 'A') or ``lora_B`` (side 'B') of the PEFT module ``module``."""
     return f"{KEY_PREFIX}{module}.lora_{side}.weight"
-
-
-def saved_key(module: str, name: str) -> str:
-    """Tensor key of tensor ``name`` (``weight``, ``bias``) of a ``modules_to_save`` module."""
-    return f"{KEY_PREFIX}{module}.{name}"
-
-
-def skeleton_model(base: str, task_type: str, num_labels: int = 2) -> nn.Module:
-    """The base's model for a PEFT task type (SEQ_CLS: ``num_labels`` outputs) on the meta device."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    folder, previous = resolve_base(base), hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        config = transformers.AutoConfig.from_pretrained(
-            str(folder), num_labels=num_labels, local_files_only=True
-        )
-        with torch.device("meta"):
-            return getattr(transformers, TASK_MODELS[task_type]).from_config(config)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"{folder}: cannot build the model skeleton: {str(e).splitlines()[0][:200]}"
-        ) from None
-    finally:
-        hf_logging.set_verbosity(previous)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -207,28 +168,12 @@ def _check_config(config: object, where: Path) -> dict:
 
 
 def _read_config(folder: Path) -> dict:
-    where = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise FormatError(f"{folder}: not a folder (give a PEFT LoRA folder with {CONFIG_FILE})")
-    if not where.is_file():
-        raise FormatError(f"{folder}: no {CONFIG_FILE}: not a PEFT adapter folder")
-    try:
-        config = strict_json(where.read_bytes())
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise FormatError(f"{where}: cannot read JSON: {e}") from None
-    return _check_config(config, where)
+    return _check_config(read_config(folder, "PEFT LoRA"), folder / CONFIG_FILE)
 
 
 def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
     """Every tensor of the weights file as float64, and the file's size."""
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        hint = (
-            " (adapter_model.bin is pickle and is never read: re-save with safe_serialization=True)"
-            if (folder / "adapter_model.bin").exists()
-            else ""
-        )
-        raise FormatError(f"{folder}: no {WEIGHTS_FILE}{hint}")
+    path = weights_file(folder)
     _, _, size = read_header(path, MAX_HEADER)
     try:
         with safe_open(str(path), "pt") as f:
@@ -324,30 +269,3 @@ def target_keys(lora: LoraAdapter, model: nn.Module) -> dict[str, str]:
     if len(set(keys.values())) != len(keys):
         raise FormatError(f"{path}: two LoRA modules name the same base layer")
     return keys
-
-
-# ------------------------------------------------------------------------------------------------- writing
-
-
-def write_folder(
-    output: str | Path,
-    config: dict,
-    tensors: dict[str, torch.Tensor],
-    *,
-    overwrite: bool = False,
-    protect: Sequence[str | Path] = (),
-) -> Path:
-    """Write ``config`` and ``tensors`` as the PEFT folder ``output``, atomically; with ``overwrite`` it
-    replaces an empty folder or a previous export, never anything else or an input (``protect``)."""
-    output = Path(output)
-    prepare_output(output, overwrite=overwrite, protect=protect, folder=True)
-    if output.exists() and not (output.is_dir() and {p.name for p in output.iterdir()} <= REPLACEABLE):
-        raise ConfigError(
-            f"{output}: exists and is not an exported PEFT folder; remove it or choose another -o"
-        )
-    with atomic_folder(
-        output, overwrite=overwrite, protect=protect
-    ) as folder:  # files and folder modes follow the umask
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (folder / WEIGHTS_FILE).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    return output
