@@ -86,6 +86,16 @@ def test_swapping_two_adapters_in_one_session(shared, batches, expected):
         assert close(session(batch, adapter=None), expected["two"][i])  # the exported default
 
 
+def test_a_peft_native_folder_loads_like_its_qpeft_file(files, batches, expected, tmp_path):
+    from qpeft_deploy.io.peft_native import export_peft
+
+    export_peft(files / "six.qpeft", tmp_path / "six-peft")
+    session = OrtAdapterSession(files / "factors" / MODEL_FILE, threads=1)
+    session.load("six", tmp_path / "six-peft")
+    for i, batch in enumerate(batches):
+        assert close(session(batch, adapter="six"), expected["six"][i])
+
+
 def test_angles_session_swaps_too(files, batches, expected):
     session = OrtAdapterSession(files / "angles" / MODEL_FILE)
     session.load("six", files / "six-angles.onnx_adapter")

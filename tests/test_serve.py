@@ -540,3 +540,21 @@ def test_onnx_backend_serves_the_same_answers(tmp_path):
             assert got[0]["label"] == want.label
             assert all(abs(got[0]["scores"][k] - v) < 1e-4 for k, v in want.scores.items())
         assert client.post("/v1/classify", json={"adapter": "nope", "texts": ["x"]}).status_code == 404
+
+
+def test_a_peft_native_folder_is_served_like_its_qpeft_file(folder, expected, tmp_path):
+    """A PEFT user's folder (``qpeft export peft`` writes one like ``save_pretrained``) is served by its name
+    and answers exactly what the .qpeft file it came from answers."""
+    from qpeft_deploy.io.peft_native import export_peft
+
+    served = tmp_path / "served"
+    served.mkdir()
+    export_peft(folder / "topic.qpeft", served / "topic-peft")
+    (served / "notes").mkdir()  # a plain subfolder is not an adapter
+    backend = AdapterBank.from_pretrained("minilm")
+    assert load_folder(backend, served).names == ["topic-peft"]
+    with running(create_app(backend, served, SETTINGS)) as client:
+        response = client.post("/v1/classify", json={"texts": TEXTS[:4], "adapter": "topic-peft"})
+        assert check(response, "topic-peft", range(4), {"topic-peft": expected["topic"]})
+        assert client.post("/v1/adapters", json={"name": "topic-peft"}).status_code == 201  # reloaded
+        assert client.post("/v1/adapters", json={"name": "notes"}).status_code == 404

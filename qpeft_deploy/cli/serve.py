@@ -10,7 +10,11 @@ from qpeft_deploy.errors import ConfigError
 
 @click.command("serve")
 @base_option
-@click.option("--adapters", required=True, help="folder of .qpeft files; each is served under its file stem")
+@click.option(
+    "--adapters",
+    required=True,
+    help="folder of .qpeft files (served under their stem) and PEFT-native adapter folders (under their name)",
+)
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
 @click.option(
     "--onnx-model",

@@ -23,7 +23,6 @@ from qpeft_deploy.core.packing import pack_target, unpack_target
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.peft_native.config import FULL, QpeftConfig
 
-DELTA = PEFT_DELTA  # the ModuleDict of updates (adapter name -> QuantumPeftDelta) in each tuner layer
 # Wrappers that FSDP auto-wrapping and activation checkpointing insert at any depth of a module's name; torch's
 # state-dict hooks drop every one of them from the keys (torch.distributed.fsdp's clean_tensor_name).
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -44,7 +43,7 @@ def delta_layout(delta: QuantumPeftDelta) -> list[tuple[str, tuple[int, ...]]]:
 class QpeftLayer(nn.Module, BaseTunerLayer):
     """A frozen nn.Linear / Conv1D / Conv2d plus one Quantum-PEFT update per adapter name."""
 
-    adapter_layer_names = (DELTA,)
+    adapter_layer_names = (PEFT_DELTA,)
     other_param_names = ()
 
     def __init__(
@@ -208,7 +207,7 @@ class QpeftModel(BaseTuner):
     def _layers(cls, model: nn.Module, adapter_name: str) -> dict[str, QuantumPeftDelta]:
         """Model state-dict key of each update of ``adapter_name`` -> the update."""
         return {
-            f"{state_key(name)}.{DELTA}.{adapter_name}": module.qpeft_delta[adapter_name]
+            f"{state_key(name)}.{PEFT_DELTA}.{adapter_name}": module.qpeft_delta[adapter_name]
             for name, module in model.named_modules()
             if isinstance(module, QpeftLayer) and adapter_name in module.qpeft_delta
         }
@@ -249,7 +248,7 @@ class QpeftModel(BaseTuner):
             except ConfigError as e:
                 raise ConfigError(f"adapter {adapter_name!r}: {found}: {e}") from None
             unpacked.update({f"{key}.{name}": t for name, t in tensors.items()})
-        stray = sorted(k for k in state_dict if k.endswith("." + DELTA))
+        stray = sorted(k for k in state_dict if k.endswith("." + PEFT_DELTA))
         if stray:
             raise ConfigError(
                 f"adapter {adapter_name!r}: the checkpoint adapts modules this model lacks: {stray[:3]}"

@@ -7,7 +7,7 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "<message>"}``;
   ``max_batch_rows`` rows and classified by one backend call.
 - ``GET /v1/adapters`` → ``{"adapters": [{"name": ..., "labels": [...]}, ...], "skipped": [{"file": ...,
   "error": ...}, ...]}`` (skipped: files of the folder that could not be loaded at start-up).
-- ``POST /v1/adapters``: JSON ``{"name": "<name>"}`` loads ``<name>.qpeft`` from the served adapters folder
+- ``POST /v1/adapters``: JSON ``{"name": "<name>"}`` loads ``<name>.qpeft`` (or the PEFT-native folder ``<name>/``) from the served adapters folder
   (never any other path: names are plain, and the resolved file must sit in that folder), or an
   ``application/octet-stream`` body with ``?name=<name>`` loads uploaded bytes, validated like any file and
   kept in memory only. Loading an existing name replaces that adapter.
@@ -52,6 +52,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError, QpeftError
+from qpeft_deploy.io.peft_folder import CONFIG_FILE
 from qpeft_deploy.io.strict_json import strict_json
 from qpeft_deploy.models import load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import DEFAULT_CACHE_BYTES, AdapterBank, Prediction, check_name
@@ -305,11 +306,28 @@ def adapters_folder(path: str | Path) -> Path:
 
 
 def folder_file(folder: Path, name: str) -> Path:
-    """``<folder>/<name>.qpeft``, refusing names that are not plain and links that lead out of the folder."""
-    path = (folder / f"{check_name(name)}{SUFFIX}").resolve()
-    if path.parent != folder or not path.is_file():
-        raise ApiError(404, f"no adapter file {name}{SUFFIX} in the served adapters folder")
-    return path
+    """``<folder>/<name>.qpeft``, or the PEFT-native folder ``<folder>/<name>/``; refuses names that are not
+    plain and links that lead out of the served folder."""
+    check_name(name)
+    for path in (folder / f"{name}{SUFFIX}", folder / name):
+        resolved = path.resolve()
+        if resolved.parent == folder and _is_adapter(resolved):
+            return resolved
+    raise ApiError(
+        404, f"no adapter file {name}{SUFFIX} (or PEFT folder {name}/) in the served adapters folder"
+    )
+
+
+def _is_adapter(path: Path) -> bool:
+    """A ``.qpeft`` file, or a folder holding a PEFT adapter config."""
+    return path.is_file() if path.suffix == SUFFIX else (path / CONFIG_FILE).is_file()
+
+
+def _served(folder: Path) -> list[tuple[str, Path]]:
+    """(name, path) of every adapter of the folder: ``*.qpeft`` files by stem, PEFT folders by name."""
+    found = [(p.stem, p) for p in folder.glob(f"*{SUFFIX}")]
+    found += [(p.name, p) for p in folder.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -321,19 +339,20 @@ class LoadedFolder:
 
 
 def load_folder(backend: Backend, folder: Path) -> LoadedFolder:
-    """Load every ``*.qpeft`` file of the folder under its stem; a file that fails is logged and skipped."""
+    """Load every ``*.qpeft`` file (under its stem) and PEFT-native folder (under its name) of the folder; one
+    that fails is logged and skipped."""
     redact = redactor(backend, folder)
     names, skipped = [], {}
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
+    for name, path in _served(folder):
         try:
-            _load_file(backend, path.stem, folder_file(folder, path.stem))
+            _load_file(backend, name, folder_file(folder, name))
         except (QpeftError, ApiError) as error:
             skipped[path.name] = redact(str(error))
         except Exception as error:  # a bug while loading one file must not stop the others
             log.error("loading %s failed", path.name, exc_info=error)
             skipped[path.name] = f"internal error ({type(error).__name__})"
         else:
-            names.append(path.stem)
+            names.append(name)
             continue
         log.warning("skipped adapter file %s: %s", path.name, skipped[path.name])
     return LoadedFolder(names, skipped)
@@ -499,6 +518,7 @@ def create_app(
             name = body["name"]
             await run_in_threadpool(_load_file, backend, name, folder_file(folder, name))
             skipped.pop(f"{name}{SUFFIX}", None)
+            skipped.pop(name, None)
         return {"name": name, "labels": backend.labels(name)}
 
     @app.delete("/v1/adapters/{name}")
