@@ -13,10 +13,13 @@ from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
     angle_step,
     dequantize_angles,
+    dequantize_lambda,
     fake_quantize_angles,
+    fake_quantize_lambda,
     pack_bits,
     packed_size,
     quantize_angles,
+    quantize_lambda,
     unpack_bits,
 )
 from qpeft_deploy.errors import ConfigError
@@ -122,3 +125,27 @@ def test_unpack_refuses_wrong_size_and_padding_bits():
     dirty[-1] |= 0x80
     with pytest.raises(ConfigError, match="padding"):
         unpack_bits(dirty, 4, 3)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lambda_codes_round_trip_and_training_sees_the_stored_values(bits):
+    lam = torch.randn(37, generator=torch.Generator().manual_seed(bits)) * 0.3
+    codes, scale = quantize_lambda(lam, bits)
+    assert codes.min() >= 0 and codes.max() <= 2 * (2 ** (bits - 1) - 1)
+    decoded = dequantize_lambda(codes, scale, bits)
+    assert (decoded - lam).abs().max() <= scale / 2 + 1e-7
+    assert decoded.abs().max() == lam.abs().max().float()  # the largest |λ| is exact
+    trained = fake_quantize_lambda(lam.clone().requires_grad_(), bits)
+    assert torch.equal(trained.detach(), decoded)  # bit for bit: a λ-coded file reproduces QAT
+    trained.sum().backward()
+
+
+def test_lambda_codes_of_zero_and_bad_input():
+    codes, scale = quantize_lambda(torch.zeros(4), 4)
+    assert scale == 0 and torch.equal(dequantize_lambda(codes, scale, 4), torch.zeros(4))
+    with pytest.raises(ConfigError, match="lambda bits"):
+        quantize_lambda(torch.ones(3), 16)
+    with pytest.raises(ConfigError, match="NaN"):
+        quantize_lambda(torch.tensor([1.0, float("nan")]), 4)
+    with pytest.raises(ConfigError, match="codes must lie"):
+        dequantize_lambda(torch.tensor([15]), torch.tensor(1.0), 4)

@@ -25,6 +25,7 @@ from qpeft_deploy.core.keys import (
     SIDES,
     base_key,
     factor_key,
+    lambda_key,
     module_name_for_key,
     target_prefix,
     weight_key,
@@ -234,7 +235,7 @@ def lora_parameter_count(model: nn.Module, r: int = 8) -> int:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors: ``<base key>.<u.theta|v.theta|spectrum.lam|spectrum.mask|...>`` and the head.
-    Angles are those the circuits compute with: snapped to the grid while training quantisation-aware."""
+    Angles and λ are those ΔW is computed with: snapped to their grids while training quantisation-aware."""
     state = {}
     for key, layer in adapted_layers(model).items():
         prefix = target_prefix(key)
@@ -245,6 +246,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             factor = getattr(layer, side)
             if getattr(factor, "angle_bits", None) is not None:
                 state[factor_key(key, side, "theta")] = factor.angles().detach().clone()
+        if layer.spectrum.lambda_bits is not None:
+            state[lambda_key(key)] = layer.spectrum.values().detach().clone()
     head = adapter_config(model).head
     if head is not None:
         for name, tensor in model.get_submodule(head).state_dict().items():

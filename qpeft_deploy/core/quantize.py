@@ -6,6 +6,11 @@ The code decodes to θ̂ = Δ·c for c < 2^(b−1) and Δ·(c − 2^b) otherwise
 |θ̂ − θ| ≤ Δ/2 modulo 2π. Only circuit angles may be quantised this way: Taylor parameters, λ and heads are not
 periodic.
 
+λ (not periodic) gets symmetric b-bit codes with one fp32 scale per target: s = max|λ| / q with
+q = 2^(b−1) − 1, code = round(λ / s) + q ∈ [0, 2q], λ̂ = (code − q)·s, so |λ̂ − λ| ≤ s/2 and the largest |λ| is
+exact. Training on λ̂ (``fake_quantize_lambda``) computes round(λ/s)·s with the very fp32 operations the
+reader uses, so a file with λ codes reproduces a quantisation-aware model bit for bit.
+
 Bit packing is little-endian at the bit level: code i occupies bits i·b .. i·b + b − 1 of the stream, bit j
 is bit (j mod 8) of byte j // 8, and the unused high bits of the last byte are zero.
 """
@@ -19,6 +24,7 @@ import torch
 from qpeft_deploy.errors import ConfigError
 
 ANGLE_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+LAMBDA_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def _check_angle_bits(bits: int) -> None:
@@ -60,6 +66,49 @@ def dequantize_angles(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ConfigError(f"angle codes must lie in [0, {1 << bits})")
     signed = torch.where(codes >= 1 << (bits - 1), codes - (1 << bits), codes)
     return (signed.to(torch.float64) * step).to(torch.float32)
+
+
+def _levels(bits: int) -> int:
+    """q = 2^(bits−1) − 1: λ codes run over [−q, q] (stored shifted to [0, 2q])."""
+    if isinstance(bits, bool) or bits not in LAMBDA_BITS:
+        raise ConfigError(f"lambda bits must be one of {', '.join(map(str, LAMBDA_BITS))}, got {bits!r}")
+    return (1 << (bits - 1)) - 1
+
+
+def lambda_scale(lam: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp32 scale s = max|λ| / q of one target's λ (0 when λ is all zero)."""
+    return lam.detach().to(torch.float32).abs().max() / _levels(bits)
+
+
+def _snap(lam: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """round(λ/s) clamped to [−q, q] (fp32); all zero when s is 0."""
+    if not scale > 0:
+        return torch.zeros_like(lam, dtype=torch.float32)
+    q = _levels(bits)
+    return torch.round(lam.detach().to(torch.float32) / scale).clamp(-q, q)
+
+
+def quantize_lambda(lam: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes in [0, 2q] as int64, fp32 scale) of one target's λ."""
+    if not torch.isfinite(lam).all():
+        raise ConfigError("cannot quantise NaN or infinite λ")
+    scale = lambda_scale(lam, bits)
+    return (_snap(lam, scale, bits) + _levels(bits)).to(torch.int64), scale
+
+
+def dequantize_lambda(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """λ̂ = (code − q)·s in fp32; ConfigError for codes outside [0, 2q]."""
+    q = _levels(bits)
+    codes = codes.to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() > 2 * q):
+        raise ConfigError(f"λ codes must lie in [0, {2 * q}] for {bits} bits")
+    return (codes - q).to(torch.float32) * scale.to(torch.float32)
+
+
+def fake_quantize_lambda(lam: torch.Tensor, bits: int) -> torch.Tensor:
+    """λ̂ in the forward pass (exactly what a ``bits``-bit file stores), identity gradient (straight-through)."""
+    scale = lambda_scale(lam, bits)
+    return _snap(lam, scale, bits) * scale + (lam - lam.detach())
 
 
 def packed_size(count: int, bits: int) -> int:

@@ -1,6 +1,7 @@
 """Λ: the trainable diagonal spectrum of ΔW = α·U diag(λ) Vᵀ, with intrinsic-rank masking.
 
-λ starts at zero (ΔW = 0 at step 0). A binary mask keeps K' ≤ K directions active; pruning keeps the K' largest
+λ starts at zero (ΔW = 0 at step 0); with ``lambda_bits`` set, ΔW uses λ on the b-bit grid of the file
+(core/quantize.py), straight-through. A binary mask keeps K' ≤ K directions active; pruning keeps the K' largest
 |λ| among the active ones, so rank(ΔW) ≤ K'. Masking never rescales ΔW (no division by K or K').
 The schedule shrinks the active rank from K to a target over training, cubically as in AdaLoRA.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qpeft_deploy.core.quantize import fake_quantize_lambda
 from qpeft_deploy.errors import ConfigError
 
 
@@ -20,10 +22,12 @@ class Spectrum(nn.Module):
         super().__init__()
         self.lam = nn.Parameter(torch.zeros(rank))
         self.register_buffer("mask", torch.ones(rank, dtype=torch.bool))
+        self.lambda_bits: int | None = None  # set: run on b-bit λ codes (quantisation-aware training)
 
     def values(self) -> torch.Tensor:
-        """λ with the pruned directions set to zero."""
-        return self.lam * self.mask
+        """λ with the pruned directions set to zero, on the ``lambda_bits`` grid when that is set."""
+        values = self.lam * self.mask
+        return values if self.lambda_bits is None else fake_quantize_lambda(values, self.lambda_bits)
 
     def active_rank(self) -> int:
         """Number of directions the mask keeps."""
