@@ -251,9 +251,12 @@ def test_bad_arguments():
 
 
 def test_cheapest_mode():
-    assert QuantumPeftLinear(nn.Linear(384, 384), 384).mode == "circuit"
+    # benchmarks/circuit.py: at full rank dense is faster at N = 384, 768 and the circuit at N = 1024, 4096
+    assert QuantumPeftLinear(nn.Linear(384, 384), 384).mode == "dense"
+    assert QuantumPeftLinear(nn.Linear(768, 768), 768).mode == "dense"
+    assert QuantumPeftLinear(nn.Linear(1024, 1024), 1024).mode == "circuit"
     assert QuantumPeftLinear(nn.Linear(384, 384), 8).mode == "dense"
-    full = QuantumPeftLinear(nn.Linear(384, 384), 384, mode="dense")
+    full = QuantumPeftLinear(nn.Linear(1024, 1024), 1024, mode="dense")
     assert full.mode == "dense" and full.cheapest_mode() == "circuit"
     assert QuantumPeftLinear(nn.Linear(64, 64), 64, variant="taylor").mode == "dense"
 

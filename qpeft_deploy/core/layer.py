@@ -30,6 +30,11 @@ from qpeft_deploy.errors import ConfigError
 
 VARIANTS = ("pauli", "taylor")
 MODES = ("auto", "circuit", "dense")
+# How many GEMM multiply-adds one multiply-add of the circuit costs in time: the circuit's small grouped GEMMs
+# run well below a dense GEMM's rate. Calibrated with benchmarks/circuit.py (AMD EPYC, 2 cores, torch 2.13 CPU,
+# 2026-12-06): the measured per-multiply-add ratio was 3.4 to 9.8 over N = 384…4096 at full rank, and any value
+# in (5.9, 7.6) makes ``auto`` pick the faster mode in every row there; 6.5 is in the middle.
+CIRCUIT_MAC_COST = 6.5
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -103,11 +108,12 @@ class QuantumPeftDelta(nn.Module):
         return self
 
     def cheapest_mode(self) -> str:
-        """'circuit' when rotating activations costs fewer multiply-adds per token than K·(N+M); Conv2d layers
-        and Taylor frames always run 'dense'."""
+        """'circuit' when rotating activations costs less time per token than the dense K·(N+M) multiply-adds
+        (the circuit's multiply-adds weighted by ``CIRCUIT_MAC_COST``); Conv2d layers and Taylor frames always
+        run 'dense'."""
         if self.variant != "pauli" or self.is_conv:
             return "dense"
-        circuit = self.u.cost_per_vector() + self.v.cost_per_vector()
+        circuit = CIRCUIT_MAC_COST * (self.u.cost_per_vector() + self.v.cost_per_vector())
         return "circuit" if circuit < self.rank * (self.out_features + self.in_features) else "dense"
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
