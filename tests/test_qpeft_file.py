@@ -164,7 +164,7 @@ def test_stock_safetensors_reads_the_file_and_metadata_is_strings(model, tmp_pat
     with safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == ["a", "f", "h", "l", "m"]
         meta = f.metadata()
-    assert meta["format"] == "qpeft" and meta["format_version"] == str(FORMAT_VERSION)
+    assert meta["format"] == "qpeft" and meta["format_version"] == "2"  # the lowest version that holds it
     assert (
         meta["construction"] == "split2-right-v1" and meta["bits"] == "4" and meta["lambda_dtype"] == "fp16"
     )
@@ -260,9 +260,12 @@ def test_mask_and_per_target_ranks_round_trip(inputs, tmp_path):
     prune_to_rank(model, 5)
     path = save_adapter(model, tmp_path / "t.qpeft", lambda_dtype="fp32")
     adapter = read_adapter(path)
-    assert sorted(set(adapter.config.targets.values())) == [384]
+    assert sorted(set(adapter.config.targets.values())) == [384] and adapter.stored.format_version == 3
     for key, tensor in adapter_state(model).items():
+        if key.endswith("spectrum.lam"):  # only the kept λ are stored; a masked λ reads back as 0
+            tensor = tensor * adapter.state[key.replace(".lam", ".mask")]
         assert torch.equal(adapter.state[key], tensor), key
+    assert adapter.stored.nbytes["lambda"] == 4 * 5 * len(adapter.config.targets)
     assert sum(int(v.sum()) for k, v in adapter.state.items() if k.endswith("mask")) == 5 * len(
         adapter.config.targets
     )
@@ -416,15 +419,16 @@ def test_repacking(model, tmp_path):
 # ---------------------------------------------------------------------------------------------- bad files
 
 
-def small_adapter(variant: str = "pauli") -> AdapterFile:
-    """A hand-built adapter without a model (3 targets, head, fingerprint): small files for fuzzing."""
+def small_adapter(variant: str = "pauli", pruned: bool = False) -> AdapterFile:
+    """A hand-built adapter without a model (3 targets, head, fingerprint): small files for fuzzing; ``pruned``
+    masks each target's last λ (a file of format version 3)."""
     dims = {"enc.0.q.weight": (8, 6, 2), "enc.1.q.weight": (8, 6, 2), "pool.weight": (5, 5, 1)}
     g = torch.Generator().manual_seed(0)
     state = {}
     for key, (n, m, k) in dims.items():
         params, lam, mask = target_params(variant, key, (n, m, k), 1)
         state.update({name: torch.randn(shape, generator=g) for name, shape in params})
-        state[lam], state[mask] = torch.randn(k, generator=g), torch.tensor([True] * (k - 1) + [False])
+        state[lam], state[mask] = torch.randn(k, generator=g), torch.tensor([True] * (k - 1) + [not pruned])
     state["classifier.weight"], state["classifier.bias"] = torch.randn(2, 5, generator=g), torch.randn(2)
     config = AdapterConfig(
         {k: d[2] for k, d in dims.items()}, 1, 2.0, variant, "classifier", {0: "a", 1: "b"}, 3
@@ -433,11 +437,17 @@ def small_adapter(variant: str = "pauli") -> AdapterFile:
     return AdapterFile(config, state, {k: d[:2] for k, d in dims.items()}, fingerprint)
 
 
-SMALL = {
+V2_SMALL = {  # version 2: float λ, nothing masked
     "pauli4": encode_adapter(small_adapter(), bits=4, lambda_dtype="fp16"),
     "pauli32": encode_adapter(small_adapter(), lambda_dtype="fp32"),
     "taylor16": encode_adapter(small_adapter("taylor"), lambda_dtype="fp16"),
 }
+V3_SMALL = {  # version 3: λ codes, masked λ, or both
+    "pauli4-l4-pruned": encode_adapter(small_adapter(pruned=True), bits=4, lambda_dtype="fp16", lambda_bits=4),
+    "pauli32-l2": encode_adapter(small_adapter(), lambda_bits=2),
+    "taylor16-pruned": encode_adapter(small_adapter("taylor", pruned=True), lambda_dtype="fp16"),
+}
+SMALL = V2_SMALL | V3_SMALL
 
 
 def write(tmp_path, data: bytes, name: str = "x.qpeft"):
@@ -782,7 +792,7 @@ def same_adapter(a: AdapterFile, b: AdapterFile) -> bool:
     return same_state and a.config == b.config and a.fingerprint == b.fingerprint
 
 
-@pytest.mark.parametrize("kind", sorted(SMALL))
+@pytest.mark.parametrize("kind", sorted(V2_SMALL))
 @pytest.mark.parametrize("tensor", ["a", "l", "m", "h", "f"])
 def test_every_bit_flip_in_a_tensor_is_refused(kind, tensor, tmp_path):
     data, path = SMALL[kind], tmp_path / "x.qpeft"
@@ -922,10 +932,10 @@ def test_reordered_head_shapes_are_refused(tmp_path):
 
 
 def test_version_1_files_still_load_and_say_they_have_no_digest(tmp_path):
-    for kind, data in SMALL.items():
+    for kind, data in V2_SMALL.items():
         v1 = write(tmp_path, version_1(data), f"{kind}-v1.qpeft")
         adapter, current = read_adapter(v1), read_adapter(write(tmp_path, data, f"{kind}.qpeft"))
-        assert adapter.stored.format_version == 1 and current.stored.format_version == FORMAT_VERSION == 2
+        assert adapter.stored.format_version == 1 and current.stored.format_version == 2
         assert same_adapter(adapter, current)
         assert inspect_adapter(v1)["digest"] == "no integrity digest (format version 1)"
         assert verify_adapter(v1)["digest"] == "no integrity digest (format version 1)"
