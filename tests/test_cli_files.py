@@ -235,3 +235,37 @@ def test_inspect_prints_on_a_stdout_that_is_not_utf8(qpeft, tmp_path, encoding):
         assert b"\\u043f" in out or "позитив".encode() in out
     missing = _qpeft("inspect", tmp_path / "gone-λ.qpeft", **encoding)
     assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1
+
+
+def test_pack_lambda_bits_and_back(qpeft, adapter, tmp_path):
+    coded = tmp_path / "l4.qpeft"
+    result = run(
+        qpeft, "pack", adapter, "-o", coded, "--bits", "4", "--lambda-bits", "4", "--lambda-dtype", "fp16"
+    )
+    assert result.exit_code == 0, result.output
+    text = run(qpeft, "inspect", coded).output
+    for part in (
+        "qpeft version 3",
+        "angles 4-bit, λ 4-bit codes + fp32 scale per target, head fp16",
+        "lambda 148",
+        "scales 148",
+    ):
+        assert part in text, part
+    data = json.loads(run(qpeft, "inspect", coded, "--json").output)
+    assert data["format_version"] == 3 and data["lambda_bits"] == 4 and data["bytes"]["scales"] == 4 * 37
+    assert run(qpeft, "verify", coded, "--base", "minilm").exit_code == 0
+    kept = tmp_path / "kept.qpeft"
+    assert run(qpeft, "pack", coded, "-o", kept, "--bits", "8", "--quiet").exit_code == 0
+    assert read_adapter(kept).stored.lambda_bits == 4  # not asked: kept
+    back = tmp_path / "back.qpeft"
+    assert (
+        run(
+            qpeft, "pack", coded, "-o", back, "--lambda-bits", "32", "--lambda-dtype", "fp32", "--quiet"
+        ).exit_code
+        == 0
+    )
+    restored, source = read_adapter(back), read_adapter(coded)
+    assert restored.stored.format_version == 2 and restored.stored.lambda_bits is None
+    assert all(torch.equal(restored.state[k], t) for k, t in source.state.items() if k.endswith("lam"))
+    result = run(qpeft, "pack", adapter, "-o", tmp_path / "x.qpeft", "--lambda-bits", "16")
+    assert result.exit_code == 2 and "16" in result.stderr and not (tmp_path / "x.qpeft").exists()

@@ -164,7 +164,7 @@ def test_stock_safetensors_reads_the_file_and_metadata_is_strings(model, tmp_pat
     with safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == ["a", "f", "h", "l", "m"]
         meta = f.metadata()
-    assert meta["format"] == "qpeft" and meta["format_version"] == str(FORMAT_VERSION)
+    assert meta["format"] == "qpeft" and meta["format_version"] == "2"  # the lowest version that holds it
     assert (
         meta["construction"] == "split2-right-v1" and meta["bits"] == "4" and meta["lambda_dtype"] == "fp16"
     )
@@ -260,9 +260,12 @@ def test_mask_and_per_target_ranks_round_trip(inputs, tmp_path):
     prune_to_rank(model, 5)
     path = save_adapter(model, tmp_path / "t.qpeft", lambda_dtype="fp32")
     adapter = read_adapter(path)
-    assert sorted(set(adapter.config.targets.values())) == [384]
+    assert sorted(set(adapter.config.targets.values())) == [384] and adapter.stored.format_version == 3
     for key, tensor in adapter_state(model).items():
+        if key.endswith("spectrum.lam"):  # only the kept λ are stored; a masked λ reads back as 0
+            tensor = tensor * adapter.state[key.replace(".lam", ".mask")]
         assert torch.equal(adapter.state[key], tensor), key
+    assert adapter.stored.nbytes["lambda"] == 4 * 5 * len(adapter.config.targets)
     assert sum(int(v.sum()) for k, v in adapter.state.items() if k.endswith("mask")) == 5 * len(
         adapter.config.targets
     )
@@ -416,15 +419,16 @@ def test_repacking(model, tmp_path):
 # ---------------------------------------------------------------------------------------------- bad files
 
 
-def small_adapter(variant: str = "pauli") -> AdapterFile:
-    """A hand-built adapter without a model (3 targets, head, fingerprint): small files for fuzzing."""
+def small_adapter(variant: str = "pauli", pruned: bool = False) -> AdapterFile:
+    """A hand-built adapter without a model (3 targets, head, fingerprint): small files for fuzzing; ``pruned``
+    masks each target's last λ (a file of format version 3)."""
     dims = {"enc.0.q.weight": (8, 6, 2), "enc.1.q.weight": (8, 6, 2), "pool.weight": (5, 5, 1)}
     g = torch.Generator().manual_seed(0)
     state = {}
     for key, (n, m, k) in dims.items():
         params, lam, mask = target_params(variant, key, (n, m, k), 1)
         state.update({name: torch.randn(shape, generator=g) for name, shape in params})
-        state[lam], state[mask] = torch.randn(k, generator=g), torch.tensor([True] * (k - 1) + [False])
+        state[lam], state[mask] = torch.randn(k, generator=g), torch.tensor([True] * (k - 1) + [not pruned])
     state["classifier.weight"], state["classifier.bias"] = torch.randn(2, 5, generator=g), torch.randn(2)
     config = AdapterConfig(
         {k: d[2] for k, d in dims.items()}, 1, 2.0, variant, "classifier", {0: "a", 1: "b"}, 3
@@ -433,11 +437,19 @@ def small_adapter(variant: str = "pauli") -> AdapterFile:
     return AdapterFile(config, state, {k: d[:2] for k, d in dims.items()}, fingerprint)
 
 
-SMALL = {
+V2_SMALL = {  # version 2: float λ, nothing masked
     "pauli4": encode_adapter(small_adapter(), bits=4, lambda_dtype="fp16"),
     "pauli32": encode_adapter(small_adapter(), lambda_dtype="fp32"),
     "taylor16": encode_adapter(small_adapter("taylor"), lambda_dtype="fp16"),
 }
+V3_SMALL = {  # version 3: λ codes, masked λ, or both
+    "pauli4-l4-pruned": encode_adapter(
+        small_adapter(pruned=True), bits=4, lambda_dtype="fp16", lambda_bits=4
+    ),
+    "pauli32-l2": encode_adapter(small_adapter(), lambda_bits=2),
+    "taylor16-pruned": encode_adapter(small_adapter("taylor", pruned=True), lambda_dtype="fp16"),
+}
+SMALL = V2_SMALL | V3_SMALL
 
 
 def write(tmp_path, data: bytes, name: str = "x.qpeft"):
@@ -619,7 +631,10 @@ def check_consistent(adapter: AdapterFile, path) -> None:
     assert set(adapter.state) == expected | head
     assert all(torch.isfinite(t).all() for t in adapter.state.values() if t.is_floating_point())
     assert adapter.fingerprint is None or set(adapter.fingerprint) == set(config.targets)
-    write_adapter(path, adapter, bits=adapter.stored.bits, lambda_dtype=adapter.stored.lambda_dtype)
+    stored = adapter.stored
+    write_adapter(
+        path, adapter, bits=stored.bits, lambda_dtype=stored.lambda_dtype, lambda_bits=stored.lambda_bits
+    )
     again = read_adapter(path)
     assert again.state.keys() == adapter.state.keys()
     assert all(torch.equal(again.state[k], t) for k, t in adapter.state.items())
@@ -715,9 +730,8 @@ def edit_header(draw, data: bytes) -> bytes:
     )
     tensors = sorted(k for k in header if k != "__metadata__" and isinstance(header[k], dict))
     if what == "meta":
-        meta[draw(st.sampled_from(sorted(meta) + ["extra", "head", "bits", "labels", "fingerprint"]))] = draw(
-            values
-        )
+        keys = ["extra", "head", "bits", "lambda_bits", "labels", "fingerprint"]
+        meta[draw(st.sampled_from(sorted(meta) + keys))] = draw(values)
     elif what == "drop" and meta:
         meta.pop(draw(st.sampled_from(sorted(meta))))
     elif what == "swap" and len(meta) >= 2:
@@ -782,7 +796,7 @@ def same_adapter(a: AdapterFile, b: AdapterFile) -> bool:
     return same_state and a.config == b.config and a.fingerprint == b.fingerprint
 
 
-@pytest.mark.parametrize("kind", sorted(SMALL))
+@pytest.mark.parametrize("kind", sorted(V2_SMALL))
 @pytest.mark.parametrize("tensor", ["a", "l", "m", "h", "f"])
 def test_every_bit_flip_in_a_tensor_is_refused(kind, tensor, tmp_path):
     data, path = SMALL[kind], tmp_path / "x.qpeft"
@@ -922,10 +936,10 @@ def test_reordered_head_shapes_are_refused(tmp_path):
 
 
 def test_version_1_files_still_load_and_say_they_have_no_digest(tmp_path):
-    for kind, data in SMALL.items():
+    for kind, data in V2_SMALL.items():
         v1 = write(tmp_path, version_1(data), f"{kind}-v1.qpeft")
         adapter, current = read_adapter(v1), read_adapter(write(tmp_path, data, f"{kind}.qpeft"))
-        assert adapter.stored.format_version == 1 and current.stored.format_version == FORMAT_VERSION == 2
+        assert adapter.stored.format_version == 1 and current.stored.format_version == 2
         assert same_adapter(adapter, current)
         assert inspect_adapter(v1)["digest"] == "no integrity digest (format version 1)"
         assert verify_adapter(v1)["digest"] == "no integrity digest (format version 1)"
@@ -999,3 +1013,205 @@ def test_the_file_records_its_base_and_a_mismatch_names_it(model, tmp_path):
         verify_adapter(path, base=str(other))
     repacked = pack_adapter(path, tmp_path / "c.qpeft", base=str(other))
     assert inspect_adapter(repacked)["base"]["name"] == "other-base"
+
+
+# ------------------------------------------------------------------------ λ codes, compact spectra (version 3)
+
+
+def lambda_scales(path) -> torch.Tensor:
+    """The ``s`` tensor of a file with λ codes, read by stock safetensors."""
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor("s")
+
+
+@pytest.mark.parametrize("lambda_bits", [2, 4, 8])
+def test_lambda_codes_round_trip_within_half_a_step(model, tmp_path, lambda_bits):
+    path = save_adapter(model, tmp_path / "l.qpeft", bits=4, lambda_dtype="fp16", lambda_bits=lambda_bits)
+    adapter, original = read_adapter(path), adapter_state(model)
+    assert adapter.stored.format_version == 3 and adapter.stored.lambda_bits == lambda_bits
+    assert split(path.read_bytes())[0]["__metadata__"]["lambda_bits"] == str(lambda_bits)
+    q = 2 ** (lambda_bits - 1) - 1
+    scales = lambda_scales(path)
+    for i, key in enumerate(adapter.config.targets):
+        lam = original[key.replace(".weight", ".spectrum.lam")]
+        got = adapter.state[key.replace(".weight", ".spectrum.lam")]
+        assert float(scales[i]) == pytest.approx(float(lam.abs().max()) / q, rel=1e-6), key
+        assert float((got - lam).abs().max()) <= float(scales[i]) / 2 * (1 + 1e-6), key
+    assert adapter.stored.nbytes["lambda"] == (37 * 8 * lambda_bits + 7) // 8
+    assert adapter.stored.nbytes["scales"] == 4 * 37
+    again = read_adapter(pack_adapter(path, tmp_path / "again.qpeft"))  # KEEP: the same codes, exactly
+    assert again.stored.lambda_bits == lambda_bits and same_adapter(again, adapter)
+
+
+def lambda_aware(model: nn.Module, bits: int) -> nn.Module:
+    for layer in adapted_layers(model).values():
+        layer.spectrum.lambda_bits = bits
+    return model
+
+
+def test_a_lambda_aware_model_is_what_its_file_computes(inputs, tmp_path):
+    from qpeft_deploy.training.train import quantization_aware
+
+    model = lambda_aware(adapted_minilm(), 4)
+    path = save_adapter(model, tmp_path / "l4.qpeft", lambda_bits=4)
+    state = adapter_state(model)
+    adapter = read_adapter(path)
+    assert all(torch.equal(adapter.state[k], t) for k, t in state.items() if k.endswith("spectrum.lam"))
+    torch.testing.assert_close(
+        logits(load_adapted_model("minilm", path), inputs), logits(model, inputs), atol=1e-6, rtol=0
+    )
+    quantization_aware(model, 4)  # 4-bit angles and 4-bit λ together
+    both = save_adapter(model, tmp_path / "both.qpeft", bits=4, lambda_bits=4)
+    torch.testing.assert_close(
+        logits(load_adapted_model("minilm", both), inputs), logits(model, inputs), atol=1e-6, rtol=0
+    )
+    assert both.stat().st_size < path.stat().st_size / 2
+
+
+def test_a_pruned_spectrum_stores_only_the_kept_lambda(tmp_path):
+    model = adapted_minilm(rank="full")
+    full = save_adapter(model, tmp_path / "full.qpeft", bits=4, lambda_dtype="fp16")
+    prune_to_rank(model, 96)  # 25% of the 384 directions of every target
+    pruned = save_adapter(model, tmp_path / "pruned.qpeft", bits=4, lambda_dtype="fp16")
+    coded = save_adapter(model, tmp_path / "coded.qpeft", bits=4, lambda_dtype="fp16", lambda_bits=4)
+    sizes = {p.stem: read_adapter(p).stored for p in (full, pruned, coded)}
+    assert [sizes[k].format_version for k in ("full", "pruned", "coded")] == [2, 3, 3]
+    assert sizes["full"].nbytes["lambda"] == 2 * 37 * 384 and sizes["pruned"].nbytes["lambda"] == 2 * 37 * 96
+    assert sizes["coded"].nbytes["lambda"] == 37 * 96 * 4 // 8 and sizes["coded"].nbytes["scales"] == 4 * 37
+    assert sizes["full"].nbytes["mask"] == sizes["pruned"].nbytes["mask"] == 37 * 384 // 8
+    assert full.stat().st_size - pruned.stat().st_size == 2 * 37 * (384 - 96)
+    assert coded.stat().st_size * 100 <= LORA_R8_BYTES
+    state, kept = adapter_state(model), read_adapter(pruned).state
+    for key in (k for k in state if k.endswith("spectrum.lam")):
+        masked = state[key] * state[key.replace(".lam", ".mask")]
+        assert torch.equal(kept[key], masked.half().float()), key  # the kept λ in fp16, the others 0
+
+
+@pytest.mark.parametrize("kind", sorted(V3_SMALL))
+def test_every_bit_flip_in_a_version_3_file_is_refused(kind, tmp_path):
+    data, path = V3_SMALL[kind], tmp_path / "x.qpeft"
+    assert read_adapter(write(tmp_path, data, "original.qpeft")).stored.format_version == 3
+    header, _ = split(data)
+    names = sorted(k for k in header if k != "__metadata__")
+    assert ("s" in names) == ("l2" in kind or "l4" in kind)
+    for bit in [b for name in names for b in tensor_bits(data, name)]:
+        path.write_bytes(flip_bit(data, bit))
+        with pytest.raises(FormatError, match="integrity digest mismatch") as error:
+            read_adapter(path)
+        assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    for bit in range(8 * (8 + struct.unpack("<Q", data[:8])[0])):
+        path.write_bytes(flip_bit(data, bit))
+        with pytest.raises(FormatError) as error:
+            read_adapter(path)
+        assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def set_byte(data: bytes, tensor: str, index: int, value) -> bytes:
+    """The file with byte ``index`` of tensor ``tensor`` set to ``value(old byte)``, re-digested."""
+    header, body = split(data)
+    at = header[tensor]["data_offsets"][0] + index
+    return redigest(join(header, body[:at] + bytes([value(body[at])]) + body[at + 1 :]))
+
+
+def with_tensor(data: bytes, name: str, tensor: torch.Tensor) -> bytes:
+    """The file with tensor ``name`` replaced (any size), re-digested."""
+    from safetensors.torch import load, save
+
+    meta = split(data)[0]["__metadata__"]
+    return redigest(save(load(data) | {name: tensor}, metadata=meta))
+
+
+CODED = (
+    "pauli4-l4-pruned"  # λ codes: 2 active λ (one byte: 2 codes of 4 bits), pool.weight all masked (s = 0)
+)
+BAD_V3 = {
+    "nan scale": (CODED, lambda d: set_value(d, "s", 0, math.nan), "λ scales contains NaN"),
+    "negative scale": (
+        CODED,
+        lambda d: set_value(d, "s", 1, -0.25),
+        "λ scale of enc.1.q.weight: -0.25 is negative",
+    ),
+    "negative zero scale": (
+        CODED,
+        lambda d: set_value(d, "s", 2, -0.0),
+        "λ scale of pool.weight: -0 is negative",
+    ),
+    "scale too large": (
+        CODED,
+        lambda d: set_value(d, "s", 0, 1e4),
+        "λ scale of enc.0.q.weight: 1e\\+04 .* exceed",
+    ),
+    "scale without its code": (
+        CODED,
+        lambda d: set_byte(d, "l", 0, lambda b: b & 0xF0 | 6),
+        "λ scale of enc.0.q.weight: .* is not max\\|λ\\|/q",
+    ),
+    "code out of range": (
+        CODED,
+        lambda d: set_byte(d, "l", 0, lambda b: b | 0x0F),
+        "λ codes must lie in \\[0, 14\\]",
+    ),
+    "l too long": (
+        CODED,
+        lambda d: with_tensor(d, "l", torch.tensor([0x7E, 0x01], dtype=torch.uint8)),
+        "tensor 'l' holds 2 bytes, 2 λ need 1",
+    ),
+    "code padding": (
+        "pauli32-l2",
+        lambda d: set_byte(d, "l", 1, lambda b: b | 0x80),
+        "non-zero padding bits",
+    ),
+    "λ for a masked entry": (
+        "taylor16-pruned",
+        lambda d: with_tensor(d, "l", torch.zeros(4, dtype=torch.float16)),
+        "tensor 'l' holds 8 bytes, 2 λ need 4",
+    ),
+    "mask bit set": (
+        "taylor16-pruned",
+        lambda d: set_byte(d, "m", 0, lambda b: b | 0x02),
+        "tensor 'l' holds",
+    ),
+    "lambda_bits 9": (
+        CODED,
+        lambda d: set_meta(d, lambda_bits="9"),
+        "lambda_bits='9' is not an integer in \\[2, 8\\]",
+    ),
+    "lambda_bits in version 2": (
+        CODED,
+        lambda d: set_meta(d, format_version="2"),
+        "unknown keys \\['lambda_bits'\\]",
+    ),
+    "scales without lambda_bits": (
+        CODED,
+        lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].pop("lambda_bits"))),
+        "tensors .* do not match the config",
+    ),
+    "version 4": (
+        CODED,
+        lambda d: set_meta(d, format_version="4"),
+        "format version 4 is newer than this reader supports \\(3\\); upgrade qpeft-deploy",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_V3))
+def test_bad_version_3_files_raise_one_clear_format_error(case, tmp_path):
+    kind, mutate, match = BAD_V3[case]
+    path = write(tmp_path, mutate(V3_SMALL[kind]))
+    with pytest.raises(FormatError, match=match) as error:
+        read_adapter(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def test_the_writer_writes_the_lowest_version_and_refuses_bad_lambda_bits(tmp_path):
+    versions = {
+        kind: read_adapter(write(tmp_path, data, kind)).stored.format_version for kind, data in SMALL.items()
+    }
+    assert versions == {kind: 2 for kind in V2_SMALL} | {kind: 3 for kind in V3_SMALL}
+    adapter = small_adapter()
+    assert split(encode_adapter(adapter, lambda_bits=32)) == split(encode_adapter(adapter))  # 32: float λ
+    for bad in (1, 9, 16, True, "4"):
+        with pytest.raises(ConfigError, match="lambda bits must be one of 2, 3, 4, 5, 6, 7, 8 or 32"):
+            encode_adapter(adapter, lambda_bits=bad)
+    pruned = read_adapter(write(tmp_path, V3_SMALL["taylor16-pruned"], "p.qpeft"))
+    assert pruned.state["pool.spectrum.lam"].tolist() == [0.0]  # masked λ read back as 0

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import click
 
-from qpeft_deploy.cli.choices import ANGLE_BITS, KEEP
+from qpeft_deploy.cli.choices import ANGLE_BITS, KEEP, LAMBDA_BITS
 from qpeft_deploy.cli.options import ADAPTER, overwrite_option, qpeft_output_option
 from qpeft_deploy.cli.signals import unwinds
 
 BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
+LAMBDA_BITS_CHOICES = [str(b) for b in LAMBDA_BITS] + ["32"]
 
 
 @click.command("pack")
@@ -32,6 +33,12 @@ BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
     default=None,
     help="Precision of λ, the head and Taylor parameters. Default: as in ADAPTER.",
 )
+@click.option(
+    "--lambda-bits",
+    type=click.Choice(LAMBDA_BITS_CHOICES),
+    default=None,
+    help="Bits per λ code, one fp32 scale per target (32: λ as --lambda-dtype). Default: as in ADAPTER.",
+)
 @click.option("--drop-head", is_flag=True, help="Leave the classification head out.")
 @click.option("--base", default=None, help="Store this base's fingerprint (HF folder or 'minilm').")
 @overwrite_option
@@ -42,6 +49,7 @@ def pack_command(
     output: Path,
     bits: str | None,
     lambda_dtype: str | None,
+    lambda_bits: str | None,
     drop_head: bool,
     base: str | None,
     overwrite: bool,
@@ -55,6 +63,7 @@ def pack_command(
         output,
         bits=KEEP if bits is None else int(bits),
         lambda_dtype=lambda_dtype or KEEP,
+        lambda_bits=KEEP if lambda_bits is None else int(lambda_bits),
         drop_head=drop_head,
         base=base,
         overwrite=overwrite,
@@ -68,6 +77,13 @@ def _size(adapter: Path) -> int:
     if adapter.is_dir():
         return sum(p.stat().st_size for p in adapter.iterdir() if p.is_file())
     return adapter.stat().st_size
+
+
+def _lambda_storage(summary: dict) -> str:
+    """How λ and the head are stored, for ``inspect``."""
+    if summary["lambda_bits"] is None:
+        return f"λ/head {summary['lambda_dtype']}"
+    return f"λ {summary['lambda_bits']}-bit codes + fp32 scale per target, head {summary['lambda_dtype']}"
 
 
 def _human(summary: dict) -> str:
@@ -98,7 +114,7 @@ def _human(summary: dict) -> str:
             f"parameters    {params['total']:,} ({params['angles']:,} factor, {params['lambda']:,} λ, "
             f"{params['head']:,} head)"
         ),
-        f"storage       {angles}, λ/head {summary['lambda_dtype']}",
+        f"storage       {angles}, {_lambda_storage(summary)}",
         f"bytes         {parts}",
         f"head          {summary['head']} ({', '.join(summary['labels'])})"
         if summary["head"]

@@ -37,12 +37,19 @@ def save_adapter(
     *,
     bits: int | None = None,
     lambda_dtype: str = "fp32",
+    lambda_bits: int | None = None,
     drop_head: bool = False,
     base: str | None = None,
 ) -> Path:
-    """Save the adapter attached to ``model`` as a .qpeft file; ``base`` (HF folder) adds its fingerprint."""
+    """Save the adapter attached to ``model`` as a .qpeft file (options as :func:`write_adapter`); ``base``
+    (HF folder) adds its fingerprint."""
     return write_adapter(
-        path, adapter_from_model(model, base), bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head
+        path,
+        adapter_from_model(model, base),
+        bits=bits,
+        lambda_dtype=lambda_dtype,
+        lambda_bits=lambda_bits,
+        drop_head=drop_head,
     )
 
 

@@ -219,6 +219,7 @@ def _stored(folder: Path, adapter: AdapterFile, bits: int | None, config: dict) 
         construction=CONSTRUCTIONS[adapter.config.variant],
         bits=bits,
         lambda_dtype="fp32",
+        lambda_bits=None,
         groups=tuple(target_groups(adapter)),
         parameters=params | {"total": sum(params.values())},
         nbytes=sizes | {"total": sum(sizes.values())},

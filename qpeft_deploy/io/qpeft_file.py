@@ -1,10 +1,11 @@
-"""The .qpeft adapter file (format version 2, see docs/FORMAT.md): encode, decode and validate.
+"""The .qpeft adapter file (format version 3, see docs/FORMAT.md): encode, decode and validate.
 
-A .qpeft file is a plain safetensors file with at most five tensors and a string-only ``__metadata__``:
+A .qpeft file is a plain safetensors file with at most six tensors and a string-only ``__metadata__``:
 
 - ``a``: every factor parameter, target after target (U's then V's): circuit angles as b-bit codes packed
   tightly (uint8), or float32; Taylor parameters as float16/float32 (never angle-coded).
-- ``l``: every λ (float16/float32); ``m``: the λ keep-masks, one bit each (uint8).
+- ``m``: the λ keep-masks, one bit each (uint8); ``l``: the active λ (version 3; every λ before), as
+  float16/float32 or, with ``lambda_bits``, as packed b-bit codes with one float32 scale per target in ``s``.
 - ``h``: the classification head's tensors, flattened and concatenated (optional).
 - ``f``: an 8-byte base digest per target (uint8, T×8, optional).
 
@@ -14,7 +15,8 @@ tensors follows from the config. The metadata key ``digest`` (BLAKE2b-16 over th
 tensor's bytes) makes any changed bit a refusal; the values are bounded so that no accepted file computes
 non-finite outputs. The reader checks the header length before reading it, every tensor's dtype, shape and
 offsets against the config before using it, then the digest, padding bits, finiteness and bounds, and raises
-:class:`FormatError` ("<path>: <problem>") for anything wrong. Version-1 files (no digest) are still read.
+:class:`FormatError` ("<path>: <problem>") for anything wrong. A writer writes the lowest version that holds the
+adapter (version 2 unless λ is coded or masked); version-1 (no digest) and version-2 files are still read.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ from qpeft_deploy.core.factors import circuit_angles, factor_params, target_para
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, SIDES
 from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
+    LAMBDA_BITS,
     dequantize_angles,
+    dequantize_lambda,
     pack_bits,
     packed_size,
     quantize_angles,
+    quantize_lambda,
     unpack_bits,
 )
 from qpeft_deploy.errors import ConfigError, FormatError
@@ -54,8 +59,9 @@ from qpeft_deploy.io.safetensors import read_header, tensor_entry
 from qpeft_deploy.io.strict_json import strict_json
 
 FORMAT = "qpeft"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DIGEST_VERSION = 2  # the first format version with the integrity digest
+COMPACT_VERSION = 3  # the first with only the active λ in ``l``, and λ codes (``lambda_bits``, ``s``)
 DIGEST_KEY = "digest"
 DIGEST_ALGORITHM = "blake2b-16"
 DIGEST_BYTES = 16
@@ -67,7 +73,7 @@ TOOL = f"qpeft-deploy {__version__}"
 TAYLOR_CONSTRUCTION = "stiefel-exp-v1"
 CONSTRUCTIONS = {"pauli": CONSTRUCTION_ID, "taylor": TAYLOR_CONSTRUCTION}
 FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-FP32_BITS = 32  # ``bits`` metadata value of unquantised (float32) circuit angles
+FP32_BITS = 32  # ``bits`` metadata value of unquantised (float32) circuit angles; λ: no λ codes
 MAX_HEADER = 1 << 20
 MAX_DIM = 1 << 20
 MAX_LAYERS = 64
@@ -86,11 +92,13 @@ _REQUIRED = (
     "lambda_dtype",
 )
 _OPTIONAL = ("bits", "head", "head_shapes", "labels", "fingerprint", "extra")
+_COMPACT_OPTIONAL = ("lambda_bits",)  # from version 3
 _ST_DTYPES = {"F16": ("<f2", 2), "F32": ("<f4", 4), "U8": ("u1", 1)}
 _TORCH_TO_ST = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
 _FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _HEAD_TENSOR = re.compile(r"([A-Za-z0-9_]+\.)*(weight|bias)")
 _DIGEST_VALUE = re.compile(DIGEST_ALGORITHM + r":[0-9a-f]{32}")
+_INF = torch.tensor(math.inf)
 
 
 class _Invalid(Exception):
@@ -113,6 +121,8 @@ class _Layout:
     head: str | None
     head_shapes: list[tuple[str, tuple[int, ...]]]
     has_fingerprint: bool
+    version: int
+    lambda_bits: int | None
 
     def angle_count(self) -> int:
         return sum(
@@ -127,15 +137,24 @@ class _Layout:
     def head_count(self) -> int:
         return sum(math.prod(shape) for _, shape in self.head_shapes)
 
+    def lambda_tensor(self, stored: int) -> tuple[str, list[int]]:
+        """dtype and shape of ``l`` holding ``stored`` λ (b-bit codes with ``lambda_bits``)."""
+        if self.lambda_bits is not None:
+            return "U8", [packed_size(stored, self.lambda_bits)]
+        return _TORCH_TO_ST[FLOAT_DTYPES[self.float_dtype]], [stored]
+
     def tensors(self) -> dict[str, tuple[str, list[int]]]:
-        """Tensor name -> (safetensors dtype, shape)."""
+        """Tensor name -> (safetensors dtype, shape); ``l`` as if every λ were active (from version 3 the
+        mask decides how many it holds)."""
         fdt = _TORCH_TO_ST[FLOAT_DTYPES[self.float_dtype]]
         angles = self.angle_count()
         if self.bits is None:
             spec = {"a": (fdt if self.variant == "taylor" else "F32", [angles])}
         else:
             spec = {"a": ("U8", [packed_size(angles, self.bits)])}
-        spec["l"] = (fdt, [self.lambda_count()])
+        spec["l"] = self.lambda_tensor(self.lambda_count())
+        if self.lambda_bits is not None:
+            spec["s"] = ("F32", [len(self.targets)])
         spec["m"] = ("U8", [packed_size(self.lambda_count(), 1)])
         if self.head is not None:
             spec["h"] = (fdt, [self.head_count()])
@@ -270,6 +289,46 @@ def _check_factors(layout: _Layout, params: torch.Tensor) -> None:
         )
 
 
+def _active_targets(layout: _Layout, keep: torch.Tensor) -> torch.Tensor:
+    """The index (canonical order) of the target of every active λ."""
+    ranks = torch.tensor([k for _, _, k in layout.targets.values()], dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(ranks)), ranks)[keep]
+
+
+def _all_lambdas(active: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Every λ (Σ K, fp32) from the active ones: a masked λ is 0."""
+    full = torch.zeros(len(keep))
+    full[keep] = active.float()
+    return full
+
+
+def _check_scales(
+    layout: _Layout, alpha: float, scales: torch.Tensor, active: torch.Tensor, owners: torch.Tensor
+) -> None:
+    """λ scales: not negative, q·s (the largest |λ| a code gives) within the λ bounds, and s = max|λ̂|/q
+    exactly (a code at ±q, or s = 0), so that re-writing a file gives the same λ."""
+    names = list(layout.targets)
+    negative = torch.signbit(scales).nonzero()
+    if len(negative):
+        index = int(negative[0, 0])
+        raise _Invalid(f"λ scale of {names[index]}: {float(scales[index]):.3g} is negative")
+    top = dequantize_lambda(torch.zeros(len(scales), dtype=torch.long), scales, layout.lambda_bits).abs()
+    index = _first_over(top.double() * max(1.0, abs(alpha)), SCALE_MAX)
+    if index is not None:
+        raise _Invalid(
+            f"λ scale of {names[index]}: {float(scales[index]):.3g} (α = {alpha:g}) lets |λ| or |α·λ| "
+            f"exceed {SCALE_MAX:g}"
+        )
+    largest = torch.zeros(len(scales)).scatter_reduce(0, owners, active.abs(), "amax")
+    off = (largest != top).nonzero()
+    if len(off):
+        index = int(off[0, 0])
+        raise _Invalid(
+            f"λ scale of {names[index]}: {float(scales[index]):.3g} is not max|λ|/q of its codes "
+            "(no code reaches ±q)"
+        )
+
+
 def _check_magnitudes(
     layout: _Layout, alpha: float, params: torch.Tensor | None, lams: torch.Tensor, head: torch.Tensor | None
 ) -> None:
@@ -306,6 +365,46 @@ def _float_tensor(values: list[torch.Tensor], dtype: str, what: str) -> torch.Te
     return out
 
 
+def _check_lambda_bits(lambda_bits: int | None) -> int | None:
+    """None for float λ (``FP32_BITS`` means that too), else one of LAMBDA_BITS."""
+    if lambda_bits is None or (lambda_bits == FP32_BITS and not isinstance(lambda_bits, bool)):
+        return None
+    if isinstance(lambda_bits, bool) or lambda_bits not in LAMBDA_BITS:
+        raise ConfigError(
+            f"lambda bits must be one of {', '.join(map(str, LAMBDA_BITS))} or 32, got {lambda_bits!r}"
+        )
+    return lambda_bits
+
+
+def _lambda_codes(lam: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_lambda`` of one target's λ, its scale moved by one fp32 step where that decodes λ exactly:
+    max|λ̂|/q can miss s by a step, and λ already on a b-bit grid (a λ-aware model's, a file's) stays exact."""
+    codes, scale = quantize_lambda(lam, bits)
+    for candidate in (scale, torch.nextafter(scale, _INF), torch.nextafter(scale, -_INF)):
+        if torch.equal(dequantize_lambda(codes, candidate, bits), lam):
+            return codes, candidate
+    return codes, scale
+
+
+def _encode_lambdas(
+    layout: _Layout, lams: list[torch.Tensor], masks: list[torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Tensors ``l`` (the active λ, as codes with ``lambda_bits``) and ``s``; the active λ as a reader decodes
+    them, and their targets' indices."""
+    owners = _active_targets(layout, torch.cat(masks))
+    if layout.lambda_bits is None:
+        stored = _float_tensor([lam[m] for lam, m in zip(lams, masks, strict=True)], layout.float_dtype, "λ")
+        return {"l": stored}, stored.float(), owners
+    coded = [
+        _lambda_codes(torch.where(m, lam.float(), 0.0), layout.lambda_bits)
+        for lam, m in zip(lams, masks, strict=True)
+    ]
+    codes = torch.cat([c[m] for (c, _), m in zip(coded, masks, strict=True)])
+    scales = torch.stack([scale for _, scale in coded])
+    active = dequantize_lambda(codes, scales[owners], layout.lambda_bits)
+    return {"l": pack_bits(codes, layout.lambda_bits), "s": scales}, active, owners
+
+
 def _check_options(variant: str, bits: int | None, lambda_dtype: str) -> int | None:
     if lambda_dtype not in FLOAT_DTYPES:
         raise ConfigError(f"lambda dtype must be fp16 or fp32, got {lambda_dtype!r}")
@@ -332,7 +431,7 @@ def _state_tensor(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ..
 def _metadata(config: AdapterConfig, layout: _Layout) -> dict[str, str]:
     meta = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(layout.version),
         "tool": TOOL,
         "variant": config.variant,
         "construction": CONSTRUCTIONS[config.variant],
@@ -344,6 +443,8 @@ def _metadata(config: AdapterConfig, layout: _Layout) -> dict[str, str]:
     }
     if config.variant == "pauli":
         meta["bits"] = str(layout.bits or FP32_BITS)
+    if layout.lambda_bits is not None:
+        meta["lambda_bits"] = str(layout.lambda_bits)
     if layout.head is not None:
         meta["head"] = layout.head
         meta["head_shapes"] = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in layout.head_shapes)
@@ -396,19 +497,25 @@ def _serialise(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
 
 
 def encode_adapter(
-    adapter: AdapterFile, *, bits: int | None = None, lambda_dtype: str = "fp32", drop_head: bool = False
+    adapter: AdapterFile,
+    *,
+    bits: int | None = None,
+    lambda_dtype: str = "fp32",
+    lambda_bits: int | None = None,
+    drop_head: bool = False,
 ) -> bytes:
     """The bytes of the .qpeft file of ``adapter`` (see :func:`write_adapter`)."""
     config, state = adapter.config, adapter.state
     bits = _check_options(config.variant, bits, lambda_dtype)
+    lambda_bits = _check_lambda_bits(lambda_bits)
     head = _check_config(config, drop_head)
     groups, targets = _compress_targets(adapter.check())
     params, lams, masks, used = [], [], [], set()
     for key, dims in targets.items():
         shapes, lam_key, mask_key = target_params(config.variant, key, dims, config.layers)
         params += [_state_tensor(state, k, s) for k, s in shapes]
-        lams.append(_state_tensor(state, lam_key, (dims[2],)))
-        masks.append(_state_tensor(state, mask_key, (dims[2],)))
+        lams.append(_state_tensor(state, lam_key, (dims[2],)).detach())
+        masks.append(_state_tensor(state, mask_key, (dims[2],)).detach() != 0)
         used.update([k for k, _ in shapes] + [lam_key, mask_key])
     head_keys = [k for k in state if k not in used and config.head and k.startswith(config.head + ".")]
     if config.head and not head_keys:
@@ -419,18 +526,27 @@ def encode_adapter(
     head_keys = _head_order(head_keys)
     head_shapes = [(k[len(head) + 1 :], tuple(state[k].shape)) for k in head_keys] if head else []
     has_fp = adapter.fingerprint is not None
+    compact = lambda_bits is not None or not all(bool(m.all()) for m in masks)
     layout = _Layout(
-        config.variant, config.layers, targets, groups, bits, lambda_dtype, head, head_shapes, has_fp
+        config.variant,
+        config.layers,
+        targets,
+        groups,
+        bits,
+        lambda_dtype,
+        head,
+        head_shapes,
+        has_fp,
+        COMPACT_VERSION if compact else DIGEST_VERSION,  # the lowest version that holds the adapter
+        lambda_bits,
     )
     if state.keys() - used:
         raise ConfigError(
             f"adapter state has tensors the config does not describe: {sorted(state.keys() - used)[:3]}"
         )
 
-    tensors = {
-        "l": _float_tensor(lams, lambda_dtype, "λ"),
-        "m": pack_bits(torch.cat([m.reshape(-1).to(torch.int64) != 0 for m in masks]).long(), 1),
-    }
+    tensors, active, owners = _encode_lambdas(layout, lams, masks)
+    tensors["m"] = pack_bits(torch.cat(masks).long(), 1)
     if bits is not None:
         tensors["a"] = pack_bits(
             quantize_angles(torch.cat([p.detach().reshape(-1) for p in params]), bits), bits
@@ -452,8 +568,11 @@ def encode_adapter(
     try:
         if head:
             _check_head_shapes(head_shapes, len(config.labels()), FORMAT_VERSION)
+        if lambda_bits is not None:
+            _check_scales(layout, float(config.alpha), tensors["s"], active, owners)
         floats = tensors["a"] if bits is None else None
-        _check_magnitudes(layout, float(config.alpha), floats, tensors["l"], tensors.get("h"))
+        full = _all_lambdas(active, torch.cat(masks))
+        _check_magnitudes(layout, float(config.alpha), floats, full, tensors.get("h"))
     except _Invalid as e:
         raise ConfigError(str(e)) from None
     data = _serialise(tensors, _metadata(config, layout))
@@ -470,14 +589,18 @@ def write_adapter(
     *,
     bits: int | None = None,
     lambda_dtype: str = "fp32",
+    lambda_bits: int | None = None,
     drop_head: bool = False,
     overwrite: bool = True,
     protect: Sequence[str | Path] = (),
 ) -> Path:
-    """Write ``adapter`` to a .qpeft file atomically: b-bit angles (None: fp32), λ/head as lambda_dtype. An
-    existing file is replaced unless ``overwrite`` is False (the CLI's choice); ``protect`` names inputs the
-    file may never be, contain or lie in."""
-    data = encode_adapter(adapter, bits=bits, lambda_dtype=lambda_dtype, drop_head=drop_head)
+    """Write ``adapter`` to a .qpeft file atomically: b-bit angles (None: fp32), λ as b-bit codes with one
+    scale per target (``lambda_bits``; None: as lambda_dtype), the head and Taylor parameters as lambda_dtype.
+    An existing file is replaced unless ``overwrite`` is False (the CLI's choice); ``protect`` names inputs
+    the file may never be, contain or lie in."""
+    data = encode_adapter(
+        adapter, bits=bits, lambda_dtype=lambda_dtype, lambda_bits=lambda_bits, drop_head=drop_head
+    )
     return atomic_file(path, data, overwrite=overwrite, protect=protect)
 
 
@@ -509,24 +632,29 @@ def _check_identity(meta: object, header: dict) -> dict[str, str]:
             "upgrade qpeft-deploy"
         )
     required = _REQUIRED + ((DIGEST_KEY,) if int(version) >= DIGEST_VERSION else ())
+    optional = _OPTIONAL + (_COMPACT_OPTIONAL if int(version) >= COMPACT_VERSION else ())
     missing = [k for k in required if k not in meta]
-    unknown = [k for k in meta if k not in required + _OPTIONAL]
+    unknown = [k for k in meta if k not in required + optional]
     if missing or unknown:
         raise _Invalid(f"metadata is missing {missing} or has unknown keys {unknown[:3]}")
     return meta
 
 
-def _min_bytes(variant: str, layers: int, dims: tuple[int, int, int]) -> int:
-    """A lower bound on one target's data bytes (2-bit angles, fp16 λ): bounds the work a config causes."""
+def _min_bits(variant: str, layers: int, dims: tuple[int, int, int], version: int, coded: bool) -> int:
+    """A lower bound on one target's data bits (2-bit angles or fp16 Taylor parameters, K mask bits, and fp16 λ
+    before version 3, a scale with λ codes; from version 3 every λ may be masked): bounds a config's work."""
     n, m, k = dims
     if variant == "pauli":
-        return (2 * (circuit_angles(n, layers) + circuit_angles(m, layers)) + 7) // 8 + 2 * k
-    return 2 * ((n + m) * k - k * k)
+        factors = 2 * (circuit_angles(n, layers) + circuit_angles(m, layers))
+    else:
+        factors = 16 * ((n + m) * k - k * k)
+    return factors + k + (16 * k if version < COMPACT_VERSION else 0) + (32 if coded else 0)
 
 
 def _parse_targets(
-    text: str, variant: str, layers: int, data_bytes: int
+    text: str, variant: str, layers: int, data_bytes: int, lambdas: tuple[int, bool]
 ) -> tuple[list[str], dict[str, tuple[int, int, int]]]:
+    """The groups and the targets in canonical order; ``lambdas`` is (format version, λ coded)."""
     groups, targets, needed = text.split(";"), {}, 0
     for group in groups:
         pattern, sep1, rest = group.rpartition(":")
@@ -540,13 +668,13 @@ def _parse_targets(
         low = 2 if variant == "pauli" else 1
         if not (low <= n <= MAX_DIM and low <= m <= MAX_DIM and 1 <= k <= min(n, m)):
             raise _Invalid(f"target group {group[:80]!r} has an impossible size or rank")
-        # every target holds at least one fp16 λ: the data size bounds the number of targets
-        for name in expand_pattern(pattern, max(1, min(MAX_TARGETS, data_bytes // 2) - len(targets))):
+        # every target holds at least one mask bit: the data size bounds the number of targets
+        for name in expand_pattern(pattern, max(1, min(MAX_TARGETS, 8 * data_bytes) - len(targets))):
             if name in targets:
                 raise _Invalid(f"target {name} is listed twice")
             targets[name] = (n, m, k)
-            needed += _min_bytes(variant, layers, (n, m, k))
-            if needed > data_bytes:
+            needed += _min_bits(variant, layers, (n, m, k), *lambdas)
+            if needed > 8 * data_bytes:
                 raise _Invalid(f"the targets need more than the {data_bytes} data bytes the file holds")
     return groups, targets
 
@@ -609,7 +737,13 @@ def _parse_config(meta: dict[str, str], data_bytes: int) -> tuple[AdapterConfig,
         bits = None if bits == FP32_BITS else bits
     elif "bits" in meta:
         raise _Invalid("Taylor parameters cannot be angle-quantised (bits given)")
-    groups, targets = _parse_targets(meta["targets"], variant, layers, data_bytes)
+    lambda_bits = None
+    if "lambda_bits" in meta:
+        lambda_bits = _int(meta, "lambda_bits", min(LAMBDA_BITS), max(LAMBDA_BITS))
+    version = int(meta["format_version"])
+    groups, targets = _parse_targets(
+        meta["targets"], variant, layers, data_bytes, (version, lambda_bits is not None)
+    )
     head, head_shapes, id2label = _parse_head(meta)
     if meta.get("fingerprint", ALGORITHM) != ALGORITHM:
         raise _Invalid(f"unknown fingerprint algorithm {meta['fingerprint'][:40]!r}")
@@ -632,9 +766,26 @@ def _parse_config(meta: dict[str, str], data_bytes: int) -> tuple[AdapterConfig,
         extra,
     )
     layout = _Layout(
-        variant, layers, targets, groups, bits, meta["lambda_dtype"], head, head_shapes, "fingerprint" in meta
+        variant,
+        layers,
+        targets,
+        groups,
+        bits,
+        meta["lambda_dtype"],
+        head,
+        head_shapes,
+        "fingerprint" in meta,
+        version,
+        lambda_bits,
     )
     return config, layout
+
+
+def _shape_fits(name: str, got: list[int], shape: list[int], version: int) -> bool:
+    """The shape the config implies; from version 3 ``l`` may hold fewer (the mask's count is checked later)."""
+    if name == "l" and version >= COMPACT_VERSION:
+        return len(got) == 1 and 0 <= got[0] <= shape[0]
+    return got == shape
 
 
 def _check_tensors(header: dict, layout: _Layout, data_len: int, path: Path) -> dict[str, tuple[int, int]]:
@@ -649,9 +800,9 @@ def _check_tensors(header: dict, layout: _Layout, data_len: int, path: Path) -> 
             got_dtype, got_shape, begin, end = tensor_entry(path, header, name)
         except FormatError as e:
             raise _Invalid(str(e).removeprefix(f"{path}: ")) from None
-        if got_dtype != dtype or got_shape != shape:
+        if got_dtype != dtype or not _shape_fits(name, got_shape, shape, layout.version):
             raise _Invalid(f"tensor {name!r} is {got_dtype}{got_shape}, the config implies {dtype}{shape}")
-        if end - begin != math.prod(shape) * _ST_DTYPES[dtype][1]:
+        if end - begin != math.prod(got_shape) * _ST_DTYPES[dtype][1]:
             raise _Invalid(f"tensor {name!r} has data_offsets that disagree with its shape")
         spans[name] = (begin, end)
     position = 0
@@ -697,7 +848,30 @@ def _read_data(path: Path, start: int, size: int) -> bytes:
     return data
 
 
-def _values(data: bytes, spans: dict, layout: _Layout) -> tuple[torch.Tensor, ...]:
+def _lambdas(data: bytes, spans: dict, layout: _Layout, masks: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Every λ (Σ K; a masked λ is 0) from ``l`` (every λ before version 3, the active ones since) and ``s``."""
+    stored = layout.lambda_count() if layout.version < COMPACT_VERSION else int(masks.sum())
+    dtype, shape = layout.lambda_tensor(stored)
+    begin, end = spans["l"]
+    if end - begin != shape[0] * _ST_DTYPES[dtype][1]:
+        raise _Invalid(
+            f"tensor 'l' holds {end - begin} bytes, {stored} λ need {shape[0] * _ST_DTYPES[dtype][1]}"
+        )
+    if layout.lambda_bits is None:
+        values = _array(data, spans["l"], dtype, "λ")
+        return _all_lambdas(values if layout.version >= COMPACT_VERSION else values[masks], masks)
+    try:
+        codes = unpack_bits(_array(data, spans["l"], "U8", "λ codes"), layout.lambda_bits, stored)
+        scales = _array(data, spans["s"], "F32", "λ scales")
+        owners = _active_targets(layout, masks)
+        active = dequantize_lambda(codes, scales[owners], layout.lambda_bits)
+    except ConfigError as e:
+        raise _Invalid(str(e)) from None
+    _check_scales(layout, alpha, scales, active, owners)
+    return _all_lambdas(active, masks)
+
+
+def _values(data: bytes, spans: dict, layout: _Layout, alpha: float) -> tuple[torch.Tensor, ...]:
     """Flat angles (or Taylor parameters), λ, masks and head (None without one), padding and finiteness checked."""
     specs = layout.tensors()
     try:
@@ -709,7 +883,7 @@ def _values(data: bytes, spans: dict, layout: _Layout) -> tuple[torch.Tensor, ..
         masks = unpack_bits(_array(data, spans["m"], "U8", "mask"), 1, layout.lambda_count()).bool()
     except ConfigError as e:
         raise _Invalid(str(e)) from None
-    lams = _array(data, spans["l"], specs["l"][0], "λ")
+    lams = _lambdas(data, spans, layout, masks, alpha)
     head = _array(data, spans["h"], specs["h"][0], "head") if layout.head is not None else None
     return angles, lams, masks, head
 
@@ -743,7 +917,7 @@ def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
     data = _read_data(path, start, size)
     if int(meta["format_version"]) >= DIGEST_VERSION:
         _check_digest(meta, data, spans)
-    angles, lams, masks, head = _values(data, spans, layout)
+    angles, lams, masks, head = _values(data, spans, layout, config.alpha)
     _check_magnitudes(layout, config.alpha, angles if layout.bits is None else None, lams, head)
     state = _state(layout, angles, lams, masks, head)
     fingerprint = None
@@ -755,7 +929,7 @@ def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
 
 
 def _stored(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size: int) -> StoredInfo:
-    part = {"a": "angles", "l": "lambda", "m": "mask", "h": "head", "f": "fingerprint"}
+    part = {"a": "angles", "l": "lambda", "s": "scales", "m": "mask", "h": "head", "f": "fingerprint"}
     nbytes = {"header": start} | {part[n]: e - b for n, (b, e) in spans.items()} | {"total": size}
     parameters = {
         "angles": layout.angle_count(),
@@ -769,6 +943,7 @@ def _stored(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size
         construction=meta["construction"],
         bits=layout.bits,
         lambda_dtype=layout.float_dtype,
+        lambda_bits=layout.lambda_bits,
         groups=tuple(layout.groups),
         parameters=parameters,
         nbytes=nbytes,
