@@ -6,6 +6,7 @@ cross-entropy, dropout on), and is scored on the same test split with ``qpeft_de
 
   qpeft-K8-L1, qpeft-K8-L2      Pauli circuits, K = 8, L = 1 / 2, all-linear (37 modules) + head
   qpeft-full-L1, qpeft-full-L2  Pauli circuits, full intrinsic rank K = min(N, M)
+  qpeft-full-L1-q4              full rank, trained on 4-bit angles and 4-bit λ codes (the compact file, format v3)
   qpeft-K256-L1                 Pauli circuits, K = 256 (2/3 of every MiniLM layer's rank 384): the largest
                                 round K that stays ≥ 20× below LoRA r=8 (25×), so eligible for the goal
   taylor-K8                     Taylor / Lie-algebra variant, K = 8
@@ -87,7 +88,7 @@ from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.data.text import TASKS, load_task
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer
-from qpeft_deploy.training.train import evaluate, fit
+from qpeft_deploy.training.train import evaluate, fit, lambda_aware, quantization_aware
 
 BASE = "minilm"
 SPLIT_SEED = 0
@@ -96,6 +97,7 @@ CACHE_VERSION = 2  # bump when a change to the training or scoring code should i
 GOAL_RATIO = 20.0  # "≥ 20× fewer trainable parameters than LoRA r=8"
 GOAL_POINTS = 1.0  # "within 1 point of its accuracy"
 PEER = "lora-r8"
+COMPACT_ANGLE_BITS = 4  # the shipped .qpeft's angle bits
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,13 @@ class Method:
     layers: int | None = None
     variant: str | None = None
     label: str = ""
+    qat: bool = False  # train on the compact file's grids (4-bit angles, and λ codes with lambda_bits)
+    lambda_bits: int | None = None  # the compact file stores λ as b-bit codes (format version 3)
+
+    def key(self) -> dict:
+        """The method's part of a run's cache key: the fields added later enter it only when set, so runs
+        cached before they existed stay valid."""
+        return {k: v for k, v in asdict(self).items() if k not in ("qat", "lambda_bits") or v}
 
 
 METHODS = {
@@ -120,6 +129,18 @@ METHODS = {
         Method("qpeft-full-L1", "qpeft", 2e-2, 2e-2, "full", 1, "pauli", "Q-PEFT Pauli full rank L=1"),
         Method("qpeft-full-L2", "qpeft", 2e-2, 2e-2, "full", 2, "pauli", "Q-PEFT Pauli full rank L=2"),
         Method("qpeft-K256-L1", "qpeft", 2e-2, 2e-2, 256, 1, "pauli", "Q-PEFT Pauli K=256 L=1"),
+        Method(
+            "qpeft-full-L1-q4",
+            "qpeft",
+            2e-2,
+            2e-2,
+            "full",
+            1,
+            "pauli",
+            "Q-PEFT full rank, 4-bit angles and λ (QAT)",
+            qat=True,
+            lambda_bits=4,
+        ),
         Method("taylor-K8", "qpeft", 2e-2, 2e-2, 8, 1, "taylor", "Q-PEFT Taylor K=8"),
         Method("lora-r8", "lora", 1e-3, 2e-2, label="PEFT LoRA r=8 (peer)"),
         Method("head-only", "head", 0.0, 2e-2, label="head only"),
@@ -154,7 +175,7 @@ def run_config(method: Method, task: str, seed: int, settings: dict) -> dict:
         "task": task,
         "seed": seed,
         "split_seed": SPLIT_SEED,
-        "method": asdict(method),
+        "method": method.key(),
         "train_examples": settings["train_examples"],
         "test_examples": settings["test_examples"],
         "epochs": settings["epochs"],
@@ -208,6 +229,9 @@ def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn
         model = attach(
             model, "all-linear", rank=method.rank, layers=method.layers, variant=method.variant, seed=seed
         )
+        if method.qat:
+            quantization_aware(model, COMPACT_ANGLE_BITS)
+            lambda_aware(model, method.lambda_bits)
     elif method.kind == "lora":
         model = _lora_model(model, seed)
     elif method.kind == "head":
@@ -221,8 +245,15 @@ def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn
 def file_bytes(method: Method, model: torch.nn.Module, folder: Path) -> dict[str, int]:
     """Bytes of the stored fine-tune: ``compact`` (what one would ship) and ``fp32``."""
     if method.kind == "qpeft":
-        bits = 4 if method.variant == "pauli" else None
-        compact = save_adapter(model, folder / "c.qpeft", bits=bits, lambda_dtype="fp16", base=BASE)
+        bits = COMPACT_ANGLE_BITS if method.variant == "pauli" else None
+        compact = save_adapter(
+            model,
+            folder / "c.qpeft",
+            bits=bits,
+            lambda_dtype="fp16",
+            lambda_bits=method.lambda_bits,
+            base=BASE,
+        )
         full = save_adapter(model, folder / "f.qpeft", bits=None, lambda_dtype="fp32", base=BASE)
         return {"compact": compact.stat().st_size, "fp32": full.stat().st_size}
     if method.kind == "head":
@@ -244,7 +275,8 @@ def file_bytes(method: Method, model: torch.nn.Module, folder: Path) -> dict[str
 
 
 def compact_file_accuracy(path: Path, tokenizer, test: list, max_length: int) -> float:
-    """Test accuracy of the shipped compact .qpeft (4-bit angles, fp16 λ/head) loaded onto a fresh base."""
+    """Test accuracy of the shipped compact .qpeft (4-bit angles, fp16 head, λ in fp16 or b-bit codes) loaded
+    onto a fresh base."""
     return evaluate(load_adapted_model(BASE, path), tokenizer, test, max_length=max_length, quiet=True)[
         "accuracy"
     ]

@@ -24,7 +24,7 @@ from torch import nn
 
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
 from qpeft_deploy.core import circuit as qcircuit
-from qpeft_deploy.core.layer import QuantumPeftLinear
+from qpeft_deploy.core.layer import CIRCUIT_MAC_COST, QuantumPeftLinear
 from qpeft_deploy.training.train import TrainSpec, run_spec
 
 
@@ -65,8 +65,12 @@ def bench_case(n: int, k: int, tokens: int, repeats: int, warmup: int) -> dict:
         "build_u_us": t_build_u * 1e6,
         "circuit_over_base": t_circuit / t_base,
         "dense_over_base": t_dense / t_base,
-        # what cheapest_mode() compares: circuit cost_per_vector (multiply-add equivalents) vs K·(N+M)
-        "predicted_cost_per_token": {"circuit": circuit_cost, "dense": k * 2 * n, "base": n * n},
+        # what cheapest_mode() compares: the circuit's multiply-adds × CIRCUIT_MAC_COST vs K·(N+M)
+        "predicted_cost_per_token": {
+            "circuit": CIRCUIT_MAC_COST * circuit_cost,
+            "dense": k * 2 * n,
+            "base": n * n,
+        },
         "auto_pick": pick,
         "faster": faster,
         "pick_was_faster": pick == faster,

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from qpeft_deploy.cli.main import cli
+from qpeft_deploy.io.qpeft_file import read_adapter
 from tests.helpers import assert_one_line_error
 from tests.test_models import CORRUPTIONS, corrupt_base
 
@@ -36,7 +37,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "sms.qpeft"
-    result = CliRunner().invoke(cli, ["train", "--base", "minilm", *TINY, "-o", str(out)])
+    options = ["--bits", "4", "--lambda-bits", "3", "--threads", "1"]  # the file's grids, trained on (QAT)
+    result = CliRunner().invoke(cli, ["train", "--base", "minilm", *TINY, *options, "-o", str(out)])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.output)
 
@@ -46,6 +48,9 @@ def test_train_writes_an_adapter_and_reports(trained):
     assert path.is_file() and report["file_bytes"] == path.stat().st_size
     assert report["trainable_parameters"] == 12 * (42 + 42 + 4) + 2 * 384 + 2
     assert 0.0 <= report["test_accuracy"] <= 1.0 and report["test_examples"] == 16
+    stored = read_adapter(path).stored
+    assert (stored.format_version, stored.bits, stored.lambda_bits) == (3, 4, 3)
+    assert report["torch_threads"] == 1
 
 
 def test_eval_reproduces_the_training_accuracy(trained):

@@ -291,3 +291,15 @@ def test_layers_under_a_nested_wrapper_save_and_load_their_adapter(tmp_path):
     for base in (minilm(), wrapped(minilm())):  # a plain base, and a wrapped one (resuming a wrapped run)
         loaded = PeftModel.from_pretrained(base, tmp_path).eval()
         assert (logits(loaded, batch) - trained).abs().max() <= 1e-6
+
+
+def test_lambda_bits_train_on_the_lambda_grid(tmp_path):
+    batch = inputs("minilm")
+    peft_model = get_peft_model(minilm(), QpeftConfig(task_type="SEQ_CLS", r=4, lambda_bits=3))
+    train_steps(peft_model, batch)
+    delta = next(m.qpeft_delta["default"] for m in peft_model.modules() if isinstance(m, QpeftLayer))
+    assert delta.spectrum.lambda_bits == 3
+    assert len(delta.spectrum.values().detach().unique()) <= 7  # 2·(2² − 1) + 1 levels
+    want = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path)
+    assert (logits(PeftModel.from_pretrained(minilm(), tmp_path), batch) - want).abs().max() <= 1e-6

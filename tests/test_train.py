@@ -1,9 +1,12 @@
 """Training on real MiniLM and real Rotten Tomatoes reviews (small subsets)."""
 
+import os
+
 import pytest
 import torch
 
 from qpeft_deploy.core.attach import adapted_layers
+from qpeft_deploy.core.threads import free_cores
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
@@ -90,8 +93,12 @@ def test_run_spec_report_counts_parameters():
         max_test=8,
         max_length=16,
         batch_size=8,
+        threads=1,
     )
+    before = torch.get_num_threads()
     _, report = run_spec(spec, quiet=True)
+    assert report["torch_threads"] == 1 and torch.get_num_threads() == before  # set for the run, restored
+    assert 1 <= free_cores() <= (os.cpu_count() or 1)
     # 6 query layers, 384x384: 2 circuits of 42 angles + K=2 lambdas each; head 2x384 + 2.
     assert report["trainable_parameters"] == 6 * (42 + 42 + 2) + 2 * 384 + 2
     assert report["lora_r8_parameters"] == 6 * 8 * (384 + 384)
@@ -124,12 +131,14 @@ def test_unknown_task_is_refused():
         run_spec(TrainSpec(task="imdb"), quiet=True)
 
 
-@pytest.mark.parametrize("qat,save_bits", [(True, 4), (True, None), (False, 4)])
+@pytest.mark.parametrize(
+    "qat,save_bits,lambda_bits", [(True, 4, None), (True, None, None), (False, 4, None), (True, 4, 3)]
+)
 def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
-    data, tokenizer, tmp_path, qat, save_bits
+    data, tokenizer, tmp_path, qat, save_bits, lambda_bits
 ):
-    """A QAT model saved with 4-bit codes or with fp32 angles (the snapped ones it computes with) reloads
-    to the same logits; without QAT the 4-bit file differs."""
+    """A QAT model saved with 4-bit codes or with fp32 angles (the snapped ones it computes with), and with
+    3-bit λ codes when trained on them, reloads to the same logits; without QAT the 4-bit file differs."""
     spec = TrainSpec(
         task="rt",
         rank=8,
@@ -139,6 +148,7 @@ def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
         max_test=32,
         max_length=32,
         bits=4,
+        lambda_bits=lambda_bits,
         qat=qat,
     )
     model, _ = run_spec(spec, quiet=True)
@@ -146,7 +156,7 @@ def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
     assert all(c.angle_bits == (4 if qat else None) for c in circuits)
     texts = [text for text, _ in data.test]
     trained = predict(model, tokenizer, texts, max_length=32)
-    path = save_adapter(model, tmp_path / "a.qpeft", bits=save_bits, base="minilm")
+    path = save_adapter(model, tmp_path / "a.qpeft", bits=save_bits, lambda_bits=lambda_bits, base="minilm")
     packed = predict(load_adapted_model("minilm", path), tokenizer, texts, max_length=32)
     gap = (trained - packed).abs().max().item()
     assert gap < 1e-4 if qat else gap > 1e-3, gap

@@ -57,10 +57,22 @@ def parse_rank(value: str) -> int | str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--bits", default=None, type=int, help="quantise angles to b bits in the saved file")
 @click.option(
+    "--lambda-bits",
+    default=None,
+    type=click.IntRange(2, 8),
+    help="store λ as b-bit codes with one scale per target (format version 3)",
+)
+@click.option(
     "--qat/--no-qat",
     default=True,
     show_default=True,
-    help="with --bits: train on b-bit angles (straight-through) so the file reproduces the trained model",
+    help="with --bits / --lambda-bits: train on those grids (straight-through) so the file reproduces the model",
+)
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1, None),
+    help="torch threads (default: the free cores, CPU count less the 1-minute load average)",
 )
 @click.option("--no-eval", is_flag=True, help="skip the test-set evaluation")
 @click.option(

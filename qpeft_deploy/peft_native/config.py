@@ -2,8 +2,8 @@
 
 Fields follow PEFT's names and semantics (``r``, ``target_modules``, ``exclude_modules``, ``modules_to_save``,
 ``rank_pattern``, ``layers_to_transform``) plus the method's own (``layers``, ``alpha``, ``variant``,
-``angle_bits``, ``init_seed``, ``mode``). Three fields are written when the adapter is injected, so a saved
-folder describes itself without the model: ``base_model_prefix``, ``target_shapes`` (module → [N, M, K]) and
+``angle_bits``, ``lambda_bits``, ``init_seed``, ``mode``). Three fields are written when the adapter is
+injected, so a saved folder describes itself without the model: ``base_model_prefix``, ``target_shapes`` (module → [N, M, K]) and
 ``id2label`` (the labels of a sequence-classification head). Loading onto a model whose targets differ from
 ``target_shapes`` is refused.
 """
@@ -16,7 +16,7 @@ from peft import PeftConfig
 
 from qpeft_deploy.core.keys import PEFT_TYPE
 from qpeft_deploy.core.layer import MODES, VARIANTS
-from qpeft_deploy.core.quantize import ANGLE_BITS
+from qpeft_deploy.core.quantize import ANGLE_BITS, LAMBDA_BITS
 from qpeft_deploy.errors import ConfigError
 
 FULL = "full"
@@ -49,6 +49,10 @@ class QpeftConfig(PeftConfig):
         default=None,
         metadata={"help": "train on b-bit angles (straight-through), as the file will store them"},
     )
+    lambda_bits: int | None = field(
+        default=None,
+        metadata={"help": "train on b-bit λ codes (one scale per target), as the file will store them"},
+    )
     init_seed: int = field(default=0, metadata={"help": "seed of the initial circuit angles"})
     mode: str = field(
         default="auto", metadata={"help": "'auto', 'circuit' or 'dense' (how ΔW x is computed)"}
@@ -72,6 +76,10 @@ class QpeftConfig(PeftConfig):
             raise ConfigError(
                 f"angle_bits must be one of {', '.join(map(str, ANGLE_BITS))} (pauli variant), "
                 f"got {self.angle_bits!r}"
+            )
+        if self.lambda_bits is not None and self.lambda_bits not in LAMBDA_BITS:
+            raise ConfigError(
+                f"lambda_bits must be one of {', '.join(map(str, LAMBDA_BITS))}, got {self.lambda_bits!r}"
             )
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)

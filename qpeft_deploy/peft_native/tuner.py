@@ -28,7 +28,7 @@ from qpeft_deploy.peft_native.config import FULL, QpeftConfig
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def state_key(module_name: str) -> str:
+def unwrapped_name(module_name: str) -> str:
     """A module's name as its state-dict keys spell it: every FSDP / activation-checkpoint wrapper removed."""
     for segment in WRAPPER_SEGMENTS:
         module_name = module_name.replace(segment, "")
@@ -74,6 +74,7 @@ class QpeftLayer(nn.Module, BaseTunerLayer):
         )
         if config.angle_bits is not None:
             delta.u.angle_bits = delta.v.angle_bits = config.angle_bits
+        delta.spectrum.lambda_bits = config.lambda_bits
         if not any(p.is_meta for p in delta.parameters()):  # PEFT's low_cpu_mem_usage builds on meta
             delta = delta.to(base.weight.device)  # the device only: the update stays fp32 on any base dtype
         self.qpeft_delta[adapter_name] = delta
@@ -167,7 +168,7 @@ class QpeftModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        key = state_key(current_key)  # target_shapes holds wrapper-free names
+        key = unwrapped_name(current_key)  # target_shapes holds wrapper-free names
         rank = self._rank(config, key, linear_shape(base))
         self._injected.add(key)
         if isinstance(target, QpeftLayer):
@@ -207,7 +208,7 @@ class QpeftModel(BaseTuner):
     def _layers(cls, model: nn.Module, adapter_name: str) -> dict[str, QuantumPeftDelta]:
         """Model state-dict key of each update of ``adapter_name`` -> the update."""
         return {
-            f"{state_key(name)}.{PEFT_DELTA}.{adapter_name}": module.qpeft_delta[adapter_name]
+            f"{unwrapped_name(name)}.{PEFT_DELTA}.{adapter_name}": module.qpeft_delta[adapter_name]
             for name, module in model.named_modules()
             if isinstance(module, QpeftLayer) and adapter_name in module.qpeft_delta
         }

@@ -36,6 +36,7 @@ from qpeft_deploy.core.attach import (
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES
 from qpeft_deploy.core.quantize import angle_step
 from qpeft_deploy.core.spectrum import scheduled_rank
+from qpeft_deploy.core.threads import free_cores, torch_threads
 from qpeft_deploy.data.images import is_image_task
 from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError
@@ -112,6 +113,13 @@ def quantization_aware(model: nn.Module, bits: int | None) -> None:
                 f"{name}: quantisation-aware training needs Pauli circuits (Taylor has no angles)"
             )
         layer.u.angle_bits = layer.v.angle_bits = bits
+
+
+def lambda_aware(model: nn.Module, bits: int | None) -> None:
+    """Compute every ΔW with λ on its ``bits``-bit grid (straight-through), as a file with λ codes stores it;
+    None goes back to full precision."""
+    for layer in adapted_layers(model).values():
+        layer.spectrum.lambda_bits = bits
 
 
 def fit(
@@ -228,7 +236,9 @@ class TrainSpec:
     prune_to: int | None = None
     seed: int = 0
     bits: int | None = None
-    qat: bool = True  # with bits: train on b-bit angles so the saved file reproduces the trained model
+    lambda_bits: int | None = None
+    qat: bool = True  # with bits / lambda_bits: train on the file's grids so it reproduces the trained model
+    threads: int | None = None  # torch intra-op threads; None: the machine's free cores (core/threads.py)
 
 
 def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True) -> nn.Module:
@@ -254,33 +264,39 @@ def run_spec(
     data = load_data(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=spec.seed)
     tokenizer = load_preprocessor(spec.base, spec.task)
     model = build_model(spec, data.id2label, adapter)
-    if adapter and spec.bits is not None and spec.qat:
-        quantization_aware(model, spec.bits)
-    result = fit(
-        model,
-        tokenizer,
-        data.train,
-        epochs=spec.epochs,
-        lr=spec.lr,
-        head_lr=spec.head_lr,
-        batch_size=spec.batch_size,
-        max_length=spec.max_length,
-        seed=spec.seed,
-        prune_to=spec.prune_to if adapter else None,
-        quiet=quiet,
-    )
+    if adapter and spec.qat:
+        if spec.bits is not None:
+            quantization_aware(model, spec.bits)
+        lambda_aware(model, spec.lambda_bits)
+    threads = spec.threads or free_cores()
+    with torch_threads(threads):
+        result = fit(
+            model,
+            tokenizer,
+            data.train,
+            epochs=spec.epochs,
+            lr=spec.lr,
+            head_lr=spec.head_lr,
+            batch_size=spec.batch_size,
+            max_length=spec.max_length,
+            seed=spec.seed,
+            prune_to=spec.prune_to if adapter else None,
+            quiet=quiet,
+        )
     report = {
         "task": spec.task,
         "method": "qpeft" if adapter else "head-only",
         "trainable_parameters": trainable_parameters(model),
         "train_examples": len(data.train),
         "train_seconds": round(result.seconds, 1),
+        "torch_threads": threads,
         "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
     }
     if adapter:
         report["lora_r8_parameters"] = lora_parameter_count(model, 8)
     if evaluate_test:
-        metrics = evaluate(model, tokenizer, data.test, max_length=spec.max_length, quiet=quiet)
+        with torch_threads(threads):
+            metrics = evaluate(model, tokenizer, data.test, max_length=spec.max_length, quiet=quiet)
         report.update(test_accuracy=metrics["accuracy"], test_examples=len(data.test))
     return model, report
 
@@ -299,7 +315,14 @@ def train_adapter(
     prepare_output(output, overwrite=overwrite, protect=_inputs(spec))
     model, report = run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet)
     adapter = adapter_from_model(model, spec.base)
-    path = write_adapter(output, adapter, bits=spec.bits, overwrite=overwrite, protect=_inputs(spec))
+    path = write_adapter(
+        output,
+        adapter,
+        bits=spec.bits,
+        lambda_bits=spec.lambda_bits,
+        overwrite=overwrite,
+        protect=_inputs(spec),
+    )
     report.update(adapter=str(path), file_bytes=path.stat().st_size)
     return report
 
