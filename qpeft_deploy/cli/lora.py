@@ -11,8 +11,18 @@ from pathlib import Path
 
 import click
 
-from qpeft_deploy.cli.choices import LORA_DTYPES, PEFT_TASK_TYPES
-from qpeft_deploy.cli.options import ADAPTER, base_option, overwrite_option, qpeft_output_option, quiet_option
+from qpeft_deploy.cli.choices import LORA_DTYPES
+from qpeft_deploy.cli.options import (
+    ADAPTER,
+    base_name_option,
+    base_option,
+    force_export_option,
+    overwrite_option,
+    peft_output_option,
+    qpeft_output_option,
+    quiet_option,
+    task_type_option,
+)
 from qpeft_deploy.cli.signals import unwinds
 from qpeft_deploy.errors import ConfigError
 
@@ -21,25 +31,11 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 
 @click.command("lora")
 @click.argument("adapter", type=ADAPTER)
-@click.option(
-    "-o",
-    "--output",
-    type=FOLDER,
-    required=True,
-    help="The PEFT folder to write (--overwrite: replace an export).",
-)
+@peft_output_option
 @base_option
-@click.option(
-    "--base-name",
-    default=None,
-    help="base_model_name_or_path to write (default: the hub id of minilm, else the base folder's name).",
-)
-@click.option(
-    "--task-type",
-    type=click.Choice(PEFT_TASK_TYPES),
-    default=None,
-    help="PEFT task type naming the modules (default: SEQ_CLS with a head, else FEATURE_EXTRACTION; "
-    "CAUSAL_LM for decoder LLMs served by vLLM or LoRAX).",
+@base_name_option("the hub id of minilm, else the base folder's name")
+@task_type_option(
+    "SEQ_CLS with a head, else FEATURE_EXTRACTION; CAUSAL_LM for decoder LLMs served by vLLM or LoRAX"
 )
 @click.option(
     "--dtype",
@@ -52,9 +48,7 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
     "--balanced", is_flag=True, help="Split √|αλ| between lora_A and lora_B (default: α·λ in lora_B)."
 )
 @click.option("--drop-head", is_flag=True, help="Leave the head out (vLLM refuses modules_to_save).")
-@click.option(
-    "--force", is_flag=True, help="Export even if the adapter's base fingerprint differs from --base."
-)
+@force_export_option
 @overwrite_option
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @unwinds

@@ -11,39 +11,27 @@ from pathlib import Path
 
 import click
 
-from qpeft_deploy.cli.choices import PEFT_TASK_TYPES
-from qpeft_deploy.cli.options import ADAPTER, base_option, overwrite_option
+from qpeft_deploy.cli.options import (
+    ADAPTER,
+    base_name_option,
+    base_option,
+    force_export_option,
+    overwrite_option,
+    peft_output_option,
+    task_type_option,
+)
 from qpeft_deploy.cli.signals import unwinds
-
-FOLDER = click.Path(file_okay=False, path_type=Path)
 
 
 @click.command("peft")
 @click.argument("adapter", type=ADAPTER)
-@click.option(
-    "-o",
-    "--output",
-    type=FOLDER,
-    required=True,
-    help="The PEFT folder to write (--overwrite: replace an export).",
-)
+@peft_output_option
 @base_option
-@click.option(
-    "--base-name",
-    default=None,
-    help="base_model_name_or_path to write (default: as the adapter recorded, else the hub id of minilm or "
-    "the base folder's name).",
+@base_name_option("as the adapter recorded, else the hub id of minilm or the base folder's name")
+@task_type_option(
+    "as recorded, else SEQ_CLS for an adapter with a head; without a head say CAUSAL_LM or FEATURE_EXTRACTION"
 )
-@click.option(
-    "--task-type",
-    type=click.Choice(PEFT_TASK_TYPES),
-    default=None,
-    help="PEFT task type (default: as recorded, else SEQ_CLS for an adapter with a head; without a head "
-    "say CAUSAL_LM or FEATURE_EXTRACTION).",
-)
-@click.option(
-    "--force", is_flag=True, help="Export even if the adapter's base fingerprint differs from --base."
-)
+@force_export_option
 @overwrite_option
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @unwinds
