@@ -7,6 +7,7 @@ cross-entropy, dropout on), and is scored on the same test split with ``qpeft_de
   qpeft-K8-L1, qpeft-K8-L2      Pauli circuits, K = 8, L = 1 / 2, all-linear (37 modules) + head
   qpeft-full-L1, qpeft-full-L2  Pauli circuits, full intrinsic rank K = min(N, M)
   qpeft-full-L1-q4              full rank, trained on 4-bit angles and 4-bit λ codes (the compact file, format v3)
+  qpeft-full-L1-a6l3            the same with 6-bit angles and 3-bit λ codes
   qpeft-K256-L1                 Pauli circuits, K = 256 (2/3 of every MiniLM layer's rank 384): the largest
                                 round K that stays ≥ 20× below LoRA r=8 (25×), so eligible for the goal
   taylor-K8                     Taylor / Lie-algebra variant, K = 8
@@ -112,13 +113,19 @@ class Method:
     layers: int | None = None
     variant: str | None = None
     label: str = ""
-    qat: bool = False  # train on the compact file's grids (4-bit angles, and λ codes with lambda_bits)
+    qat: bool = False  # train on the compact file's grids (its angle bits, and λ codes with lambda_bits)
     lambda_bits: int | None = None  # the compact file stores λ as b-bit codes (format version 3)
+    angle_bits: int | None = None  # the compact file's angle bits (None: COMPACT_ANGLE_BITS)
 
     def key(self) -> dict:
         """The method's part of a run's cache key: the fields added later enter it only when set, so runs
         cached before they existed stay valid."""
-        return {k: v for k, v in asdict(self).items() if k not in ("qat", "lambda_bits") or v}
+        later = ("qat", "lambda_bits", "angle_bits")
+        return {k: v for k, v in asdict(self).items() if k not in later or v}
+
+    def bits(self) -> int | None:
+        """Angle bits of the compact file (None for Taylor: it has no angles)."""
+        return (self.angle_bits or COMPACT_ANGLE_BITS) if self.variant == "pauli" else None
 
 
 METHODS = {
@@ -140,6 +147,19 @@ METHODS = {
             "Q-PEFT full rank, 4-bit angles and λ (QAT)",
             qat=True,
             lambda_bits=4,
+        ),
+        Method(
+            "qpeft-full-L1-a6l3",
+            "qpeft",
+            2e-2,
+            2e-2,
+            "full",
+            1,
+            "pauli",
+            "Q-PEFT full rank, 6-bit angles and 3-bit λ (QAT)",
+            qat=True,
+            lambda_bits=3,
+            angle_bits=6,
         ),
         Method("taylor-K8", "qpeft", 2e-2, 2e-2, 8, 1, "taylor", "Q-PEFT Taylor K=8"),
         Method("lora-r8", "lora", 1e-3, 2e-2, label="PEFT LoRA r=8 (peer)"),
@@ -230,7 +250,7 @@ def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn
             model, "all-linear", rank=method.rank, layers=method.layers, variant=method.variant, seed=seed
         )
         if method.qat:
-            quantization_aware(model, COMPACT_ANGLE_BITS)
+            quantization_aware(model, method.bits())
             lambda_aware(model, method.lambda_bits)
     elif method.kind == "lora":
         model = _lora_model(model, seed)
@@ -245,7 +265,7 @@ def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn
 def file_bytes(method: Method, model: torch.nn.Module, folder: Path) -> dict[str, int]:
     """Bytes of the stored fine-tune: ``compact`` (what one would ship) and ``fp32``."""
     if method.kind == "qpeft":
-        bits = COMPACT_ANGLE_BITS if method.variant == "pauli" else None
+        bits = method.bits()
         compact = save_adapter(
             model,
             folder / "c.qpeft",
