@@ -3,8 +3,8 @@
 Peer: real ``peft`` LoRA (r = 8 and r = 2, ``target_modules="all-linear"``, ``task_type="SEQ_CLS"``, so the
 same 37 MiniLM linear layers plus the classifier head) saved with ``save_pretrained``; we count the bytes of
 ``adapter_model.safetensors``. Ours: ``save_adapter`` on MiniLM with all-linear targets for several
-(K, L, bits, λ/head dtype, head, fingerprint), with the bytes split into header / angles / λ / mask / head /
-fingerprint as ``read_adapter`` reports them.
+(K, L, bits, λ/head dtype, λ codes, head, fingerprint), with the bytes split into header / angles / λ / scales /
+mask / head / fingerprint as ``read_adapter`` reports them.
 
     python -m benchmarks.filesize [--ranks 1 4 8 16 full] [--layers 1 2 4]
 writes benchmarks/results/filesize.json and benchmarks/results/filesize.md.
@@ -25,16 +25,19 @@ from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model
 
 LABELS = {0: "rotten", 1: "fresh"}
-# (bits, λ/head dtype, head, fingerprint) saved from each (K, L) model; bits None = fp32 angles
+# (bits, λ/head dtype, head, fingerprint, λ bits) saved from each (K, L) model; bits None = fp32 angles,
+# λ bits None = λ in the λ/head dtype (format version 2), else b-bit λ codes (version 3)
 VARIANTS = [
-    (4, "fp16", True, True),
-    (4, "fp16", False, True),
-    (4, "fp16", True, False),
-    (2, "fp16", True, True),
-    (8, "fp16", True, True),
-    (16, "fp16", True, True),
-    (None, "fp32", True, True),
+    (4, "fp16", True, True, None),
+    (4, "fp16", False, True, None),
+    (4, "fp16", True, False, None),
+    (2, "fp16", True, True, None),
+    (8, "fp16", True, True, None),
+    (16, "fp16", True, True, None),
+    (None, "fp32", True, True, None),
 ]
+# λ codes: what makes full rank small (the study's compact settings: 4-bit angles + 4-bit λ, 6 + 3)
+LAMBDA_CODES = [(4, "fp16", True, True, 4), (6, "fp16", True, True, 3), (4, "fp16", True, True, 2)]
 
 
 def lora_bytes(rank: int, folder: Path) -> int:
@@ -67,12 +70,15 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
     for rank, depth in shapes:
         model = adapted(rank, depth)
         variants = VARIANTS if (rank, depth) == (8, 1) else VARIANTS[:2]
-        for bits, dtype, head, fingerprint in variants:
+        if depth == 1 and rank in (8, "full"):
+            variants = variants + LAMBDA_CODES
+        for bits, dtype, head, fingerprint, lambda_bits in variants:
             path = save_adapter(
                 model,
                 folder / "a.qpeft",
                 bits=bits,
                 lambda_dtype=dtype,
+                lambda_bits=lambda_bits,
                 drop_head=not head,
                 base="minilm" if fingerprint else None,
             )
@@ -84,6 +90,7 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
                     "L": depth,
                     "bits": bits or 32,
                     "lambda_dtype": dtype,
+                    "lambda_bits": lambda_bits,
                     "head": head,
                     "fingerprint": fingerprint,
                     "parameters": info.parameters["total"],
@@ -99,7 +106,8 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
 
 def table(lora: dict, rows: list[dict]) -> str:
     """Markdown table of the rows, with the LoRA peer in the title."""
-    headers = ["K", "L", "bits", "λ/head", "head", "fp", "params", "bytes", "header %", "angles", "λ+mask"]
+    headers = ["K", "L", "bits", "λ/head", "λ bits", "head", "fp", "params", "bytes", "header %", "angles"]
+    headers += ["λ+scales+mask"]
     headers += ["head B", "× LoRA r8", "× LoRA r2"]
     body = [
         [
@@ -107,13 +115,14 @@ def table(lora: dict, rows: list[dict]) -> str:
             r["L"],
             r["bits"],
             r["lambda_dtype"],
+            r.get("lambda_bits") or "-",
             "yes" if r["head"] else "no",
             "yes" if r["fingerprint"] else "no",
             r["parameters"],
             r["bytes"],
             round(100 * r["header_share"], 1),
             r["parts"]["angles"],
-            r["parts"]["lambda"] + r["parts"]["mask"],
+            r["parts"]["lambda"] + r["parts"].get("scales", 0) + r["parts"]["mask"],
             r["parts"].get("head", 0),
             round(r["ratio_vs_lora_r8"], 1),
             round(r["ratio_vs_lora_r2"], 1),
@@ -140,7 +149,8 @@ def main() -> None:
         (
             r
             for r in rows
-            if (r["K"], r["L"], r["bits"], r["head"], r["fingerprint"]) == (8, 1, 4, True, True)
+            if (r["K"], r["L"], r["bits"], r["head"], r["fingerprint"], r["lambda_bits"])
+            == (8, 1, 4, True, True, None)
         ),
         None,
     )

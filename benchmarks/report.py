@@ -98,12 +98,22 @@ def _finish(fig, path: Path, title: str, data: dict) -> None:
     plt.close(fig)
 
 
+def _file_precision(row: dict) -> str:
+    """How a file-size row stores angles and λ: 'fp32', '4-bit', or '6-bit + 3-bit λ'."""
+    angles = "fp32" if row["bits"] == 32 else f"{row['bits']}-bit"
+    return angles + (f" + {row['lambda_bits']}-bit λ" if row.get("lambda_bits") else "")
+
+
 def plot_filesize(data: dict, path: Path) -> str:
-    """Bars of .qpeft bytes (4-bit angles, fp16 λ/head, head + fingerprint) and fp32, with LoRA as the peer."""
+    """Bars of .qpeft bytes (4-bit angles, fp16 λ/head, head + fingerprint; fp32; λ codes), LoRA as the peer."""
     lora = data["lora_bytes"]
-    rows = [r for r in data["rows"] if r["head"] and r["fingerprint"] and r["bits"] in (4, 32)]
+    rows = [
+        r
+        for r in data["rows"]
+        if r["head"] and r["fingerprint"] and (r["bits"] in (4, 32) or r.get("lambda_bits"))
+    ]
     labels = [f"LoRA r={r[1:]} (peer)" for r in lora] + [
-        f"qpeft K={r['K']} L={r['L']} {'4-bit' if r['bits'] == 4 else 'fp32'}" for r in rows
+        f"qpeft K={r['K']} L={r['L']} {_file_precision(r)}" for r in rows
     ]
     sizes = list(lora.values()) + [r["bytes"] for r in rows]
     colours = [PEER_COLOUR] * len(lora) + [OURS_COLOUR] * len(rows)
