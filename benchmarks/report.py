@@ -41,6 +41,11 @@ SECTIONS = [
     ),
     ("quant", "Angle quantisation", "Accuracy change per angle bit-width of one trained adapter."),
     ("circuit", "Circuit apply cost", "Per-token cost of circuit vs dense-U mode vs the base matmul."),
+    (
+        "train_speed",
+        "Training step time",
+        "Quantum-PEFT (K=8, full rank) vs PEFT LoRA r=8 per training step, MiniLM and the ViT, 1 and 2 threads.",
+    ),
     ("onnx", "ONNX Runtime latency", "Export modes vs merged weights and ORT's own LoRA adapters."),
     ("merge", "Merge", "`qpeft merge` vs copying the checkpoint and PEFT merge + save."),
     ("swap", "Runtime adapter swap", "AdapterBank vs PEFT LoRA `load_adapter` / `set_adapter`."),
