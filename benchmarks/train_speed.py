@@ -52,7 +52,10 @@ def batch(base: str, task: str, size: int, max_length: int | None) -> tuple[dict
 
 def settings(base: str, id2label: dict[int, str]) -> dict[str, Callable[[], torch.nn.Module]]:
     """Each setting's model builder."""
-    model = lambda: load_task_model(base, id2label)
+
+    def model() -> torch.nn.Module:
+        return load_task_model(base, id2label)  # a fresh base per setting
+
     lora = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules="all-linear")
     return {
         PEER: lambda: get_peft_model(model(), lora),

@@ -58,17 +58,26 @@ def _prefix(model: nn.Module) -> str:
     return getattr(model, "base_model_prefix", "") or ""
 
 
-def base_key(model: nn.Module, module_name: str) -> str:
-    """Base checkpoint key prefix of a module path: strips ``base_model_prefix + '.'`` when present."""
-    prefix = _prefix(model)
+def _strip(module_name: str, prefix: str) -> str:
+    """A module path without ``prefix + '.'`` (a model's ``base_model_prefix``) when it starts with it."""
     if prefix and module_name.startswith(prefix + "."):
         return module_name[len(prefix) + 1 :]
     return module_name
 
 
+def base_key(model: nn.Module, module_name: str) -> str:
+    """Base checkpoint key prefix of a module path of ``model``."""
+    return _strip(module_name, _prefix(model))
+
+
 def weight_key(model: nn.Module, module_name: str) -> str:
     """The target key of a module: its base checkpoint key with ``.weight`` (what adapters name targets by)."""
-    return base_key(model, module_name) + ".weight"
+    return weight_key_under(module_name, _prefix(model))
+
+
+def weight_key_under(module_name: str, prefix: str) -> str:
+    """:func:`weight_key` without a model, from its ``base_model_prefix`` (e.g. for a saved PEFT folder)."""
+    return _strip(module_name, prefix) + ".weight"
 
 
 def module_name_for_key(model: nn.Module, key: str) -> str:

@@ -68,7 +68,7 @@ def dequantize_angles(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (signed.to(torch.float64) * step).to(torch.float32)
 
 
-def _levels(bits: int) -> int:
+def lambda_levels(bits: int) -> int:
     """q = 2^(bits−1) − 1: λ codes run over [−q, q] (stored shifted to [0, 2q])."""
     if isinstance(bits, bool) or bits not in LAMBDA_BITS:
         raise ConfigError(f"lambda bits must be one of {', '.join(map(str, LAMBDA_BITS))}, got {bits!r}")
@@ -77,14 +77,14 @@ def _levels(bits: int) -> int:
 
 def lambda_scale(lam: torch.Tensor, bits: int) -> torch.Tensor:
     """The fp32 scale s = max|λ| / q of one target's λ (0 when λ is all zero)."""
-    return lam.detach().to(torch.float32).abs().max() / _levels(bits)
+    return lam.detach().to(torch.float32).abs().max() / lambda_levels(bits)
 
 
 def _snap(lam: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """round(λ/s) clamped to [−q, q] (fp32); all zero when s is 0."""
     if not scale > 0:
         return torch.zeros_like(lam, dtype=torch.float32)
-    q = _levels(bits)
+    q = lambda_levels(bits)
     return torch.round(lam.detach().to(torch.float32) / scale).clamp(-q, q)
 
 
@@ -93,12 +93,12 @@ def quantize_lambda(lam: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     if not torch.isfinite(lam).all():
         raise ConfigError("cannot quantise NaN or infinite λ")
     scale = lambda_scale(lam, bits)
-    return (_snap(lam, scale, bits) + _levels(bits)).to(torch.int64), scale
+    return (_snap(lam, scale, bits) + lambda_levels(bits)).to(torch.int64), scale
 
 
 def dequantize_lambda(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """λ̂ = (code − q)·s in fp32; ConfigError for codes outside [0, 2q]."""
-    q = _levels(bits)
+    q = lambda_levels(bits)
     codes = codes.to(torch.int64)
     if codes.numel() and (codes.min() < 0 or codes.max() > 2 * q):
         raise ConfigError(f"λ codes must lie in [0, {2 * q}] for {bits} bits")

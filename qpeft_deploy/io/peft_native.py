@@ -25,7 +25,14 @@ from torch import nn
 
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.factors import target_layout
-from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, PEFT_DELTA, PEFT_TYPE, state_key, target_prefix
+from qpeft_deploy.core.keys import (
+    HEAD_MODULE_NAMES,
+    PEFT_DELTA,
+    PEFT_TYPE,
+    state_key,
+    target_prefix,
+    weight_key_under,
+)
 from qpeft_deploy.core.packing import pack_target, unpack_target
 from qpeft_deploy.core.quantize import ANGLE_BITS, fake_quantize_angles
 from qpeft_deploy.errors import ConfigError, FormatError
@@ -161,11 +168,6 @@ def _tensor(path: Path, key: str, stored: StoredTensor, data: bytes) -> torch.Te
     return tensor.reshape(stored.shape)
 
 
-def _base_key(module: str, prefix: str) -> str:
-    """The base checkpoint weight key of a module path (core/keys.py ``base_key`` without a model)."""
-    return (module[len(prefix) + 1 :] if prefix and module.startswith(prefix + ".") else module) + ".weight"
-
-
 def _target_state(
     path: Path, module: str, key: str, dims: tuple, method: tuple, tensors: dict
 ) -> dict[str, torch.Tensor]:
@@ -241,7 +243,7 @@ def read_peft_folder(folder: str | Path) -> AdapterFile:
         _check_labels(config, where),
     )
     tensors = _read_tensors(path)
-    keys = {module: _base_key(module, prefix) for module in shapes}
+    keys = {module: weight_key_under(module, prefix) for module in shapes}
     if len(set(keys.values())) != len(keys):
         raise FormatError(f"{where}: two modules of target_shapes name the same base layer")
     state = {}

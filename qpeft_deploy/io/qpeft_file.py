@@ -45,6 +45,7 @@ from qpeft_deploy.core.quantize import (
     LAMBDA_BITS,
     dequantize_angles,
     dequantize_lambda,
+    lambda_levels,
     pack_bits,
     packed_size,
     quantize_angles,
@@ -312,7 +313,7 @@ def _check_scales(
     if len(negative):
         index = int(negative[0, 0])
         raise _Invalid(f"λ scale of {names[index]}: {float(scales[index]):.3g} is negative")
-    top = dequantize_lambda(torch.zeros(len(scales), dtype=torch.long), scales, layout.lambda_bits).abs()
+    top = scales * lambda_levels(layout.lambda_bits)  # q·s: the largest |λ| a code decodes to
     index = _first_over(top.double() * max(1.0, abs(alpha)), SCALE_MAX)
     if index is not None:
         raise _Invalid(
