@@ -163,6 +163,22 @@ def test_attach_adapter_to_peft_folder_and_back(tmp_path):
     assert back.config.id2label == labels
 
 
+def test_a_folder_trained_on_the_file_grids_packs_to_what_peft_computes(tmp_path):
+    """angle_bits / lambda_bits: the folder holds latent values; read and packed, the adapter is the one the
+    PEFT layers compute with, stored as 4-bit angles and 3-bit λ codes."""
+    config = QpeftConfig(task_type="SEQ_CLS", r=8, angle_bits=4, lambda_bits=3)
+    folder = trained_folder(minilm(), config, BATCH, tmp_path / "peft")
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(minilm(), folder).eval()(**BATCH).logits
+    assert read_adapter(folder).stored.lambda_bits == 3
+    assert run(cli, "pack", folder, "-o", tmp_path / "a.qpeft").exit_code == 0
+    stored = read_adapter(tmp_path / "a.qpeft").stored
+    assert (stored.bits, stored.lambda_bits, stored.format_version) == (4, 3, 3)
+    with torch.no_grad():
+        got = load_adapted_model("minilm", tmp_path / "a.qpeft")(**BATCH).logits
+    assert (got - want).abs().max() <= 1e-6
+
+
 def test_pack_options_still_apply_to_a_folder(minilm_folder, tmp_path):
     result = run(cli, "pack", minilm_folder, "-o", tmp_path / "a4.qpeft", "--bits", "4", "--base", "minilm")
     assert result.exit_code == 0, result.output
@@ -264,6 +280,7 @@ def test_bad_tensors_are_one_line_errors(edit, words, minilm_folder, tmp_path):
         ({"alpha": "big"}, ["alpha must be"]),
         ({"task_type": "TOKEN_CLS"}, ["task_type 'TOKEN_CLS'"]),
         ({"angle_bits": 9}, ["angle_bits 9"]),
+        ({"lambda_bits": 16}, ["lambda_bits 16"]),
         ({"target_shapes": {"bert.pooler.dense": [384, 384, 999]}}, ["target_shapes"]),
         ({"id2label": None}, ["no id2label"]),
         ({"peft_type": "LORA"}, ["peft_type 'LORA', expected 'QPEFT'"]),

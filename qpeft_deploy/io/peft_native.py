@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.factors import target_layout
 from qpeft_deploy.core.keys import (
     HEAD_MODULE_NAMES,
+    LAMBDA,
+    MASK,
     PEFT_DELTA,
     PEFT_TYPE,
     state_key,
@@ -34,7 +37,7 @@ from qpeft_deploy.core.keys import (
     weight_key_under,
 )
 from qpeft_deploy.core.packing import pack_target, unpack_target
-from qpeft_deploy.core.quantize import ANGLE_BITS, fake_quantize_angles
+from qpeft_deploy.core.quantize import ANGLE_BITS, LAMBDA_BITS, fake_quantize_angles, fake_quantize_lambda
 from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import check_base
@@ -95,8 +98,19 @@ def _check_kind(config: dict, where: Path) -> None:
             raise FormatError(f"{where}: {name} must be a string or null")
 
 
-def _check_method(config: dict, where: Path) -> tuple[str, int, float, int, int | None]:
-    """(variant, layers, alpha, init_seed, angle_bits), each checked."""
+class _Method(NamedTuple):
+    """The folder's method settings, checked."""
+
+    variant: str
+    layers: int
+    alpha: float
+    seed: int
+    angle_bits: int | None
+    lambda_bits: int | None
+
+
+def _check_method(config: dict, where: Path) -> _Method:
+    """The method settings of the config, each checked."""
     variant = config.get("variant")
     if variant not in CONSTRUCTIONS:
         raise FormatError(f"{where}: variant {variant!r} is not one of {', '.join(CONSTRUCTIONS)}")
@@ -108,7 +122,10 @@ def _check_method(config: dict, where: Path) -> tuple[str, int, float, int, int 
     bits = config.get("angle_bits")
     if bits is not None and (isinstance(bits, bool) or bits not in ANGLE_BITS or variant != "pauli"):
         raise FormatError(f"{where}: angle_bits {bits!r} is not one of {ANGLE_BITS} (pauli variant) or null")
-    return variant, layers, float(alpha), seed, bits
+    lambda_bits = config.get("lambda_bits")
+    if lambda_bits is not None and (isinstance(lambda_bits, bool) or lambda_bits not in LAMBDA_BITS):
+        raise FormatError(f"{where}: lambda_bits {lambda_bits!r} is not one of {LAMBDA_BITS} or null")
+    return _Method(variant, layers, float(alpha), seed, bits, lambda_bits)
 
 
 def _check_shapes(config: dict, where: Path) -> dict[str, tuple[int, int, int]]:
@@ -169,10 +186,10 @@ def _tensor(path: Path, key: str, stored: StoredTensor, data: bytes) -> torch.Te
 
 
 def _target_state(
-    path: Path, module: str, key: str, dims: tuple, method: tuple, tensors: dict
+    path: Path, module: str, key: str, dims: tuple, method: _Method, tensors: dict
 ) -> dict[str, torch.Tensor]:
-    """The state tensors of one target, unpacked from its vector (angles on the grid with angle_bits)."""
-    variant, layers, _, _, bits = method
+    """The state tensors of one target, unpacked from its vector: angles and λ as the PEFT layer computes
+    with them (on their grids with angle_bits / lambda_bits)."""
     name = saved_key(module, PEFT_DELTA)
     if name not in tensors:
         raise FormatError(f"{path}: no tensor {name} (target_shapes names {module})")
@@ -180,11 +197,16 @@ def _target_state(
     if dtype != "F32":
         raise FormatError(f"{path}: tensor {name} is {dtype}, expected F32")
     try:
-        parts = unpack_target(vector, target_layout(variant, dims, layers))
+        parts = unpack_target(vector, target_layout(method.variant, dims, method.layers))
     except ConfigError as e:
         raise FormatError(f"{path}: tensor {name}: {e}") from None
-    if bits is not None:
-        parts = {n: fake_quantize_angles(t, bits) if n.endswith("theta") else t for n, t in parts.items()}
+    if method.angle_bits is not None:
+        parts = {
+            n: fake_quantize_angles(t, method.angle_bits) if n.endswith("theta") else t
+            for n, t in parts.items()
+        }
+    if method.lambda_bits is not None:  # as Spectrum.values computes it
+        parts[LAMBDA] = fake_quantize_lambda(parts[LAMBDA] * parts[MASK], method.lambda_bits)
     return {state_key(key, n): t for n, t in parts.items()}
 
 
@@ -205,7 +227,7 @@ def _head(path: Path, tensors: dict) -> tuple[str | None, dict[str, torch.Tensor
     return (modules.pop() if modules else None), head
 
 
-def _stored(folder: Path, adapter: AdapterFile, bits: int | None, config: dict) -> StoredInfo:
+def _stored(folder: Path, adapter: AdapterFile, method: _Method, config: dict) -> StoredInfo:
     sizes = {
         "config": (folder / CONFIG_FILE).stat().st_size,
         "weights": (folder / WEIGHTS_FILE).stat().st_size,
@@ -219,9 +241,9 @@ def _stored(folder: Path, adapter: AdapterFile, bits: int | None, config: dict) 
         format_version=0,
         tool=f"peft {config.get('peft_version') or ''}".strip(),
         construction=CONSTRUCTIONS[adapter.config.variant],
-        bits=bits,
+        bits=method.angle_bits,
         lambda_dtype="fp32",
-        lambda_bits=None,
+        lambda_bits=method.lambda_bits,
         groups=tuple(target_groups(adapter)),
         parameters=params | {"total": sum(params.values())},
         nbytes=sizes | {"total": sum(sizes.values())},
@@ -252,16 +274,15 @@ def read_peft_folder(folder: str | Path) -> AdapterFile:
     head, head_state = _head(path, tensors)
     if head is not None and not labels:
         raise FormatError(f"{path}: holds a {head} head but {CONFIG_FILE} has no id2label")
-    variant, layers, alpha, seed, bits = method
     extra = {EXTRA_KEY: {k: config[k] for k in KEPT_FIELDS if config.get(k) is not None}}
     adapter_config = AdapterConfig(
         {key: shapes[m][2] for m, key in keys.items()},
-        layers,
-        alpha,
-        variant,
+        method.layers,
+        method.alpha,
+        method.variant,
         head,
         labels if head else None,
-        seed,
+        method.seed,
         extra,
     )
     adapter = AdapterFile(adapter_config, state | head_state, {k: shapes[m][:2] for m, k in keys.items()})
@@ -269,7 +290,7 @@ def read_peft_folder(folder: str | Path) -> AdapterFile:
         encode_adapter(adapter)  # every check a .qpeft writer makes: bounds, head shapes, target names
     except ConfigError as e:
         raise FormatError(f"{folder}: {e}") from None
-    adapter.stored = _stored(folder, adapter, bits, config)
+    adapter.stored = _stored(folder, adapter, method, config)
     return adapter
 
 
