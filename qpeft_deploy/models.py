@@ -159,6 +159,23 @@ def load_task_model(base: str, id2label: Mapping[int, str], seed: int = 0) -> Pr
     return model
 
 
+def load_causal_lm(base: str) -> PreTrainedModel:
+    """The base's causal language model (AutoModelForCausalLM, fp32, eval mode; tied embeddings kept tied)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    folder, previous = resolve_base(base), hf_logging.get_verbosity()
+    hf_logging.set_verbosity(hf_logging.CRITICAL)  # a failure is raised below as one line, never logged
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    except checkpoint_errors() as e:
+        raise ConfigError(f"{folder}: cannot build a causal language model: {load_failure(e)}") from None
+    finally:
+        hf_logging.set_verbosity(previous)
+    return model.float().eval()
+
+
 def head_module_name(model: torch.nn.Module) -> str:
     """Name of the classification head module of a task model (one of ``HEAD_MODULE_NAMES``)."""
     children = dict(model.named_children())

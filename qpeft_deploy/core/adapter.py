@@ -13,6 +13,8 @@ import torch
 from qpeft_deploy.core.keys import head_tensors
 from qpeft_deploy.errors import ConfigError
 
+CAUSAL_LM = "CAUSAL_LM"  # extra["task_type"] of an adapter trained on a causal LM (PEFT's task-type name)
+
 
 @dataclass
 class AdapterConfig:
@@ -31,6 +33,10 @@ class AdapterConfig:
         """The name of the base the adapter recorded (``extra["base"]``, written with its fingerprint)."""
         name = self.extra.get("base")
         return name if isinstance(name, str) else None
+
+    def is_causal_lm(self) -> bool:
+        """True for an adapter of a causal language model (its model is AutoModelForCausalLM, no new head)."""
+        return self.extra.get("task_type") == CAUSAL_LM
 
     def labels(self) -> list[str]:
         """The label names in id order (empty without a head)."""
