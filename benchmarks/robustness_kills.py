@@ -35,7 +35,7 @@ FALLBACK = [
     sys.executable,
     "-c",
     (
-        "import sys, qpeft_deploy.io.atomic as a; a._renameat2 = None; sys.argv[0] = 'qpeft'; "
+        "import sys, qpeft_deploy.atomic as a; a._renameat2 = None; sys.argv[0] = 'qpeft'; "
         "from qpeft_deploy.cli.main import main; main()"
     ),
 ]

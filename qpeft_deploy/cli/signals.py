@@ -1,6 +1,6 @@
 """How a writing command ends when it is told to stop: SIGTERM and SIGHUP become ``SystemExit(128 + signal)``
 and SIGINT stays ``KeyboardInterrupt``, so the exception unwinds through the atomic writers, which remove their
-temporary files and folders (SIGKILL leaves them to the next run: qpeft_deploy.io.atomic.remove_stale)."""
+temporary files and folders (SIGKILL leaves them to the next run: qpeft_deploy.atomic.remove_stale)."""
 
 from __future__ import annotations
 

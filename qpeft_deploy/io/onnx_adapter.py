@@ -27,11 +27,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from qpeft_deploy.atomic import atomic_file
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.factors import scaled_spectrum, target_factors
 from qpeft_deploy.core.keys import factor_key, target_prefix
 from qpeft_deploy.errors import ConfigError, FormatError
-from qpeft_deploy.io.atomic import atomic_file
 from qpeft_deploy.io.ort import ort_errors, ort_message
 from qpeft_deploy.io.paths import open_regular
 

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from qpeft_deploy.atomic import atomic_folder, prepare_output
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.keys import module_name_for_key, target_prefix
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.atomic import atomic_folder, prepare_output
 from qpeft_deploy.io.strict_json import strict_json
 from qpeft_deploy.models import MINILM, resolve_base
 

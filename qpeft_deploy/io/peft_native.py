@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from qpeft_deploy.atomic import prepare_output
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.factors import target_layout
 from qpeft_deploy.core.keys import (
@@ -39,7 +40,6 @@ from qpeft_deploy.core.keys import (
 from qpeft_deploy.core.packing import pack_target, unpack_target
 from qpeft_deploy.core.quantize import ANGLE_BITS, LAMBDA_BITS, fake_quantize_angles, fake_quantize_lambda
 from qpeft_deploy.errors import ConfigError, FormatError
-from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import check_base
 from qpeft_deploy.io.peft_folder import (
     CONFIG_FILE,

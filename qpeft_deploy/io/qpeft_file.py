@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from qpeft_deploy import __version__
+from qpeft_deploy.atomic import atomic_file
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.circuit import CONSTRUCTION_ID
 from qpeft_deploy.core.factors import circuit_angles, factor_params, target_params
@@ -53,7 +54,6 @@ from qpeft_deploy.core.quantize import (
     unpack_bits,
 )
 from qpeft_deploy.errors import ConfigError, FormatError
-from qpeft_deploy.io.atomic import atomic_file
 from qpeft_deploy.io.fingerprint import ALGORITHM, DIGEST_SIZE
 from qpeft_deploy.io.names import INT, MAX_TARGETS, NAME_PART, PatternError, compress_names, expand_pattern
 from qpeft_deploy.io.safetensors import read_header, tensor_entry

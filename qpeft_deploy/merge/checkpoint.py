@@ -13,7 +13,7 @@ Works on safetensors files, never on a built model:
   keys of a bare base re-prefixed with ``base_model_prefix``, head tensors added (or replaced: the replaced
   ones are kept in ``HEAD_SIDECAR`` for unmerge), ``config.json`` rewritten (architectures, id2label,
   label2id). Every base tensor is kept, so unmerge can restore all of them.
-- Atomic (io/atomic.py): the output is written to a temporary folder beside it and renamed at the end; a
+- Atomic (atomic.py): the output is written to a temporary folder beside it and renamed at the end; a
   failure or an interrupt removes it. The base is only ever opened read-only; its fingerprint is checked (in a thread, while the output
   is written) before the output is renamed into place, so a mismatch leaves nothing behind.
 - Reversible: every shard's metadata (``RECORD_KEY``) records what was merged: adapter digests and weights,
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from qpeft_deploy.atomic import atomic_folder
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.atomic import atomic_folder
 from qpeft_deploy.io.fingerprint import UNMERGED_FILE, attest_unmerged, check_base
 from qpeft_deploy.io.peft_folder import CONFIG_FILE as PEFT_CONFIG
 from qpeft_deploy.io.peft_folder import WEIGHTS_FILE as PEFT_WEIGHTS

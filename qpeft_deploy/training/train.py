@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qpeft_deploy.atomic import prepare_output
 from qpeft_deploy.core.attach import (
     adapted_layers,
     adapter_config,
@@ -40,7 +41,6 @@ from qpeft_deploy.core.threads import free_cores, torch_threads
 from qpeft_deploy.data.images import is_image_task
 from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
 from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer, resolve_base

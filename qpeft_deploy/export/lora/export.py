@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from qpeft_deploy.atomic import prepare_output
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.factors import target_factors
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.lora.peft_folder import lora_key
-from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import check_base
 from qpeft_deploy.io.peft_folder import (
     TASK_MODELS,

@@ -26,6 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm.auto import tqdm
 
+from qpeft_deploy.atomic import prepare_output
 from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile
 from qpeft_deploy.core.circuit import PauliCircuit
 from qpeft_deploy.core.factors import target_factors
@@ -36,7 +37,6 @@ from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import BaseMismatchError, ConfigError
 from qpeft_deploy.export.lora.calibrate import Calibration, calibrate
 from qpeft_deploy.export.lora.peft_folder import LoraAdapter, LoraLayer, read_lora, target_keys
-from qpeft_deploy.io.atomic import prepare_output
 from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.peft_folder import WEIGHTS_FILE, skeleton_model
 from qpeft_deploy.io.qpeft_file import write_adapter

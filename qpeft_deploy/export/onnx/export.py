@@ -7,7 +7,7 @@ adapted layer's node gets a ``qpeft.CircuitApply`` (:mod:`qpeft_deploy.export.on
 named ``qpeft.<base key>.<name>``. No ΔW is ever formed or folded into W, except for an adapted nn.Conv2d,
 whose ΔW kernel is built in the graph from the parameters. The exported model is then run with onnxruntime
 and compared with torch (:mod:`qpeft_deploy.export.onnx.compare`); the folder appears only when all of that
-succeeded (:func:`qpeft_deploy.io.atomic.atomic_folder`).
+succeeded (:func:`qpeft_deploy.atomic.atomic_folder`).
 
 - ``runtime``: angles and λ are constant initialisers; per layer the ``circuit`` kind (the circuits act on the
   activations) or the ``dense`` kind (U, V built from the angles in the graph and constant-folded by
@@ -36,13 +36,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qpeft_deploy import __version__
+from qpeft_deploy.atomic import atomic_folder, prepare_output
 from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.core.attach import adapted_layers, detach
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.circuit import OPSET
 from qpeft_deploy.export.onnx.compare import compare, probes, reference
 from qpeft_deploy.export.onnx.graph import adapter_graph, make_head_overridable
-from qpeft_deploy.io.atomic import atomic_folder, prepare_output
 from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.model_io import load_adapted_model, load_adapter
 from qpeft_deploy.io.onnx_adapter import (
