@@ -404,3 +404,61 @@ def test_casting_the_model_keeps_the_update_in_fp32_and_casts_the_base():
     assert {p.dtype for n, p in layer.named_parameters() if not n.startswith("base.")} == {torch.float32}
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     assert (layer(x.bfloat16()).float() - want).abs().max() < 0.1
+
+
+def unfolded(layer: QuantumPeftLinear, x: torch.Tensor) -> torch.Tensor:
+    """The reference: the base output plus ΔW applied to the activations (never folded)."""
+    return layer.base(x) + layer.delta(x, layer.base).to(x.dtype)
+
+
+def gradients(layer: QuantumPeftLinear, y: torch.Tensor) -> list[torch.Tensor]:
+    return torch.autograd.grad(y.square().sum(), [p for p in layer.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_training_folds_delta_into_the_weight_with_the_same_output_and_gradients(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Linear(12, 24), torch.randn(64, 12)
+    elif kind == "conv1d":
+        base, x = Conv1D(24, 12), torch.randn(4, 16, 12)
+    else:
+        base, x = nn.Conv2d(3, 8, 2, padding=1), torch.randn(2, 3, 5, 5)
+    n_out, m_in = linear_shape(base)
+    layer = QuantumPeftLinear(base, min(n_out, m_in), generator=seeded(1))
+    randomise(layer)
+    assert layer.folds(x, base)
+    folded, reference = layer(x), unfolded(layer, x)
+    assert (folded - reference).abs().max() <= 1e-5
+    for got, want in zip(gradients(layer, layer(x)), gradients(layer, unfolded(layer, x))):
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("n_out,m_in,rank", [(24, 10, 10), (10, 24, 10), (16, 16, 16), (24, 10, 3)])
+def test_delta_weight_by_the_circuits_equals_u_diag_v_and_has_its_gradients(n_out, m_in, rank):
+    layer = make_layer(m_in, n_out, rank)
+    randomise(layer)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    assert layer.forms_by_circuits() == (rank == min(n_out, m_in))
+    by_circuits = layer.delta_weight()
+    u, v = layer.u.columns(rank), layer.v.columns(rank)
+    by_factors = (u * layer.spectrum.values()) @ v.T
+    assert (by_circuits - by_factors).abs().max() <= 1e-5
+    got = torch.autograd.grad(by_circuits.square().sum(), params)
+    want = torch.autograd.grad(by_factors.square().sum(), params)
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(got, want))
+
+
+def test_folding_is_chosen_by_cost_and_only_while_the_update_trains():
+    torch.manual_seed(0)
+    rows = torch.randn(1024, 384)
+    full = QuantumPeftLinear(nn.Linear(384, 384), 384)
+    small = QuantumPeftLinear(nn.Linear(384, 384), 8)
+    assert full.folds(rows, full.base) and not small.folds(rows, small.base)
+    assert full.training_cost(1024, fold=True) < full.training_cost(1024, fold=False)
+    with torch.no_grad():
+        assert not full.folds(rows, full.base)
+    full.requires_grad_(False)
+    assert not full.folds(rows, full.base)
+    half = QuantumPeftLinear(nn.Linear(384, 384).to(torch.bfloat16), 384)
+    assert not half.folds(rows.bfloat16(), half.base)  # ΔW stays out of a low-precision weight

@@ -9,6 +9,12 @@ its ΔW is reshaped back to the kernel shape and convolved with the input. Three
 ``auto`` picks circuit or dense per layer from the multiply-adds per token (a Conv2d always runs dense).
 Circuits always run in fp32.
 
+Training folds: while gradients flow into the update (and the base weight is fp32), a training step may run the
+base layer once with W + ΔW instead of adding ΔW x, ΔW formed once per step from the circuits on the identity.
+It then pays the weight's gradient (N·M per row, which LoRA never pays) but no per-row work in the update:
+:meth:`QuantumPeftDelta.folds` chooses per call by the multiply-adds of forward and backward for the rows at
+hand (at full rank with a thousand rows per step, folding is the cheaper; at K = 8 applying is).
+
 :class:`QuantumPeftDelta` is the update alone (it keeps no base weight): the one implementation that both
 ``attach`` (:class:`QuantumPeftLinear`, the update plus its base layer) and the PEFT method
 (``peft_native/tuner.py``, one update per named adapter) run.
@@ -16,7 +22,7 @@ Circuits always run in fp32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -113,8 +119,52 @@ class QuantumPeftDelta(nn.Module):
         run 'dense'."""
         if self.variant != "pauli" or self.is_conv:
             return "dense"
-        circuit = CIRCUIT_MAC_COST * (self.u.cost_per_vector() + self.v.cost_per_vector())
-        return "circuit" if circuit < self.rank * (self.out_features + self.in_features) else "dense"
+        return (
+            "circuit" if self.circuit_cost() < self.rank * (self.out_features + self.in_features) else "dense"
+        )
+
+    def build_cost(self) -> float:
+        """Multiply-add equivalents of forming U (N×K) and V (M×K) by the circuits (Taylor frames: none counted,
+        as dense apply and folding both pay the same)."""
+        if self.variant != "pauli":
+            return 0.0
+        return CIRCUIT_MAC_COST * self.rank * (self.u.cost_per_vector() + self.v.cost_per_vector())
+
+    def circuit_cost(self) -> float:
+        """Multiply-add equivalents of rotating one vector through both circuits (the weighted circuit cost)."""
+        return CIRCUIT_MAC_COST * (self.u.cost_per_vector() + self.v.cost_per_vector())
+
+    def forms_by_circuits(self) -> bool:
+        """Whether ΔW is cheaper to form by running the circuits on the identity of the smaller side (no U or V
+        formed, no N·M·K product) than as U diag(λ) Vᵀ: at or near full rank."""
+        if self.variant != "pauli":
+            return False
+        n, m, k = self.out_features, self.in_features, self.rank
+        return min(n, m) * self.circuit_cost() < self.build_cost() + n * m * k
+
+    def training_cost(self, rows: int, fold: bool) -> float:
+        """Multiply-add equivalents of one forward and backward through the update for ``rows`` activation rows:
+        applied in this layer's mode, or folded (ΔW formed once, then the weight's gradient)."""
+        n, m, k = self.out_features, self.in_features, self.rank
+        if fold:
+            forming = (
+                min(n, m) * self.circuit_cost() if self.forms_by_circuits() else self.build_cost() + n * m * k
+            )
+            return 3 * forming + rows * n * m
+        if self.mode == "circuit":
+            return 3 * rows * self.circuit_cost()
+        return 3 * (self.build_cost() + rows * k * (n + m))
+
+    def folds(self, x: torch.Tensor, base: nn.Module) -> bool:
+        """Whether this call should run ``base`` with W + ΔW: gradients flow into the update, the base weight is
+        fp32, and folding costs less for the rows of ``x`` (a Conv2d, which forms ΔW anyway, always folds)."""
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if not trains or base.weight.dtype != torch.float32:
+            return False
+        if self.is_conv:
+            return True
+        rows = x.numel() // self.in_features
+        return self.training_cost(rows, fold=True) < self.training_cost(rows, fold=False)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) in fp32, rebuilt only when the angles (or their quantisation grid) changed or gradients are
@@ -137,9 +187,24 @@ class QuantumPeftDelta(nn.Module):
         return self._cache[2], self._cache[3]
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = α·U diag(λ) Vᵀ as an fp32 N×M matrix (out × in)."""
+        """ΔW = α·U diag(λ) Vᵀ as an fp32 N×M matrix (out × in). While training near full rank it is formed by
+        the circuits on the identity of the smaller side (rows of ΔWᵀ, or of ΔW); otherwise from U and V (cached
+        while the parameters do not change)."""
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if trains and self.forms_by_circuits():
+            n, m = self.out_features, self.in_features
+            if m <= n:
+                return self._rotate(torch.eye(m, device=self.spectrum.values().device)).T
+            return self._rotate(torch.eye(n, device=self.spectrum.values().device), transpose=True)
         u, v = self.factors()
         return (u * (self.alpha * self.spectrum.values().float())) @ v.T
+
+    def _rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """ΔW x (ΔWᵀ x with ``transpose``) for vectors along the last axis of x, by the circuits alone:
+        Q_N [α λ ⊙ (Q_Mᵀ x)[:K]; 0] (the sides swapped for ΔWᵀ)."""
+        first, second = (self.u, self.v) if transpose else (self.v, self.u)
+        h = first.rotate(x, transpose=True)[..., : self.rank] * (self.alpha * self.spectrum.values().float())
+        return second.rotate(nn.functional.pad(h, (0, second.dim - self.rank)))
 
     def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """ΔW x for activations x (..., M), in fp32 without forming ΔW; for a Conv2d ``base``, x is (B, C, H, W)
@@ -148,13 +213,10 @@ class QuantumPeftDelta(nn.Module):
         if self.is_conv:
             kernel = self.delta_like(base)
             return nn.functional.conv2d(x, kernel, None, base.stride, base.padding, base.dilation)
-        scale = self.alpha * self.spectrum.values().float()
         if self.mode == "circuit":
-            h = self.v.rotate(x, transpose=True)[..., : self.rank] * scale
-            h = nn.functional.pad(h, (0, self.out_features - self.rank))
-            return self.u.rotate(h)
+            return self._rotate(x)
         u, v = self.factors()
-        return ((x @ v) * scale) @ u.T
+        return ((x @ v) * (self.alpha * self.spectrum.values().float())) @ u.T
 
     def delta_like(self, base: nn.Module) -> torch.Tensor:
         """ΔW shaped like ``base``'s weight: transposed for Conv1D (in×out), the kernel shape for Conv2d."""
@@ -174,6 +236,35 @@ class QuantumPeftDelta(nn.Module):
         )
 
 
+def run_with_weight(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``base``'s own operation (nn.Linear, Conv1D or nn.Conv2d, with its bias) on ``x`` with ``weight`` instead
+    of its weight."""
+    if isinstance(base, nn.Linear):
+        return nn.functional.linear(x, weight, base.bias)
+    if isinstance(base, Conv1D):
+        y = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), weight)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return base._conv_forward(x, weight, base.bias)
+
+
+def adapted_forward(
+    base: nn.Module,
+    x: torch.Tensor,
+    updates: Sequence[QuantumPeftDelta],
+    run_base: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``base(x)`` plus every update's ΔW x: as one run of ``base`` with W + ΣΔW when every update folds this
+    call (training, :meth:`QuantumPeftDelta.folds`), else the base output plus each update applied to ``x``.
+    ``run_base`` (a base wrapped or called with more arguments) is run as it is and never folded."""
+    if run_base is None and updates and all(update.folds(x, base) for update in updates):
+        weight = base.weight + sum(update.delta_like(base) for update in updates)
+        return run_with_weight(base, x, weight)
+    y = (run_base or base)(x)
+    for update in updates:
+        y = y + update.delta(x, base).to(y.dtype)
+    return y
+
+
 class QuantumPeftLinear(QuantumPeftDelta):
     """A frozen nn.Linear / Conv1D / Conv2d (``base``) plus its Quantum-PEFT update: what ``attach`` puts in."""
 
@@ -191,10 +282,7 @@ class QuantumPeftLinear(QuantumPeftDelta):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        return y + self.delta(x, self.base).to(y.dtype)
+        return self.base(x) if self.merged else adapted_forward(self.base, x, [self])
 
     def merge(self) -> None:
         """Fold ΔW into the base weight (added in fp32, cast once)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from qpeft_deploy.core.factors import target_layout
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, PEFT_DELTA
-from qpeft_deploy.core.layer import QuantumPeftDelta, linear_shape
+from qpeft_deploy.core.layer import QuantumPeftDelta, adapted_forward, linear_shape
 from qpeft_deploy.core.packing import pack_target, unpack_target
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.peft_native.config import FULL, QpeftConfig
@@ -109,14 +109,13 @@ class QpeftLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        updates = [self.qpeft_delta[name] for name in self.active_adapters if name in self.qpeft_delta]
         base = self.get_base_layer()
-        for name in self.active_adapters:
-            if name in self.qpeft_delta:
-                result = result + self.qpeft_delta[name].delta(x, base).to(result.dtype)
-        return result
+        if args or kwargs or self.base_layer is not base:  # called as it is, never folded
+            return adapted_forward(base, x, updates, lambda inputs: self.base_layer(inputs, *args, **kwargs))
+        return adapted_forward(base, x, updates)
 
     def __repr__(self) -> str:
         return "qpeft." + super().__repr__()
