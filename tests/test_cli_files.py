@@ -245,14 +245,14 @@ def test_pack_lambda_bits_and_back(qpeft, adapter, tmp_path):
     assert result.exit_code == 0, result.output
     text = run(qpeft, "inspect", coded).output
     for part in (
-        "qpeft version 3",
+        "qpeft version 4",
         "angles 4-bit, λ 4-bit codes + fp32 scale per target, head fp16",
         "lambda 148",
         "scales 148",
     ):
         assert part in text, part
     data = json.loads(run(qpeft, "inspect", coded, "--json").output)
-    assert data["format_version"] == 3 and data["lambda_bits"] == 4 and data["bytes"]["scales"] == 4 * 37
+    assert data["format_version"] == 4 and data["lambda_bits"] == 4 and data["bytes"]["scales"] == 4 * 37
     assert run(qpeft, "verify", coded, "--base", "minilm").exit_code == 0
     kept = tmp_path / "kept.qpeft"
     assert run(qpeft, "pack", coded, "-o", kept, "--bits", "8", "--quiet").exit_code == 0

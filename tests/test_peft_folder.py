@@ -173,7 +173,7 @@ def test_a_folder_trained_on_the_file_grids_packs_to_what_peft_computes(tmp_path
     assert read_adapter(folder).stored.lambda_bits == 3
     assert run(cli, "pack", folder, "-o", tmp_path / "a.qpeft").exit_code == 0
     stored = read_adapter(tmp_path / "a.qpeft").stored
-    assert (stored.bits, stored.lambda_bits, stored.format_version) == (4, 3, 3)
+    assert (stored.bits, stored.lambda_bits, stored.format_version) == (4, 3, 4)
     with torch.no_grad():
         got = load_adapted_model("minilm", tmp_path / "a.qpeft")(**BATCH).logits
     assert (got - want).abs().max() <= 1e-6

@@ -442,14 +442,17 @@ V2_SMALL = {  # version 2: float λ, nothing masked
     "pauli32": encode_adapter(small_adapter(), lambda_dtype="fp32"),
     "taylor16": encode_adapter(small_adapter("taylor"), lambda_dtype="fp16"),
 }
-V3_SMALL = {  # version 3: λ codes, masked λ, or both
+V3_SMALL = {  # version 3: masked λ, coded or not
     "pauli4-l4-pruned": encode_adapter(
         small_adapter(pruned=True), bits=4, lambda_dtype="fp16", lambda_bits=4
     ),
-    "pauli32-l2": encode_adapter(small_adapter(), lambda_bits=2),
     "taylor16-pruned": encode_adapter(small_adapter("taylor", pruned=True), lambda_dtype="fp16"),
 }
-SMALL = V2_SMALL | V3_SMALL
+V4_SMALL = {  # version 4: λ codes, nothing masked (no keep-mask stored)
+    "pauli32-l2": encode_adapter(small_adapter(), lambda_bits=2),
+    "pauli6-l3": encode_adapter(small_adapter(), bits=6, lambda_dtype="fp16", lambda_bits=3),
+}
+SMALL = V2_SMALL | V3_SMALL | V4_SMALL
 
 
 def write(tmp_path, data: bytes, name: str = "x.qpeft"):
@@ -1028,7 +1031,8 @@ def lambda_scales(path) -> torch.Tensor:
 def test_lambda_codes_round_trip_within_half_a_step(model, tmp_path, lambda_bits):
     path = save_adapter(model, tmp_path / "l.qpeft", bits=4, lambda_dtype="fp16", lambda_bits=lambda_bits)
     adapter, original = read_adapter(path), adapter_state(model)
-    assert adapter.stored.format_version == 3 and adapter.stored.lambda_bits == lambda_bits
+    assert adapter.stored.format_version == 4 and adapter.stored.lambda_bits == lambda_bits
+    assert "mask" not in adapter.stored.nbytes  # every λ active: version 4 stores no keep-mask
     assert split(path.read_bytes())[0]["__metadata__"]["lambda_bits"] == str(lambda_bits)
     q = 2 ** (lambda_bits - 1) - 1
     scales = lambda_scales(path)
@@ -1087,13 +1091,14 @@ def test_a_pruned_spectrum_stores_only_the_kept_lambda(tmp_path):
         assert torch.equal(kept[key], masked.half().float()), key  # the kept λ in fp16, the others 0
 
 
-@pytest.mark.parametrize("kind", sorted(V3_SMALL))
-def test_every_bit_flip_in_a_version_3_file_is_refused(kind, tmp_path):
-    data, path = V3_SMALL[kind], tmp_path / "x.qpeft"
-    assert read_adapter(write(tmp_path, data, "original.qpeft")).stored.format_version == 3
+@pytest.mark.parametrize("kind", sorted(V3_SMALL | V4_SMALL))
+def test_every_bit_flip_in_a_version_3_or_4_file_is_refused(kind, tmp_path):
+    data, path = (V3_SMALL | V4_SMALL)[kind], tmp_path / "x.qpeft"
+    version = 3 if "pruned" in kind else 4
+    assert read_adapter(write(tmp_path, data, "original.qpeft")).stored.format_version == version
     header, _ = split(data)
     names = sorted(k for k in header if k != "__metadata__")
-    assert ("s" in names) == ("l2" in kind or "l4" in kind)
+    assert ("s" in names) == any(f"-l{b}" in kind for b in (2, 3, 4)) and ("m" in names) == (version == 3)
     for bit in [b for name in names for b in tensor_bits(data, name)]:
         path.write_bytes(flip_bit(data, bit))
         with pytest.raises(FormatError, match="integrity digest mismatch") as error:
@@ -1186,10 +1191,10 @@ BAD_V3 = {
         lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].pop("lambda_bits"))),
         "tensors .* do not match the config",
     ),
-    "version 4": (
+    "version 5": (
         CODED,
-        lambda d: set_meta(d, format_version="4"),
-        "format version 4 is newer than this reader supports \\(3\\); upgrade qpeft-deploy",
+        lambda d: set_meta(d, format_version="5"),
+        "format version 5 is newer than this reader supports \\(4\\); upgrade qpeft-deploy",
     ),
 }
 
@@ -1197,7 +1202,7 @@ BAD_V3 = {
 @pytest.mark.parametrize("case", sorted(BAD_V3))
 def test_bad_version_3_files_raise_one_clear_format_error(case, tmp_path):
     kind, mutate, match = BAD_V3[case]
-    path = write(tmp_path, mutate(V3_SMALL[kind]))
+    path = write(tmp_path, mutate((V3_SMALL | V4_SMALL)[kind]))
     with pytest.raises(FormatError, match=match) as error:
         read_adapter(path)
     assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
@@ -1207,7 +1212,9 @@ def test_the_writer_writes_the_lowest_version_and_refuses_bad_lambda_bits(tmp_pa
     versions = {
         kind: read_adapter(write(tmp_path, data, kind)).stored.format_version for kind, data in SMALL.items()
     }
-    assert versions == {kind: 2 for kind in V2_SMALL} | {kind: 3 for kind in V3_SMALL}
+    assert versions == {kind: 2 for kind in V2_SMALL} | {kind: 3 for kind in V3_SMALL} | {
+        kind: 4 for kind in V4_SMALL
+    }
     adapter = small_adapter()
     assert split(encode_adapter(adapter, lambda_bits=32)) == split(encode_adapter(adapter))  # 32: float λ
     for bad in (1, 9, 16, True, "4"):
@@ -1215,3 +1222,13 @@ def test_the_writer_writes_the_lowest_version_and_refuses_bad_lambda_bits(tmp_pa
             encode_adapter(adapter, lambda_bits=bad)
     pruned = read_adapter(write(tmp_path, V3_SMALL["taylor16-pruned"], "p.qpeft"))
     assert pruned.state["pool.spectrum.lam"].tolist() == [0.0]  # masked λ read back as 0
+
+
+def test_a_version_4_file_with_a_keep_mask_or_a_version_3_file_without_one_is_refused(tmp_path):
+    v4, v3 = V4_SMALL["pauli32-l2"], V3_SMALL["pauli4-l4-pruned"]
+    as_v3 = edited(v4, lambda h, b: h["__metadata__"].update(format_version="3"))
+    with pytest.raises(FormatError, match=r"tensors .* do not match the config's .*'m'"):
+        read_adapter(write(tmp_path, redigest(as_v3)))
+    as_v4 = edited(v3, lambda h, b: h["__metadata__"].update(format_version="4"))
+    with pytest.raises(FormatError, match=r"tensors .*'m'.* do not match the config's"):
+        read_adapter(write(tmp_path, redigest(as_v4)))

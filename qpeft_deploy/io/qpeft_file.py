@@ -1,11 +1,12 @@
-"""The .qpeft adapter file (format version 3, see docs/FORMAT.md): encode, decode and validate.
+"""The .qpeft adapter file (format version 4, see docs/FORMAT.md): encode, decode and validate.
 
 A .qpeft file is a plain safetensors file with at most six tensors and a string-only ``__metadata__``:
 
 - ``a``: every factor parameter, target after target (U's then V's): circuit angles as b-bit codes packed
   tightly (uint8), or float32; Taylor parameters as float16/float32 (never angle-coded).
-- ``m``: the λ keep-masks, one bit each (uint8); ``l``: the active λ (version 3; every λ before), as
-  float16/float32 or, with ``lambda_bits``, as packed b-bit codes with one float32 scale per target in ``s``.
+- ``m``: the λ keep-masks, one bit each (uint8; absent in version 4, where every λ is active); ``l``: the
+  active λ (from version 3; every λ before), as float16/float32 or, with ``lambda_bits``, as packed b-bit codes
+  with one float32 scale per target in ``s``.
 - ``h``: the classification head's tensors, flattened and concatenated (optional).
 - ``f``: an 8-byte base digest per target (uint8, T×8, optional).
 
@@ -16,7 +17,8 @@ tensor's bytes) makes any changed bit a refusal; the values are bounded so that 
 non-finite outputs. The reader checks the header length before reading it, every tensor's dtype, shape and
 offsets against the config before using it, then the digest, padding bits, finiteness and bounds, and raises
 :class:`FormatError` ("<path>: <problem>") for anything wrong. A writer writes the lowest version that holds the
-adapter (version 2 unless λ is coded or masked); version-1 (no digest) and version-2 files are still read.
+adapter (version 2 unless λ is coded or masked; 4 for coded λ with none masked; 3 for masked λ); version-1 (no
+digest), 2 and 3 files are still read.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ from qpeft_deploy.io.safetensors import read_header, tensor_entry
 from qpeft_deploy.io.strict_json import strict_json
 
 FORMAT = "qpeft"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 DIGEST_VERSION = 2  # the first format version with the integrity digest
 COMPACT_VERSION = 3  # the first with only the active λ in ``l``, and λ codes (``lambda_bits``, ``s``)
+MASKLESS_VERSION = 4  # a version-4 file stores no keep-mask ``m``: every λ is active
 DIGEST_KEY = "digest"
 DIGEST_ALGORITHM = "blake2b-16"
 DIGEST_BYTES = 16
@@ -156,7 +159,8 @@ class _Layout:
         spec["l"] = self.lambda_tensor(self.lambda_count())
         if self.lambda_bits is not None:
             spec["s"] = ("F32", [len(self.targets)])
-        spec["m"] = ("U8", [packed_size(self.lambda_count(), 1)])
+        if self.version != MASKLESS_VERSION:
+            spec["m"] = ("U8", [packed_size(self.lambda_count(), 1)])
         if self.head is not None:
             spec["h"] = (fdt, [self.head_count()])
         if self.has_fingerprint:
@@ -527,7 +531,10 @@ def encode_adapter(
     head_keys = _head_order(head_keys)
     head_shapes = [(k[len(head) + 1 :], tuple(state[k].shape)) for k in head_keys] if head else []
     has_fp = adapter.fingerprint is not None
-    compact = lambda_bits is not None or not all(bool(m.all()) for m in masks)
+    every_active = all(bool(m.all()) for m in masks)
+    # the lowest version that holds the adapter
+    version = DIGEST_VERSION if lambda_bits is None and every_active else COMPACT_VERSION
+    version = MASKLESS_VERSION if version == COMPACT_VERSION and every_active else version
     layout = _Layout(
         config.variant,
         config.layers,
@@ -538,7 +545,7 @@ def encode_adapter(
         head,
         head_shapes,
         has_fp,
-        COMPACT_VERSION if compact else DIGEST_VERSION,  # the lowest version that holds the adapter
+        version,
         lambda_bits,
     )
     if state.keys() - used:
@@ -547,7 +554,8 @@ def encode_adapter(
         )
 
     tensors, active, owners = _encode_lambdas(layout, lams, masks)
-    tensors["m"] = pack_bits(torch.cat(masks).long(), 1)
+    if version != MASKLESS_VERSION:
+        tensors["m"] = pack_bits(torch.cat(masks).long(), 1)
     if bits is not None:
         tensors["a"] = pack_bits(
             quantize_angles(torch.cat([p.detach().reshape(-1) for p in params]), bits), bits
@@ -642,8 +650,9 @@ def _check_identity(meta: object, header: dict) -> dict[str, str]:
 
 
 def _min_bits(variant: str, layers: int, dims: tuple[int, int, int], version: int, coded: bool) -> int:
-    """A lower bound on one target's data bits (2-bit angles or fp16 Taylor parameters, K mask bits, and fp16 λ
-    before version 3, a scale with λ codes; from version 3 every λ may be masked): bounds a config's work."""
+    """A lower bound on one target's data bits (2-bit angles or fp16 Taylor parameters, K mask bits (version 4:
+    K λ of at least 2 bits), and fp16 λ before version 3, a scale with λ codes; in version 3 every λ may be
+    masked): bounds a config's work."""
     n, m, k = dims
     if variant == "pauli":
         factors = 2 * (circuit_angles(n, layers) + circuit_angles(m, layers))
@@ -881,7 +890,10 @@ def _values(data: bytes, spans: dict, layout: _Layout, alpha: float) -> tuple[to
         else:
             codes = unpack_bits(_array(data, spans["a"], "U8", "angles"), layout.bits, layout.angle_count())
             angles = dequantize_angles(codes, layout.bits)
-        masks = unpack_bits(_array(data, spans["m"], "U8", "mask"), 1, layout.lambda_count()).bool()
+        if layout.version == MASKLESS_VERSION:
+            masks = torch.ones(layout.lambda_count(), dtype=torch.bool)
+        else:
+            masks = unpack_bits(_array(data, spans["m"], "U8", "mask"), 1, layout.lambda_count()).bool()
     except ConfigError as e:
         raise _Invalid(str(e)) from None
     lams = _lambdas(data, spans, layout, masks, alpha)
