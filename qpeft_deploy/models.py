@@ -120,6 +120,12 @@ def hub_snapshot(repo_id: str) -> Path:
     return folder.resolve()
 
 
+def hub_repo_id(base: str) -> str | None:
+    """``base`` when it names a hub repo (spelt ``owner/name``, and no local path of that spelling exists; the
+    name an adapter or a PEFT folder records for it), else None."""
+    return base if _REPO_ID.fullmatch(base) and not Path(base).expanduser().exists() else None
+
+
 def resolve_base(base: str) -> Path:
     """Folder of a base model: ``minilm`` -> the shipped MiniLM, ``smollm2`` -> the converted SmolLM2, a local
     HF folder with config.json, else a hub repo id ``owner/name`` in the local HF cache (:func:`hub_snapshot`)."""
@@ -137,9 +143,9 @@ def resolve_base(base: str) -> Path:
                 f"{folder}: shipped MiniLM folder has no config.json (run: qpeft data install --force)"
             )
         return folder
-    folder = Path(base).expanduser()
-    if not folder.exists() and _REPO_ID.fullmatch(base):  # a local folder wins over a repo id spelt alike
+    if hub_repo_id(base):  # a local folder wins over a repo id spelt alike
         return hub_snapshot(base)
+    folder = Path(base).expanduser()
     if not folder.is_dir():
         raise ConfigError(
             f"{base}: base model folder not found (give a local Hugging Face model folder, a repo id "
