@@ -54,7 +54,7 @@ def test_import_lora_refuses_an_existing_output_and_writing_into_its_input(files
 
 def test_import_lora_prints_one_summary_line_and_the_report_with_json(files, tmp_path):
     _, peft = files
-    result = run(cli, "import", "lora", peft, "-o", tmp_path / "a.qpeft", "--variant", "taylor", "--quiet")
+    result = run(cli, "import", "lora", peft, "-o", tmp_path / "a.qpeft", "--variant", "taylor")
     assert result.exit_code == 0, result.output
     line = result.stdout.strip()
     assert len(line.splitlines()) == 1, result.stdout
@@ -68,6 +68,8 @@ def test_import_lora_prints_one_summary_line_and_the_report_with_json(files, tmp
     report = json.loads(run(cli, "import", "lora", peft, *args).stdout)
     assert report["targets"] == 6 and report["qpeft_bytes"] == (tmp_path / "b.qpeft").stat().st_size
     assert len(report["relative_error"]["per_layer"]) == 6
+    quiet = run(cli, "import", "lora", peft, "-o", tmp_path / "c.qpeft", "--variant", "taylor", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and (tmp_path / "c.qpeft").is_file()
 
 
 def test_import_summary_of_a_calibrated_import():

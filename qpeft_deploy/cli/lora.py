@@ -20,7 +20,6 @@ from qpeft_deploy.cli.options import (
     overwrite_option,
     peft_output_option,
     qpeft_output_option,
-    quiet_option,
     task_type_option,
 )
 from qpeft_deploy.cli.signals import unwinds
@@ -120,7 +119,7 @@ def export_lora_command(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report (per-layer errors) as JSON.")
 @overwrite_option
-@quiet_option
+@click.option("--quiet", is_flag=True, help="No progress bars and no summary line (--json still prints).")
 @unwinds
 def import_lora_command(
     peft_dir: Path,
@@ -160,7 +159,10 @@ def import_lora_command(
         quiet=quiet,
         overwrite=overwrite,
     )
-    click.echo(json.dumps(report, indent=2) if as_json else import_summary(report))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(import_summary(report))
 
 
 def import_summary(report: dict) -> str:
