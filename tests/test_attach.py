@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -113,6 +114,57 @@ def test_no_match_raises(model, targets):
     with pytest.raises(ConfigError):
         attach(model, targets, rank=4)
     assert not hasattr(model, CONFIG_ATTR)
+
+
+def test_a_regex_in_a_target_list_suggests_the_re_prefix(model):
+    for targets in ([r".*\.attention\.self\.query"], ["value", r".*\.attention\.self\.query"]):
+        with pytest.raises(ConfigError) as error:
+            find_target_modules(model, targets)
+        assert str(error.value) == (
+            r"target '.*\\.attention\\.self\\.query' matches no module name (a list entry is a name, not a "
+            r"regex); as a regex it selects 6 modules: write --targets 're:.*\.attention\.self\.query' (in "
+            "Python, a str rather than a list)"
+        )
+    with pytest.raises(ConfigError) as error:  # the CLI's prefix passed to the Python API
+        find_target_modules(model, "re:.*query")
+    assert str(error.value) == (
+        "no nn.Linear/Conv1D/Conv2d module of BertForSequenceClassification matches targets 're:.*query' "
+        "(the re: prefix is the CLI's: in Python pass the regex alone)"
+    )
+
+
+@pytest.mark.parametrize("targets", [["classifier"], ["query", "classifier"], ".*(query|classifier)"])
+def test_the_head_as_a_target_says_it_is_trained_whole_not_a_rank_error(model, targets):
+    with pytest.raises(ConfigError) as error:
+        attach(model, targets, rank=8)  # classifier is 2×384: rank 8 would be out of range
+    assert str(error.value) == (
+        "classifier: the classification head is trained whole and saved in the adapter (like PEFT's "
+        "modules_to_save), so it cannot also be a target: leave it out of the targets"
+    )
+    assert not hasattr(model, CONFIG_ATTR)
+    attach(copy.deepcopy(model), ["classifier"], rank=2, train_head=False)  # a frozen head may be adapted
+
+
+class RobertaLikeHead(nn.Module):
+    """A plain torch classifier whose head holds two linear layers (as RoBERTa's does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.classifier = nn.Sequential(OrderedDict(dense=nn.Linear(8, 8), out_proj=nn.Linear(8, 3)))
+
+
+def test_all_linear_on_a_plain_torch_model_leaves_out_the_output_layer():
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert find_target_modules(mlp, "all-linear") == ["0", "2"]
+    assert find_target_modules(mlp, ["4"]) == ["4"]  # named, it is a target
+    assert find_target_modules(RobertaLikeHead(), "all-linear") == ["body.0", "body.2"]
+    with pytest.raises(ConfigError) as error:
+        find_target_modules(nn.Sequential(nn.Linear(6, 3)), "all-linear")
+    assert str(error.value) == (
+        "no nn.Linear/Conv1D/Conv2d module of Sequential matches targets 'all-linear' (it leaves out the "
+        "output layer ['0']: name it to adapt it)"
+    )
 
 
 def test_bad_rank_and_variant(model):

@@ -76,3 +76,15 @@ def test_export_onnx_refuses_before_loading_anything(adapter, tmp_path):
         assert_one_line_error(run(cli, "export", "onnx", "--base", base, *args, "--quiet"), words)
     assert sorted(os.listdir(tmp_path)) == ["base", "exists", "holder"]
     assert os.listdir(base) == ["config.json"] and os.listdir(holder) == ["a.qpeft"]
+
+
+def test_an_int8_export_prints_nothing_but_its_report(adapter, tmp_path):
+    """onnxruntime's quantiser advises pre-processing through the root logger (and so would install a stderr
+    handler on it for good): a child process, since pytest's own log handlers would hide both."""
+    code = "from qpeft_deploy.cli.main import main; import sys; sys.argv[0] = 'qpeft'; main()"
+    args = ["export", "onnx", "--adapter", str(adapter), "-o", str(tmp_path / "q"), "--quantize", "int8"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args, "--quiet"], check=False, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)["output"] == str(tmp_path / "q")

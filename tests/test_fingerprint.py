@@ -144,3 +144,17 @@ def test_fingerprint_digest_matches_documented_recipe(minilm, weights, expected)
     h.update(f"{KEYS[0]}\0F32\0{tensor.shape[0]}x{tensor.shape[1]}\0".encode())
     h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     assert h.digest() == expected[KEYS[0]]
+
+
+def test_an_adapter_on_a_cached_hub_base_records_the_repo_id(tmp_path, monkeypatch):
+    from test_models import HUB_REPO, hub_cache_copy
+
+    from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile
+
+    snapshot = hub_cache_copy(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    key = "encoder.layer.0.attention.self.query.weight"
+    adapter = AdapterFile(AdapterConfig({key: 2}), {}, {key: (384, 384)})
+    recorded = fingerprint.with_base(adapter, HUB_REPO)
+    assert recorded.config.extra["base"] == HUB_REPO  # not the snapshot's commit hash
+    assert recorded.fingerprint == base_fingerprint(snapshot, [key])

@@ -226,7 +226,17 @@ def test_cli(tmp_path, small):
     runner = CliRunner()
     ok = runner.invoke(
         group,
-        ["import", "lora", str(small), "-o", str(tmp_path / "a.qpeft"), "--variant", "taylor", "--quiet"],
+        [
+            "import",
+            "lora",
+            str(small),
+            "-o",
+            str(tmp_path / "a.qpeft"),
+            "--variant",
+            "taylor",
+            "--quiet",
+            "--json",
+        ],
     )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["relative_error"]["max"] <= 1e-5

@@ -78,6 +78,72 @@ def test_resolve_base_local(tmp_path):
     assert resolve_base(str(tmp_path)) == tmp_path.resolve()
 
 
+HUB_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def hub_cache_copy(hub: Path, repo_id: str = HUB_REPO) -> Path:
+    """The shipped MiniLM laid out as huggingface_hub caches a download: blobs, a snapshot of links to them
+    and refs/main naming the snapshot's commit; returns the snapshot folder."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(resolve_base("minilm").iterdir())):
+        if file.is_file():
+            (repo / "blobs" / f"blob{i}").symlink_to(file)
+            (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_hub_repo_id_resolves_from_the_local_hf_cache_without_the_network(tmp_path, monkeypatch):
+    snapshot = hub_cache_copy(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr("socket.socket.connect", no_network)
+    assert resolve_base(HUB_REPO) == snapshot.resolve()
+    tokens = tokenize(load_tokenizer(HUB_REPO), ["a fine film"])
+    model = load_task_model(HUB_REPO, LABELS, seed=0)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model(**tokens).logits.shape == (1, 2)
+    monkeypatch.delenv("HF_HUB_CACHE")  # huggingface_hub's next place: $HF_HOME/hub
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert resolve_base(HUB_REPO) == snapshot.resolve()
+
+
+def test_a_local_folder_wins_over_a_hub_repo_id_spelt_alike(tmp_path, monkeypatch):
+    hub_cache_copy(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / HUB_REPO
+    local.mkdir(parents=True)
+    (local / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert resolve_base(HUB_REPO) == local.resolve()
+
+
+def test_a_hub_repo_id_missing_from_the_cache_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--nobody--nothing"
+    with pytest.raises(ConfigError) as missing:
+        resolve_base("nobody/nothing")
+    assert str(missing.value) == (
+        f"nobody/nothing: no such local folder, and not in the Hugging Face cache ({repo} not found; nothing "
+        "is downloaded: run `hf download nobody/nothing` once, or give a local folder)"
+    )
+    (repo / "snapshots").mkdir(parents=True)  # an interrupted download: no refs/main
+    with pytest.raises(
+        ConfigError, match=rf"^{repo}: no complete snapshot of nobody/nothing's main revision"
+    ):
+        resolve_base("nobody/nothing")
+    with pytest.raises(ConfigError, match="base model folder not found"):  # not a repo id: a missing path
+        resolve_base("nobody/../nothing")
+
+
 def test_offline_env():
     import os
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -34,6 +35,7 @@ from qpeft_deploy.io.ort import ort_errors, ort_message
 from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model
 from qpeft_deploy.runtime.ort_session import OrtAdapterSession
+from tests.helpers import make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,7 @@ def test_bad_adapters_are_refused_before_any_run(files, batches, expected, tmp_p
     session = OrtAdapterSession(files / "factors" / MODEL_FILE)
     other = other_targets_adapter(tmp_path / "qv.qpeft")
     export_onnx_adapter(other, tmp_path / "qv.onnx_adapter")
-    for bad in (other, tmp_path / "qv.onnx_adapter", files / "six-angles.onnx_adapter"):
+    for bad in (other, tmp_path / "qv.onnx_adapter"):
         with pytest.raises(ConfigError, match="does not fit"):
             session.load("bad", bad)
     foreign = other_base_adapter(files / "two.qpeft", tmp_path / "foreign.qpeft")
@@ -171,6 +173,42 @@ def test_bad_adapters_are_refused_before_any_run(files, batches, expected, tmp_p
         session.load("bad", files / "factors" / "config.json")
     assert session.names() == []
     assert close(session(batches[0]), expected["two"][0])
+
+
+def test_an_adapter_of_the_other_swap_kind_says_which_kind_the_model_expects(files, tmp_path):
+    factors, angles = (OrtAdapterSession(files / kind / MODEL_FILE) for kind in ("factors", "angles"))
+    for session, adapter, kind, other in (
+        (factors, files / "six-angles.onnx_adapter", "angles", "factors"),
+        (angles, files / "two-factors.onnx_adapter", "factors", "angles"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            session.load("bad", adapter)
+        assert str(error.value) == (
+            f"{adapter}: a --swap {kind} adapter, but {session.path} is a --swap {other} export: it expects "
+            f"--swap {other} adapters (qpeft export onnx-adapter --swap {other}, or the .qpeft file)"
+        )
+    taylor = make_adapter(tmp_path / "taylor.qpeft", {0: "neg", 1: "pos"}, 3, variant="taylor")
+    with pytest.raises(ConfigError) as error:
+        angles.load("bad", taylor)
+    assert str(error.value) == (
+        f"{taylor}: a taylor adapter has no circuit angles, but {angles.path} is a --swap angles export: it "
+        "expects Pauli adapters (serve this one from a --swap factors export)"
+    )
+    assert factors.names() == angles.names() == []
+
+
+def test_a_swappable_session_logs_no_initializer_warnings(files, batches, capfd):
+    """onnxruntime warns once per overridable initialiser ("Initializer ... appears in graph inputs") at its
+    default log level; the library's sessions (io/ort.py) log errors only."""
+    model, warning = files / "angles" / MODEL_FILE, "appears in graph inputs"
+    capfd.readouterr()
+    ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])  # the control: ORT's defaults
+    control = capfd.readouterr().err.count(warning)
+    session = OrtAdapterSession(model, threads=1)
+    session.load("two", files / "two-angles.onnx_adapter")
+    session(batches[0], adapter="two")
+    assert capfd.readouterr().err.count(warning) == 0
+    assert control >= len(session._params) > 0  # the count would see them: one or more per parameter
 
 
 def test_plain_model_cannot_load_adapters(files, tmp_path):

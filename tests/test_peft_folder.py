@@ -332,3 +332,14 @@ def test_export_task_type_contradictions(gpt2_folder, gpt2_dir, tmp_path):
     args = ["export", "peft", gpt2_folder, "-o", tmp_path / "p", "--base", gpt2_dir, "--task-type", "SEQ_CLS"]
     assert_one_line_error(run(cli, *args), "contradicts", "no head")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_cached_hub_base_is_named_by_its_repo_id(tmp_path, monkeypatch):
+    from test_models import HUB_REPO, hub_cache_copy
+
+    from qpeft_deploy.io.peft_folder import base_model_name
+
+    hub_cache_copy(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert base_model_name(HUB_REPO, None) == HUB_REPO
+    assert base_model_name("minilm", None) == HUB_REPO and base_model_name(HUB_REPO, "mine") == "mine"

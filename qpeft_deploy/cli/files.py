@@ -40,7 +40,9 @@ LAMBDA_BITS_CHOICES = [str(b) for b in LAMBDA_BITS] + ["32"]
     help="Bits per λ code, one fp32 scale per target (32: λ as --lambda-dtype). Default: as in ADAPTER.",
 )
 @click.option("--drop-head", is_flag=True, help="Leave the classification head out.")
-@click.option("--base", default=None, help="Store this base's fingerprint (HF folder or 'minilm').")
+@click.option(
+    "--base", default=None, help="Store this base's fingerprint (HF folder, cached repo id or 'minilm')."
+)
 @overwrite_option
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @unwinds
@@ -142,7 +144,9 @@ def inspect_command(adapter: Path, as_json: bool) -> None:
 @click.command("verify")
 @click.argument("adapter", type=ADAPTER)
 @click.option(
-    "--base", default=None, help="Also check the base fingerprint against this HF folder or 'minilm'."
+    "--base",
+    default=None,
+    help="Also check the base fingerprint against this HF folder, cached repo id or 'minilm'.",
 )
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 def verify_command(adapter: Path, base: str | None, quiet: bool) -> None:

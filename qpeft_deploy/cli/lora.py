@@ -20,7 +20,6 @@ from qpeft_deploy.cli.options import (
     overwrite_option,
     peft_output_option,
     qpeft_output_option,
-    quiet_option,
     task_type_option,
 )
 from qpeft_deploy.cli.signals import unwinds
@@ -118,8 +117,9 @@ def export_lora_command(
     help="Fail (write nothing) when a layer's relative ΔW error exceeds this.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the full report (per-layer errors) as JSON.")
 @overwrite_option
-@quiet_option
+@click.option("--quiet", is_flag=True, help="No progress bars and no summary line (--json still prints).")
 @unwinds
 def import_lora_command(
     peft_dir: Path,
@@ -134,10 +134,11 @@ def import_lora_command(
     lr: float,
     max_error: float | None,
     seed: int,
+    as_json: bool,
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Convert the PEFT LoRA folder PEFT_DIR into a .qpeft adapter; prints a JSON report."""
+    """Convert the PEFT LoRA folder PEFT_DIR into a .qpeft adapter; prints a summary line (--json: the report)."""
     try:  # scipy (the matrix logarithm, the assignment) is the optional extra qpeft-deploy[lora]
         from qpeft_deploy.export.lora.calibrate import Calibration
         from qpeft_deploy.export.lora.importer import import_lora
@@ -158,4 +159,23 @@ def import_lora_command(
         quiet=quiet,
         overwrite=overwrite,
     )
-    click.echo(json.dumps(report, indent=2))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(import_summary(report))
+
+
+def import_summary(report: dict) -> str:
+    """One line of an ``import_lora`` report: file, sizes, the ΔW error and, when calibrated, the accuracies."""
+    error, accuracy = report["relative_error"], report.get("accuracy")
+    calibrated = (
+        ""
+        if accuracy is None
+        else f"; {accuracy['task']} accuracy: LoRA {accuracy['lora']:.4f}, fit {accuracy['before']:.4f}, "
+        f"calibrated {accuracy['after']:.4f}"
+    )
+    return (
+        f"wrote {report['output']} ({report['variant']}, {report['targets']} targets, {report['qpeft_bytes']:,} "
+        f"bytes; LoRA weights {report['lora_bytes']:,} bytes, {report['compression_ratio']:.1f}x; relative ΔW "
+        f"error max {error['max']:.2g}, mean {error['mean']:.2g}{calibrated}; {report['seconds']:g} s)"
+    )

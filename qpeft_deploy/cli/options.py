@@ -12,7 +12,8 @@ base_option = click.option(
     "--base",
     default="minilm",
     show_default=True,
-    help="base model: an HF folder, or 'minilm' for the shipped all-MiniLM-L6-v2",
+    help="base model: an HF folder, a repo id (owner/name) in the local HF cache, 'minilm' (the shipped "
+    "all-MiniLM-L6-v2) or 'smollm2'",
 )
 quiet_option = click.option("--quiet", is_flag=True, help="no progress bars")
 overwrite_option = click.option(

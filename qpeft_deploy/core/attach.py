@@ -1,10 +1,13 @@
 """Attach Quantum-PEFT layers to any torch / HF model, PEFT-style, and read their state back.
 
-Targets follow PEFT's ``target_modules``: ``"all-linear"`` (every nn.Linear / Conv1D except the output head),
-a string (a regex that must match the whole module name), or a list of names (a module matches when its name
-equals the entry or ends with ``"." + entry``). Entries may also be base checkpoint keys
+Targets follow PEFT's ``target_modules``: ``"all-linear"`` (every nn.Linear / Conv1D except the output layer:
+the output embeddings and a ``classifier`` / ``score`` head as PEFT leaves them out; on a plain torch model with
+neither, the last linear layer in ``named_modules()`` order), a string (a regex that must match the whole module
+name), or a list of names (a module matches when its name equals the entry or ends with ``"." + entry``; an entry
+that looks like a regex is refused with a hint). Entries may also be base checkpoint keys
 (``encoder.layer.0.attention.self.query.weight``). An nn.Conv2d (e.g. a ViT's patch embedding) is adapted only
 when a regex or a name selects it, never by ``"all-linear"``; ΔW then acts on its flattened kernel (layer.py).
+The classification head is never a target while it is trained whole (PEFT's ``modules_to_save``).
 Inside an adapter, targets are always named by the base checkpoint's tensor keys (core/keys.py), so files work
 without building the model.
 """
@@ -12,6 +15,7 @@ without building the model.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -35,6 +39,8 @@ from qpeft_deploy.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 CONFIG_ATTR = "qpeft_config"
+REGEX_PREFIX = "re:"  # how the CLI marks a regex target (a list entry never is one)
+_REGEX_CHARS = re.compile(r"[*+?()\[\]{}|^$\\]")  # in a target entry: meant as a regex, never a module name
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -62,33 +68,76 @@ def find_head(model: nn.Module) -> str | None:
     return next((name for name in HEAD_MODULE_NAMES if name in children), None)
 
 
-def _output_layer_names(model: nn.Module) -> set[str]:
-    names = set(HEAD_MODULE_NAMES)
+def _output_layers(model: nn.Module, linear: list[str]) -> set[str]:
+    """The linear layers ``"all-linear"`` leaves out: the output embeddings and whatever lies in a ``classifier``
+    / ``score`` module (PEFT's rule for a transformers model; a RoBERTa head has two linear layers); a plain torch
+    model without them: its last linear layer."""
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
-    names.update(name for name, module in model.named_modules() if out is not None and module is out)
-    return names
+    excluded = {
+        n
+        for n in linear
+        if set(HEAD_MODULE_NAMES).intersection(n.split("."))
+        or (out is not None and model.get_submodule(n) is out)
+    }
+    if not excluded and linear and not _is_transformers_model(model):
+        excluded.add(linear[-1])
+    return excluded
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers PreTrainedModel (without importing transformers' modeling code,
+    seconds of imports: a model of that class means the module is already loaded)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
+
+
+def _refuse_unprefixed_regex(model: nn.Module, targets: Sequence[str], adaptable: list[str]) -> None:
+    """Refuse a list entry that matches no module and looks like a regex, suggesting the ``re:`` prefix."""
+    for entry in targets:
+        wanted = target_prefix(entry)
+        if not _REGEX_CHARS.search(entry) or any(_name_matches(model, n, wanted) for n in adaptable):
+            continue
+        try:
+            pattern = re.compile(entry)
+            count = sum(
+                bool(pattern.fullmatch(n) or pattern.fullmatch(base_key(model, n))) for n in adaptable
+            )
+        except re.error:
+            count = 0
+        raise ConfigError(
+            f"target {entry!r} matches no module name (a list entry is a name, not a regex); as a regex it "
+            f"selects {count} module{'' if count == 1 else 's'}: write --targets '{REGEX_PREFIX}{entry}' (in "
+            "Python, a str rather than a list)"
+        )
 
 
 def find_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Module names of ``model`` selected by PEFT-style ``targets`` (error when nothing matches)."""
     linear = [name for name, m in model.named_modules() if is_linear(m)]
     adaptable = [name for name, m in model.named_modules() if is_adaptable(m)]
+    hint = ""
     if targets == ALL_LINEAR:
-        excluded = _output_layer_names(model)
-        chosen = [n for n in linear if n not in excluded and n.rsplit(".", 1)[-1] not in HEAD_MODULE_NAMES]
+        excluded = _output_layers(model, linear)
+        chosen = [n for n in linear if n not in excluded]
+        hint = (
+            f" (it leaves out the output layer {sorted(excluded)}: name it to adapt it)" if excluded else ""
+        )
     elif isinstance(targets, str):
         try:
             pattern = re.compile(targets)
         except re.error as e:
             raise ConfigError(f"invalid target regex {targets!r}: {e}") from None
         chosen = [n for n in adaptable if pattern.fullmatch(n) or pattern.fullmatch(base_key(model, n))]
+        if targets.startswith(REGEX_PREFIX):
+            hint = f" (the {REGEX_PREFIX} prefix is the CLI's: in Python pass the regex alone)"
     else:
+        _refuse_unprefixed_regex(model, targets, adaptable)
         wanted = [target_prefix(t) for t in targets]
         chosen = [n for n in adaptable if any(_name_matches(model, n, t) for t in wanted)]
     if not chosen:
         raise ConfigError(
-            f"no nn.Linear/Conv1D/Conv2d module of {type(model).__name__} matches targets {targets!r}"
+            f"no nn.Linear/Conv1D/Conv2d module of {type(model).__name__} matches targets {targets!r}{hint}"
         )
     return chosen
 
@@ -122,6 +171,9 @@ def attach(
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     names = find_target_modules(model, targets)
+    head = find_head(model) if train_head else None
+    for name in names:  # before the ranks: a head is a 2-row layer, and a rank error would hide this one
+        _refuse_head(name, head, name)
     ranks = {}
     for name in names:
         with _naming(name):
@@ -160,8 +212,7 @@ def attach_exact(
         module = model.get_submodule(name)
         if not is_adaptable(module):
             raise ConfigError(f"{key}: target is a {type(module).__name__}, not nn.Linear/Conv1D/Conv2d")
-        if head is not None and (name == head or name.startswith(head + ".")):
-            raise ConfigError(f"{key}: the classification head is trained in full and cannot be a target")
+        _refuse_head(name, head, key)
         with _naming(key):
             wrapped[name] = QuantumPeftLinear(
                 module, k, layers, alpha=alpha, variant=variant, mode=mode, generator=generator
@@ -187,6 +238,15 @@ def attach_exact(
     )
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def _refuse_head(name: str, head: str | None, shown: str) -> None:
+    """Refuse module ``name`` as a target when it is (inside) the head that is trained whole."""
+    if head is not None and (name == head or name.startswith(head + ".")):
+        raise ConfigError(
+            f"{shown}: the classification head is trained whole and saved in the adapter (like PEFT's "
+            "modules_to_save), so it cannot also be a target: leave it out of the targets"
+        )
 
 
 def _input_grads(model: nn.Module, enable: bool) -> None:

@@ -23,7 +23,7 @@ from qpeft_deploy.core.adapter import AdapterFile
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.safetensors import StoredTensor, locate_key, read_checkpoint
 from qpeft_deploy.io.strict_json import strict_json
-from qpeft_deploy.models import MINILM, resolve_base
+from qpeft_deploy.models import MINILM, hub_repo_id, resolve_base
 
 ALGORITHM = "blake2b-8"
 DIGEST_SIZE = 8
@@ -144,13 +144,13 @@ def check_shapes(adapter: AdapterFile, base_dir: Path) -> None:
 
 
 def with_base(adapter: AdapterFile, base: str) -> AdapterFile:
-    """``adapter`` with the fingerprint of ``base`` (an alias or HF folder) and the base's name (the alias, or
-    the folder's name) in ``config.extra["base"]``, after checking the base has the adapter's target shapes;
+    """``adapter`` with the fingerprint of ``base`` (an alias, HF folder or cached hub repo) and the base's name
+    (the alias, the repo id, or the folder's name) in ``config.extra["base"]``, after checking the base has the adapter's target shapes;
     its short id follows from the fingerprint."""
     folder = resolve_base(base)
     check_shapes(adapter, folder)
     fingerprint = base_fingerprint(folder, adapter.config.targets)
-    name = base if base == MINILM else folder.name
+    name = base if base == MINILM or hub_repo_id(base) else folder.name
     config = replace(adapter.config, extra={**adapter.config.extra, "base": name})
     return replace(adapter, config=config, fingerprint=fingerprint)
 

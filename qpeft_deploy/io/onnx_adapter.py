@@ -21,7 +21,7 @@ import hashlib
 import json
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +38,10 @@ from qpeft_deploy.io.paths import open_regular
 MODEL_FILE = "model.onnx"
 PARAM_PREFIX = "qpeft."
 SWAPS = ("factors", "angles")
+SWAP_PARAMETERS = {
+    "factors": ("v", "ut"),
+    "angles": ("theta_v", "theta_u", "lam"),
+}  # per target, by swap kind
 DIGEST_MAGIC = b"QPEFTSUM"  # the integrity trailer: MAGIC + blake2b-256 of all bytes before the digest
 DIGEST_BYTES = 32
 # bits: a trailer whose MAGIC is this close is ours (damaged), not the end of a foreign file
@@ -101,6 +105,13 @@ def head_parameters(adapter: AdapterFile) -> dict[str, np.ndarray]:
     return {
         f"{PARAM_PREFIX}{head}.{k}": t.float().contiguous().numpy() for k, t in adapter.head_state().items()
     }
+
+
+def swap_kind(names: Iterable[str]) -> str | None:
+    """The swap kind whose target parameters the graph names ``names`` are (None: no target's, or a mix)."""
+    ends = {name.rsplit(".", 1)[-1] for name in names}
+    kinds = [kind for kind, params in SWAP_PARAMETERS.items() if ends & set(params)]
+    return kinds[0] if len(kinds) == 1 else None
 
 
 def check_swap(adapter: AdapterFile, swap: str) -> None:

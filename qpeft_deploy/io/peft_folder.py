@@ -24,7 +24,7 @@ from qpeft_deploy.core.keys import module_name_for_key, target_prefix
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.strict_json import strict_json
-from qpeft_deploy.models import MINILM, resolve_base
+from qpeft_deploy.models import MINILM, hub_repo_id, resolve_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -74,12 +74,14 @@ def skeleton_model(base: str, task_type: str, num_labels: int = 2) -> nn.Module:
 
 
 def base_model_name(base: str, base_name: str | None) -> str:
-    """``base_model_name_or_path`` to write: ``base_name``, the MiniLM hub id, or the base folder's name."""
+    """``base_model_name_or_path`` to write: ``base_name``, the MiniLM hub id, the base's hub repo id, or the
+    base folder's name."""
     if base_name is not None:
         if Path(base_name).is_absolute() or base_name.startswith("~"):
             raise ConfigError(f"--base-name {base_name!r}: give a hub id or relative name, not a local path")
         return base_name
-    return MINILM_HUB_ID if base == MINILM else resolve_base(base).name
+    folder = resolve_base(base)
+    return MINILM_HUB_ID if base == MINILM else hub_repo_id(base) or folder.name
 
 
 def target_module(model: nn.Module, adapter: AdapterFile, key: str, path: Path) -> tuple[str, nn.Module]:

@@ -31,6 +31,7 @@ from qpeft_deploy.io.onnx_adapter import (
     encode_ort_adapter,
     read_onnx_adapter,
     structure_id,
+    swap_kind,
     swap_parameters,
 )
 from qpeft_deploy.io.ort import cpu_session, ort_errors, ort_message
@@ -94,6 +95,11 @@ class OrtAdapterSession:
             return structure, base, params, None
         info = read_adapter(path)
         labels = info.config.labels() or None
+        if self._swap == "angles" and info.config.variant != "pauli":
+            raise ConfigError(
+                f"{path}: a {info.config.variant} adapter has no circuit angles, but {self.path} is a --swap "
+                "angles export: it expects Pauli adapters (serve this one from a --swap factors export)"
+            )
         try:
             params = swap_parameters(info, self._swap)
         except ConfigError as e:
@@ -103,6 +109,12 @@ class OrtAdapterSession:
 
     def _check(self, path: Path, structure: int, base: int, params: dict[str, np.ndarray]) -> None:
         """Refuse an adapter that does not fit this model (before any run)."""
+        kind = swap_kind(params)
+        if kind is not None and kind != self._swap:
+            raise ConfigError(
+                f"{path}: a --swap {kind} adapter, but {self.path} is a --swap {self._swap} export: it expects "
+                f"--swap {self._swap} adapters (qpeft export onnx-adapter --swap {self._swap}, or the .qpeft file)"
+            )
         missing, unknown = (
             sorted(self._params.keys() - params.keys()),
             sorted(params.keys() - self._params.keys()),

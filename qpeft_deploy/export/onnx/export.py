@@ -25,8 +25,11 @@ succeeded (:func:`qpeft_deploy.atomic.atomic_folder`).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,6 +268,27 @@ def _metadata(model: onnx.ModelProto, values: dict[str, object]) -> None:
         )
 
 
+class _PreprocessingAdvice(logging.Filter):
+    """Drops onnxruntime quantisation's 'Please consider (to run) pre-processing' (static quantisation advice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider")
+
+
+@contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """quantize_dynamic without its advice on the root logger; a NullHandler meanwhile, so that its
+    ``logging.warning()`` does not install a stderr handler on the root logger for good (``basicConfig``)."""
+    root, null, advice = logging.getLogger(), logging.NullHandler(), _PreprocessingAdvice()
+    root.addHandler(null)
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        root.removeHandler(null)
+
+
 def convert_precision(path: Path, dtype: str, quantize: str | None) -> None:
     """fp16 weights and compute (inputs/outputs stay as exported) or onnxruntime's dynamic int8, in place."""
     if dtype == "fp16":
@@ -278,7 +302,8 @@ def convert_precision(path: Path, dtype: str, quantize: str | None) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantized = path.with_name("quantized.onnx")
-        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+        with _without_preprocessing_advice():
+            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
         model = onnx.load(str(quantized))
         quantized.unlink()
         _save_checked(model, path)
