@@ -63,10 +63,10 @@ def tiny_gpt2_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def causal_adapter_model(seed: int, scale: float = 1.0) -> nn.Module:
-    """SmolLM2 with an all-linear K=8 adapter (lm_head not a target) of random angles and λ, so that its
-    generations differ from the base's and from other seeds'."""
-    model = attach(load_causal_lm(SMOLLM2), rank=8, seed=seed)
+def causal_adapter_model(seed: int, scale: float = 1.0, **options) -> nn.Module:
+    """SmolLM2 with an all-linear K=8 adapter (lm_head not a target; ``options`` for attach change that) of
+    random angles and λ, so that its generations differ from the base's and from other seeds'."""
+    model = attach(load_causal_lm(SMOLLM2), **({"rank": 8} | options), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapted_layers(model).values():
@@ -78,9 +78,9 @@ def causal_adapter_model(seed: int, scale: float = 1.0) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def make_causal_adapter(path: Path, seed: int, scale: float = 1.0) -> Path:
+def make_causal_adapter(path: Path, seed: int, scale: float = 1.0, **options) -> Path:
     """:func:`causal_adapter_model` saved (with SmolLM2's fingerprint) at ``path``."""
-    return save_adapter(causal_adapter_model(seed, scale), path, base=SMOLLM2)
+    return save_adapter(causal_adapter_model(seed, scale, **options), path, base=SMOLLM2)
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
