@@ -275,7 +275,17 @@ def test_mixed_batch_generation_equals_each_adapters_own_generation(causal_bank,
     want = causal[1]
     assert want[0] != want[2] and want[1] != want[3]  # the adapters change the answers
     names, prompts = [n for n, _ in ROWS], [PROMPTS[p] for _, p in ROWS]
-    mixed = causal_bank.generate(prompts, adapter=names, max_new_tokens=TOKENS)  # one forward per token
+    shapes = []  # the (rows, tokens) of every forward of the model's decoder
+    decoder = causal_bank.model.get_submodule("model")
+    handle = decoder.register_forward_hook(
+        lambda _, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        mixed = causal_bank.generate(prompts, adapter=names, max_new_tokens=TOKENS)
+    finally:
+        handle.remove()
+    steps = max(len(row.tokens) for row in mixed)  # the prompt batch once, then one forward per token
+    assert shapes[0][0] == 4 and shapes[1:] == [(4, 1)] * (steps - 1)
     for i, (name, row) in enumerate(zip(names, mixed)):
         assert row.adapter == name and row.tokens == want[i], (i, name)
         alone = causal_bank.generate(prompts[i], adapter=name, max_new_tokens=TOKENS)[0]
