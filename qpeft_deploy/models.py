@@ -8,7 +8,9 @@ folder (it must contain ``config.json``) or, when no such folder exists, a hub r
 the local Hugging Face cache (the snapshot ``refs/main`` names). Nothing ever contacts a hub.
 
 The task model is ``AutoModelForSequenceClassification`` built from the base folder (for MiniLM:
-``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``.
+``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``. A causal-LM
+base (its config.json names a ``*ForCausalLM`` architecture, :func:`is_causal_base`) is used as its causal LM
+(:func:`load_causal_lm`), the LM head its own.
 """
 
 from __future__ import annotations
@@ -279,6 +281,30 @@ def load_causal_lm(base: str) -> PreTrainedModel:
     finally:
         hf_logging.set_verbosity(previous)
     return model.float().eval()
+
+
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """True for a transformers causal language model: a class AutoModelForCausalLM builds (LlamaForCausalLM,
+    GPT2LMHeadModel, ...), i.e. a model with its generation head."""
+    return type(model).__name__ in _causal_lm_classes()
+
+
+def is_causal_base(base: str) -> bool:
+    """True when the base folder's config.json names a causal-LM architecture (SmolLM2: LlamaForCausalLM)."""
+    import json
+
+    try:
+        config = json.loads((resolve_base(base) / "config.json").read_text(encoding="utf-8"))
+        names = config.get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(names, list) and bool(_causal_lm_classes().intersection(map(str, names)))
 
 
 def head_module_name(model: torch.nn.Module) -> str:
