@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +43,16 @@ from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
 from qpeft_deploy.io.qpeft_file import write_adapter
-from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer, resolve_base
+from qpeft_deploy.models import (
+    is_causal_base,
+    is_image_base,
+    load_task_model,
+    load_tokenizer,
+    resolve_base,
+)
 
 Example = tuple[object, int]  # (text, label) or (image, label)
+BatchLoss = Callable[[nn.Module, Sequence], torch.Tensor]  # (model, batch of examples) -> scalar loss
 
 
 @dataclass
@@ -72,8 +79,24 @@ def _encode(tokenizer, batch: Sequence[Example], max_length: int) -> tuple[dict,
     return inputs, torch.tensor([label for _, label in batch])
 
 
+def classification_loss(tokenizer, max_length: int = 128) -> BatchLoss:
+    """The classification batch loss: cross-entropy of the model's logits against the examples' labels."""
+
+    def loss(model: nn.Module, batch: Sequence[Example]) -> torch.Tensor:
+        inputs, labels = _encode(tokenizer, batch, max_length)
+        return nn.functional.cross_entropy(model(**inputs).logits, labels)
+
+    return loss
+
+
 def load_preprocessor(base: str, task: str):
-    """The tokenizer of a text base, or None for an image task (then inputs are pixel_values)."""
+    """The tokenizer of a text base, or None for an image task (then inputs are pixel_values); a causal LM base
+    is refused (its tasks are instruction tasks: :mod:`qpeft_deploy.training.causal`)."""
+    if is_causal_base(base):
+        raise ConfigError(
+            f"{base}: a causal language model, fine-tuned on instruction tasks (qpeft train picks that path; "
+            "in Python: qpeft_deploy.training.causal), not as a classifier"
+        )
     image_task, image_base = is_image_task(task), is_image_base(base)
     if image_task != image_base:
         raise ConfigError(
@@ -136,11 +159,14 @@ def fit(
     seed: int = 0,
     prune_to: int | None = None,
     quiet: bool = False,
+    batch_loss: BatchLoss | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` with AdamW and cross-entropy; returns the loss history.
 
     Rates: ``lr`` for Quantum-PEFT layers, ``head_lr`` for the classification head, ``body_lr`` (default
-    ``head_lr``) for every other trainable tensor, e.g. PEFT LoRA factors or a fully fine-tuned body."""
+    ``head_lr``) for every other trainable tensor, e.g. PEFT LoRA factors or a fully fine-tuned body.
+    ``batch_loss`` replaces the classification loss (``classification_loss(tokenizer, max_length)``), e.g. with
+    the answer-token loss of :mod:`qpeft_deploy.training.causal`; the examples are then whatever it takes."""
     if not train:
         raise ConfigError("no training examples")
     if epochs < 1 or batch_size < 1:
@@ -152,14 +178,14 @@ def fit(
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     rng = random.Random(seed)
     total = epochs * math.ceil(len(train) / batch_size)
+    batch_loss = batch_loss or classification_loss(tokenizer, max_length)
     initial_rank = max((layer.rank for layer in adapted_layers(model).values()), default=0)
     result, start = TrainResult(), time.perf_counter()
     model.train()
     with tqdm(total=total, desc="train", disable=quiet, unit="step") as bar:
         for _ in range(epochs):
             for batch in batches(train, batch_size, rng):
-                inputs, labels = _encode(tokenizer, batch, max_length)
-                loss = nn.functional.cross_entropy(model(**inputs).logits, labels)
+                loss = batch_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -301,10 +327,11 @@ def run_spec(
     return model, report
 
 
-def _inputs(spec: TrainSpec) -> list[Path]:
-    """The files a training run reads, which its output may not replace: the base folder and a csv task."""
-    csv = [Path(spec.task[4:])] if spec.task.startswith("csv:") else []
-    return [resolve_base(spec.base), *csv]
+def input_paths(spec: TrainSpec) -> list[Path]:
+    """The files a training run reads, which its output may not replace: the base folder and a csv or jsonl
+    task's file."""
+    kind, _, path = spec.task.partition(":")
+    return [resolve_base(spec.base), *([Path(path)] if kind in ("csv", "jsonl") and path else [])]
 
 
 def train_adapter(
@@ -312,7 +339,7 @@ def train_adapter(
 ) -> dict:
     """Train an adapter as ``spec`` says and save it to ``output`` (an existing file is replaced only with
     ``overwrite``, which is checked before training); returns the report."""
-    prepare_output(output, overwrite=overwrite, protect=_inputs(spec))
+    prepare_output(output, overwrite=overwrite, protect=input_paths(spec))
     model, report = run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet)
     adapter = adapter_from_model(model, spec.base)
     path = write_adapter(
@@ -321,7 +348,7 @@ def train_adapter(
         bits=spec.bits,
         lambda_bits=spec.lambda_bits,
         overwrite=overwrite,
-        protect=_inputs(spec),
+        protect=input_paths(spec),
     )
     report.update(adapter=str(path), file_bytes=path.stat().st_size)
     return report
