@@ -110,10 +110,13 @@ def test_loss_covers_the_answer_tokens_only(tokenizer):
 def test_a_prompt_longer_than_the_context_is_refused_in_one_line(tokenizer, lm):
     pairs = [("Say hi.", "Hi."), ("Say " + "hi " * 40, "Hi.")]
     with pytest.raises(
-        ConfigError, match=r"^example 1 has \d+ tokens \(prompt and answer\), more than max_length 48"
+        ConfigError,
+        match=r"^example 1 \('Say hi hi hi.*\.\.\.\): the prompt and answer take \d+ tokens, more than max_length 48",
     ):
         answer_batch(tokenizer, pairs, max_length=48)
-    with pytest.raises(ConfigError, match=r"^example 1 has \d+ tokens \(prompt\), more than max_length 48"):
+    with pytest.raises(
+        ConfigError, match=r"^example 1 .*: the prompt takes \d+ tokens, more than max_length 48"
+    ):
         generate_answers(lm, tokenizer, [p for p, _ in pairs], max_length=48)
     with pytest.raises(ConfigError, match="model's context 8192"):
         check_context(lm, 10_000)

@@ -53,7 +53,7 @@ def causal_tokenizer(base: str):
     """The tokenizer of a causal-LM base (refused for any other base: its tasks are classification tasks)."""
     if not is_causal_base(base):
         raise ConfigError(
-            f"{base}: not a causal language model (config.json architectures has no *ForCausalLM); "
+            f"{base}: not a causal language model (its config.json architectures name no causal-LM class); "
             "train it on a classification task"
         )
     return load_tokenizer(base)
@@ -107,12 +107,27 @@ def check_context(model: nn.Module, max_length: int) -> None:
         raise ConfigError(f"max_length must be between 2 and the model's context {context}, got {max_length}")
 
 
-def _fits(n: int, max_length: int, what: str, index: int) -> None:
-    if n > max_length:
-        raise ConfigError(
-            f"example {index} has {n} tokens ({what}), more than max_length {max_length} "
-            "(raise --max-length or shorten the prompt; prompts are never truncated)"
-        )
+Encoded = tuple[list[int], list[int]]  # (prompt ids, answer ids) of one example
+
+
+def encode_all(
+    tokenizer, pairs: Sequence[Pair] | Sequence[str], max_length: int, quiet: bool = True
+) -> list[Encoded]:
+    """Every example encoded (``pairs``; prompts alone for generation), checked whole before any work starts:
+    an example longer than ``max_length`` is a one-line ConfigError naming it."""
+    encoded = []
+    for i, example in enumerate(tqdm(pairs, desc="tokenize", disable=quiet, unit="example")):
+        prompt, response = (example, None) if isinstance(example, str) else example
+        prompt_ids, answer_ids = encode(tokenizer, prompt, response)
+        if len(prompt_ids) + len(answer_ids) > max_length:
+            what = "the prompt takes" if response is None else "the prompt and answer take"
+            raise ConfigError(
+                f"example {i} ({' '.join(prompt.split())[:40]!r}...): {what} "
+                f"{len(prompt_ids) + len(answer_ids)} tokens, more than max_length {max_length} "
+                "(raise --max-length or shorten the prompt; prompts are never truncated)"
+            )
+        encoded.append((prompt_ids, answer_ids))
+    return encoded
 
 
 def _left_padded(rows: Sequence[list[int]], pad: int) -> dict[str, torch.Tensor]:
@@ -127,34 +142,31 @@ def _left_padded(rows: Sequence[list[int]], pad: int) -> dict[str, torch.Tensor]
     }
 
 
-def answer_batch(
-    tokenizer, pairs: Sequence[Pair], max_length: int, first: int = 0
-) -> dict[str, torch.Tensor]:
-    """The model inputs of a left-padded batch of pairs and its ``labels`` (the answer tokens, ``IGNORE``
-    elsewhere); ``first`` numbers the examples in errors. Left padding ends every answer in the last column,
-    so the answer positions of a batch are few and the loss computes logits there only."""
-    rows, labels = [], []
-    for i, (prompt, response) in enumerate(pairs, first):
-        prompt_ids, answer_ids = encode(tokenizer, prompt, response)
-        _fits(len(prompt_ids) + len(answer_ids), max_length, "prompt and answer", i)
-        rows.append(prompt_ids + answer_ids)
-        labels.append(answer_ids)
-    batch = _left_padded(rows, pad_id(tokenizer))
+def collate(encoded: Sequence[Encoded], pad: int) -> dict[str, torch.Tensor]:
+    """The model inputs of a left-padded batch of encoded examples and its ``labels`` (the answer tokens,
+    ``IGNORE`` elsewhere). Left padding ends every answer in the last column, so the answer positions of a
+    batch are few and the loss computes logits there only."""
+    batch = _left_padded([prompt + answer for prompt, answer in encoded], pad)
     width = batch["input_ids"].shape[1]
-    batch["labels"] = torch.tensor([[IGNORE] * (width - len(a)) + a for a in labels])
+    batch["labels"] = torch.tensor([[IGNORE] * (width - len(answer)) + answer for _, answer in encoded])
     return batch
 
 
+def answer_batch(tokenizer, pairs: Sequence[Pair], max_length: int) -> dict[str, torch.Tensor]:
+    """:func:`collate` of :func:`encode_all`: one batch of ``(prompt, response)`` pairs."""
+    return collate(encode_all(tokenizer, pairs, max_length), pad_id(tokenizer))
+
+
 def _keeps_logits(model: nn.Module) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (HF causal LMs: the lm_head runs on those
-    positions only, a fifth of SmolLM2's compute saved)."""
+    """Whether the model's forward takes ``logits_to_keep`` (HF causal LMs: the lm_head then runs on those
+    positions only, which saves most of its vocabulary-wide matmul)."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def answer_token_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean"
 ) -> torch.Tensor:
-    """Cross-entropy of the answer tokens of an :func:`answer_batch` (position t predicts token t + 1)."""
+    """Cross-entropy of the answer tokens of a :func:`collate` batch (position t predicts token t + 1)."""
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE).any(0).nonzero().flatten()  # positions that predict an answer token
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
@@ -167,8 +179,8 @@ def answer_token_loss(
     )
 
 
-def _step_loss(tokenizer, max_length: int, model: nn.Module, pairs: Sequence[Pair]) -> torch.Tensor:
-    return answer_token_loss(model, answer_batch(tokenizer, pairs, max_length))
+def _step_loss(pad: int, model: nn.Module, encoded: Sequence[Encoded]) -> torch.Tensor:
+    return answer_token_loss(model, collate(encoded, pad))
 
 
 def fit_causal(
@@ -185,20 +197,19 @@ def fit_causal(
     quiet: bool = False,
 ):
     """Train the adapter of a causal LM on ``(prompt, response)`` pairs (AdamW over the adapter's parameters,
-    loss on the answer tokens): :func:`qpeft_deploy.training.train.fit` with the answer-token loss."""
+    loss on the answer tokens): :func:`qpeft_deploy.training.train.fit` over the examples encoded once."""
     check_context(model, max_length)
     return fit(
         model,
-        tokenizer,
-        train,
+        None,
+        encode_all(tokenizer, train, max_length, quiet=quiet),
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
-        max_length=max_length,
         seed=seed,
         prune_to=prune_to,
         quiet=quiet,
-        batch_loss=partial(_step_loss, tokenizer, max_length),
+        batch_loss=partial(_step_loss, pad_id(tokenizer)),
     )
 
 
@@ -208,12 +219,12 @@ def heldout_loss(
 ) -> float:
     """Mean cross-entropy over every answer token of ``pairs`` (each token weighs the same)."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        batch = answer_batch(tokenizer, pairs[i : i + batch_size], max_length, first=i)
-        total += answer_token_loss(model, batch, reduction="sum").item()
-        count += int((batch["labels"][:, 1:] != IGNORE).sum())
-    return total / max(count, 1)
+    encoded, pad = encode_all(tokenizer, pairs, max_length), pad_id(tokenizer)
+    total = sum(
+        answer_token_loss(model, collate(encoded[i : i + batch_size], pad), reduction="sum").item()
+        for i in range(0, len(encoded), batch_size)
+    )
+    return total / max(sum(len(answer) for _, answer in encoded), 1)
 
 
 def _stop_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -237,20 +248,15 @@ def generate_answers(
     """The model's greedy answers to ``prompts`` (left-padded batches, at most ``max_new_tokens`` each, ended
     by an eos token), decoded without special tokens."""
     model.eval()
+    encoded = encode_all(tokenizer, list(prompts), max_length)
     pad, stops, answers = pad_id(tokenizer), _stop_ids(model, tokenizer), []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=quiet, unit="batch"):
-        rows = []
-        for i, prompt in enumerate(prompts[start : start + batch_size], start):
-            ids, _ = encode(tokenizer, prompt)
-            _fits(len(ids), max_length, "prompt", i)
-            rows.append(ids)
-        inputs = _left_padded(rows, pad)
+    for start in tqdm(range(0, len(encoded), batch_size), desc="generate", disable=quiet, unit="batch"):
+        inputs = _left_padded([ids for ids, _ in encoded[start : start + batch_size]], pad)
         del inputs["position_ids"]  # generate() derives them from the mask, step by step
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stops
         )
-        width = inputs["input_ids"].shape[1]
-        answers += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return answers
 
 
