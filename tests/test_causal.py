@@ -187,15 +187,19 @@ def test_the_peft_native_method_trains_and_round_trips_on_smollm2(lm, tokenizer,
         batch = answer_batch(tokenizer, load_instructions(style).train[:2], max_length=64)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
         losses = []
-        for _ in range(3):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        for step in range(3):
             loss = answer_token_loss(model, batch)
+            if (
+                step == 0
+            ):  # the labels follow HF's convention, so a transformers Trainer computes the same loss
+                assert abs(model(**inputs, labels=batch["labels"]).loss.item() - loss.item()) < 1e-5
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         assert losses[-1] < losses[0], losses
         model.save_pretrained(tmp_path / "peft")
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
         with torch.no_grad():
             trained = model.eval()(**inputs).logits
     finally:
