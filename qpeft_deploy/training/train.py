@@ -8,7 +8,8 @@ grid with straight-through gradients, so the saved b-bit file reproduces the tra
 
 Examples are ``(text, label)`` for text tasks and ``(28×28 uint8 image, label)`` for the image tasks of
 :mod:`qpeft_deploy.data.images`; pass ``tokenizer=None`` for images (their inputs are ``pixel_values``). Data
-and inputs of either kind come from :mod:`qpeft_deploy.data.tasks`.
+and inputs of either kind come from :mod:`qpeft_deploy.data.tasks`. A causal language model is fine-tuned by
+:mod:`qpeft_deploy.training.causal`, through the same ``fit`` with its answer-token loss (``batch_loss``).
 """
 
 from __future__ import annotations
