@@ -9,8 +9,9 @@ tokens only: prompt and padding positions are labelled ``IGNORE`` (-100).
 
 Batches are padded on the left (position ids count real tokens only), for training as for generation, with
 the tokenizer's pad token or, when it has none (SmolLM2 converted from GGUF), its eos token; padded positions
-are masked, so the choice changes nothing. A sequence longer than ``max_length`` (or a ``max_length`` beyond the model's context) is refused with
-a one-line error rather than truncated: cutting the prompt could cut its question, cutting the answer its label.
+are masked, so the choice changes nothing. A sequence longer than ``max_length`` (or a ``max_length`` beyond
+the model's context) is refused with a one-line error rather than truncated: cutting the prompt could cut its
+question, cutting the answer its label. Every example is encoded and checked before training starts.
 
 The training loop is :func:`qpeft_deploy.training.train.fit` with the answer-token loss; quantisation-aware
 training (``bits``, ``lambda_bits``) and λ pruning work as for classification. Evaluation reports the
