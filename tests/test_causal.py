@@ -22,7 +22,7 @@ from qpeft_deploy.core.attach import (
 )
 from qpeft_deploy.data.instructions import load_instructions
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.model_io import adapter_from_model
+from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
 from qpeft_deploy.models import load_causal_lm
 from qpeft_deploy.peft_native import QpeftConfig
@@ -37,7 +37,6 @@ from qpeft_deploy.training.causal import (
     fit_causal,
     generate_answers,
     heldout_loss,
-    load_causal_adapter,
     normalise,
     pad_id,
     run_causal_spec,
@@ -160,7 +159,7 @@ def test_a_quantisation_aware_adapter_file_reproduces_the_trained_model(tokenize
     path = write_adapter(tmp_path / "a.qpeft", adapter_from_model(model, "smollm2"), bits=4, lambda_bits=4)
     stored = read_adapter(path)
     assert stored.config.is_causal_lm() and stored.config.head is None and stored.stored.bits == 4
-    reloaded = load_causal_adapter("smollm2", path)
+    reloaded = load_adapted_model("smollm2", path)
     batch = answer_batch(tokenizer, load_instructions(style).test, max_length=64)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     with torch.no_grad():
@@ -174,7 +173,7 @@ def test_classification_setups_on_a_causal_base_are_one_line_errors(tmp_path):
         causal_tokenizer("minilm")
     classifier = make_adapter(tmp_path / "cls.qpeft", {0: "a", 1: "b"}, seed=0)
     with pytest.raises(ConfigError, match=r"cls\.qpeft: a classification adapter"):
-        load_causal_adapter("smollm2", classifier)
+        load_adapted_model("smollm2", classifier)
 
 
 def test_the_peft_native_method_trains_and_round_trips_on_smollm2(lm, tokenizer, style, tmp_path):

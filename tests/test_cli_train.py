@@ -49,7 +49,7 @@ def test_train_writes_an_adapter_and_reports(trained):
     assert report["trainable_parameters"] == 12 * (42 + 42 + 4) + 2 * 384 + 2
     assert 0.0 <= report["test_accuracy"] <= 1.0 and report["test_examples"] == 16
     stored = read_adapter(path).stored
-    assert (stored.format_version, stored.bits, stored.lambda_bits) == (3, 4, 3)
+    assert (stored.format_version, stored.bits, stored.lambda_bits) == (4, 4, 3)  # unpruned: no mask
     assert report["torch_threads"] == 1
 
 

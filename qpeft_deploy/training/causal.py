@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from qpeft_deploy.atomic import prepare_output
 from qpeft_deploy.core.adapter import CAUSAL_LM
-from qpeft_deploy.core.attach import adapter_config, attach, lora_parameter_count, trainable_parameters
+from qpeft_deploy.core.attach import attach, lora_parameter_count, trainable_parameters
 from qpeft_deploy.core.threads import free_cores, torch_threads
 from qpeft_deploy.data.instructions import Pair, load_instructions
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.model_io import adapter_from_model, load_adapter
-from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
+from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
+from qpeft_deploy.io.qpeft_file import write_adapter
 from qpeft_deploy.models import is_causal_base, load_causal_lm, load_tokenizer
 from qpeft_deploy.training.train import (
     TrainSpec,
@@ -302,7 +302,7 @@ def evaluate_causal(
 
 def build_causal_model(spec: TrainSpec) -> nn.Module:
     """The base's causal LM with an adapter attached as ``spec`` says (``all-linear``: every linear layer but
-    ``lm_head``), marked CAUSAL_LM, with quantisation-aware grids when ``spec`` asks for them."""
+    ``lm_head``; its file records task_type CAUSAL_LM), on the quantisation grids ``spec`` asks for."""
     model = attach(
         load_causal_lm(spec.base),
         spec.targets,
@@ -312,7 +312,6 @@ def build_causal_model(spec: TrainSpec) -> nn.Module:
         variant=spec.variant,
         seed=spec.seed,
     )
-    adapter_config(model).extra["task_type"] = CAUSAL_LM
     if spec.qat:
         if spec.bits is not None:
             quantization_aware(model, spec.bits)
@@ -383,19 +382,6 @@ def train_causal_adapter(
     return report
 
 
-def load_causal_adapter(base: str, adapter: str | Path, *, force: bool = False) -> nn.Module:
-    """The base's causal LM with a CAUSAL_LM adapter file loaded (eval mode, nothing trainable); a
-    classification adapter is refused."""
-    config = read_adapter(adapter).config
-    if not config.is_causal_lm():
-        raise ConfigError(
-            f"{adapter}: a classification adapter (no task_type {CAUSAL_LM}); {base} is a causal language "
-            "model and needs an adapter trained on it"
-        )
-    model = load_adapter(load_causal_lm(base), adapter, base=base, force=force)
-    return model.eval().requires_grad_(False)
-
-
 def evaluate_causal_adapter(
     base: str,
     adapter: str | Path,
@@ -410,7 +396,7 @@ def evaluate_causal_adapter(
     """Exact-match accuracy of greedy answers and held-out answer loss of an adapter on a task's test split."""
     tokenizer = causal_tokenizer(base)
     data = load_instructions(task, max_test=max_examples)
-    model = load_causal_adapter(base, adapter, force=force)
+    model = load_adapted_model(base, adapter, force=force)  # refuses a classification adapter
     metrics = evaluate_causal(
         model, tokenizer, data.test, max_length=max_length, max_new_tokens=max_new_tokens, quiet=quiet
     )
