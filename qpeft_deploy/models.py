@@ -8,6 +8,8 @@ folder (it must contain ``config.json``). Nothing ever contacts a hub.
 
 The task model is ``AutoModelForSequenceClassification`` built from the base folder (for MiniLM:
 ``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``.
+``lora_peer`` wraps a task model as the PEFT LoRA r=8 peer that the demo and the accuracy study train beside
+Quantum-PEFT.
 """
 
 from __future__ import annotations
@@ -231,6 +233,29 @@ def load_causal_lm(base: str) -> PreTrainedModel:
     finally:
         hf_logging.set_verbosity(previous)
     return model.float().eval()
+
+
+LORA_PEER_RANK = 8
+LORA_PEER_LR = 1e-3  # A and B: the top of the usual 1e-4..1e-3 range suits budgets of tens of steps
+
+
+def lora_peer(model: PreTrainedModel, seed: int = 0, rank: int = LORA_PEER_RANK) -> torch.nn.Module:
+    """``model`` (a sequence-classification task model) as the PEFT LoRA peer every comparison trains: rank
+    ``rank``, lora_alpha 2·rank, every linear layer but the head (``target_modules="all-linear"``, the targets of
+    Quantum-PEFT's default) and the head trained as PEFT's modules_to_save copy (``task_type="SEQ_CLS"``); A is
+    initialised with torch seeded by ``seed``. Train A and B at ``LORA_PEER_LR`` (the head at the rate every
+    method's head gets); ``save_pretrained`` writes its fp32 adapter_model.safetensors. Needs the [peft] extra."""
+    import torch
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ConfigError(
+            f"the LoRA peer needs {e.name or 'peft'}: pip install 'qpeft-deploy[peft]'"
+        ) from None
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="SEQ_CLS")
+    return get_peft_model(model, config)
 
 
 def head_module_name(model: torch.nn.Module) -> str:
