@@ -11,6 +11,8 @@ TEST_EXAMPLES = 40
 
 def test_demo_runs_end_to_end_beside_lora_r8_and_the_packed_files_score_like_the_trained_models(tmp_path):
     out = tmp_path / "demo-out"
+    out.mkdir()
+    (out / "rt.onnx_adapter").write_bytes(b"left by an earlier run")  # a rerun replaces its own outputs
     args = [
         "--train-examples",
         "32",
@@ -33,7 +35,7 @@ def test_demo_runs_end_to_end_beside_lora_r8_and_the_packed_files_score_like_the
         check=True,
     )
     for task in ("rt", "trec6", "sms"):
-        assert (out / f"{task}.onnx_adapter").is_file()
+        assert (out / f"{task}.onnx_adapter").stat().st_size > 1000
     assert (out / "rt-merged" / "model.safetensors").is_file() and (out / "onnx" / "model.onnx").is_file()
     rows = {
         line.split()[0]: line.split()
