@@ -11,6 +11,8 @@ The task model is ``AutoModelForSequenceClassification`` built from the base fol
 ``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``. A causal-LM
 base (its config.json names a ``*ForCausalLM`` architecture, :func:`is_causal_base`) is used as its causal LM
 (:func:`load_causal_lm`), the LM head its own.
+``lora_peer`` wraps a task model (or a causal LM) as the PEFT LoRA r=8 peer that the demos and the
+accuracy study train beside Quantum-PEFT.
 """
 
 from __future__ import annotations
@@ -305,6 +307,31 @@ def is_causal_base(base: str) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return isinstance(names, list) and bool(_causal_lm_classes().intersection(map(str, names)))
+
+
+LORA_PEER_RANK = 8
+LORA_PEER_LR = 1e-3  # A and B: the top of the usual 1e-4..1e-3 range suits budgets of tens of steps
+
+
+def lora_peer(model: PreTrainedModel, seed: int = 0, rank: int = LORA_PEER_RANK) -> torch.nn.Module:
+    """``model`` (a sequence-classification task model, or a causal LM) as the PEFT LoRA peer every comparison
+    trains: rank ``rank``, lora_alpha 2·rank, every linear layer but the head (``target_modules="all-linear"``,
+    the targets of Quantum-PEFT's default) and the head trained as PEFT's modules_to_save copy
+    (``task_type="SEQ_CLS"``; a causal LM: ``CAUSAL_LM``, its tied LM head untouched); A is initialised with
+    torch seeded by ``seed``. Train A and B at ``LORA_PEER_LR`` (the head at the rate every
+    method's head gets); ``save_pretrained`` writes its fp32 adapter_model.safetensors. Needs the [peft] extra."""
+    import torch
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ConfigError(
+            f"the LoRA peer needs {e.name or 'peft'}: pip install 'qpeft-deploy[peft]'"
+        ) from None
+    torch.manual_seed(seed)
+    task_type = "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type=task_type)
+    return get_peft_model(model, config)
 
 
 def head_module_name(model: torch.nn.Module) -> str:

@@ -20,6 +20,7 @@ from qpeft_deploy.models import (
     load_causal_lm,
     load_task_model,
     load_tokenizer,
+    lora_peer,
     resolve_base,
     tokenize,
 )
@@ -178,6 +179,21 @@ def test_head_is_seeded(model, capfd):
     assert other.config.num_labels == 6
     seed1 = load_task_model("minilm", LABELS, seed=1)
     assert not torch.equal(seed1.classifier.weight, model.classifier.weight)
+
+
+def test_lora_peer_trains_r8_factors_on_every_linear_layer_and_the_head():
+    pytest.importorskip("peft")
+    peer = lora_peer(load_task_model("minilm", LABELS, seed=0), seed=0)
+    trainable = {n: p.numel() for n, p in peer.named_parameters() if p.requires_grad}
+    factors = sum(v for n, v in trainable.items() if ".lora_" in n)
+    head = sum(v for n, v in trainable.items() if "classifier" in n and ".lora_" not in n)
+    assert sum(1 for n in trainable if n.endswith("lora_A.default.weight")) == 37
+    assert head == 384 * 2 + 2  # the head's modules_to_save copy
+    assert factors + head == 338_690  # benchmarks/accuracy.py's LoRA r=8 count
+    assert peer.peft_config["default"].lora_alpha == 16
+    same = lora_peer(load_task_model("minilm", LABELS, seed=0), seed=0)
+    a = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+    assert torch.equal(same.get_parameter(a), peer.get_parameter(a))
 
 
 def test_bad_id2label():
