@@ -54,7 +54,7 @@ def train_adapters(args: argparse.Namespace) -> list[dict]:
         report = train_causal_adapter(
             spec(task, args), args.out / f"{task}.qpeft", quiet=args.quiet, overwrite=True
         )
-        rows.append({"method": "Q-PEFT K=8", **report})
+        rows.append({**report, "method": "Q-PEFT K=8"})
     return rows
 
 

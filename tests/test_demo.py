@@ -58,3 +58,40 @@ def test_demo_runs_end_to_end_beside_lora_r8_and_the_packed_files_score_like_the
         assert qpeft_bytes == (out / f"{task}.qpeft").stat().st_size < 16_000, (task, row)
         assert lora_bytes == (out / f"{task}-lora" / "adapter_model.safetensors").stat().st_size, (task, row)
         assert row[10] == f"{lora_bytes / qpeft_bytes:.0f}×" and lora_bytes / qpeft_bytes > 80, (task, row)
+
+
+def test_llm_demo_trains_two_adapters_beside_lora_and_serves_both_from_one_base(tmp_path):
+    out = tmp_path / "llm"
+    args = ["--train-examples", "8", "--test-examples", "4", "--threads", "1", "--out", str(out), "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "samples/demo_llm.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    assert (out / "sms.qpeft").stat().st_size < 30_000 and (out / "rt.qpeft").is_file()
+    lora_bytes = (out / "lora-r8" / "adapter_model.safetensors").stat().st_size
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3]): line
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| task")
+    }
+    assert set(rows) == {
+        ("rt", "Q-PEFT K=8"),
+        ("sms", "Q-PEFT K=8"),
+        ("sms", "PEFT LoRA r=8"),
+        ("rt", "untuned"),
+        ("sms", "untuned"),
+    }
+    assert (
+        f"{lora_bytes:,}" in rows[("sms", "PEFT LoRA r=8")] and "2,442,240" in rows[("sms", "PEFT LoRA r=8")]
+    )
+    assert "20,040" in rows[("sms", "Q-PEFT K=8")]
+    served = [line for line in done.stdout.splitlines() if line.startswith("  [")]
+    assert {line.split("]")[0][3:] for line in served} == {
+        "sms",
+        "rt",
+        "base",
+    }  # one batch, three kinds of row
