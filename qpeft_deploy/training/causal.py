@@ -30,21 +30,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qpeft_deploy.atomic import prepare_output
 from qpeft_deploy.core.adapter import CAUSAL_LM
 from qpeft_deploy.core.attach import attach, lora_parameter_count, trainable_parameters
 from qpeft_deploy.core.threads import free_cores, torch_threads
 from qpeft_deploy.data.instructions import Pair, load_instructions
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
-from qpeft_deploy.io.qpeft_file import write_adapter
+from qpeft_deploy.io.model_io import load_adapted_model
 from qpeft_deploy.models import is_causal_base, load_causal_lm, load_tokenizer
 from qpeft_deploy.training.train import (
     TrainSpec,
     fit,
-    input_paths,
     lambda_aware,
     quantization_aware,
+    save_trained,
 )
 
 IGNORE = -100  # the label of a position without loss (PyTorch's cross-entropy ignore_index)
@@ -368,18 +366,9 @@ def train_causal_adapter(
 ) -> dict:
     """Train a causal-LM adapter as ``spec`` says and save it to ``output`` (task_type CAUSAL_LM, no head; an
     existing file is replaced only with ``overwrite``, checked before training); returns the report."""
-    prepare_output(output, overwrite=overwrite, protect=input_paths(spec))
-    model, report = run_causal_spec(spec, evaluate_test=evaluate, quiet=quiet)
-    path = write_adapter(
-        output,
-        adapter_from_model(model, spec.base),
-        bits=spec.bits,
-        lambda_bits=spec.lambda_bits,
-        overwrite=overwrite,
-        protect=input_paths(spec),
+    return save_trained(
+        spec, output, lambda: run_causal_spec(spec, evaluate_test=evaluate, quiet=quiet), overwrite
     )
-    report.update(adapter=str(path), file_bytes=path.stat().st_size)
-    return report
 
 
 def evaluate_causal_adapter(

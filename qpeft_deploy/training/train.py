@@ -335,17 +335,19 @@ def input_paths(spec: TrainSpec) -> list[Path]:
     return [resolve_base(spec.base), *([Path(path)] if kind in ("csv", "jsonl") and path else [])]
 
 
-def train_adapter(
-    spec: TrainSpec, output: str | Path, evaluate: bool = True, quiet: bool = False, overwrite: bool = False
+def save_trained(
+    spec: TrainSpec,
+    output: str | Path,
+    run: Callable[[], tuple[nn.Module, dict]],
+    overwrite: bool = False,
 ) -> dict:
-    """Train an adapter as ``spec`` says and save it to ``output`` (an existing file is replaced only with
-    ``overwrite``, which is checked before training); returns the report."""
+    """Check ``output`` (replaced only with ``overwrite``; never an input) before ``run()`` trains, then write the
+    trained adapter there with ``spec``'s bits; returns the run's report with the file."""
     prepare_output(output, overwrite=overwrite, protect=input_paths(spec))
-    model, report = run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet)
-    adapter = adapter_from_model(model, spec.base)
+    model, report = run()
     path = write_adapter(
         output,
-        adapter,
+        adapter_from_model(model, spec.base),
         bits=spec.bits,
         lambda_bits=spec.lambda_bits,
         overwrite=overwrite,
@@ -353,6 +355,16 @@ def train_adapter(
     )
     report.update(adapter=str(path), file_bytes=path.stat().st_size)
     return report
+
+
+def train_adapter(
+    spec: TrainSpec, output: str | Path, evaluate: bool = True, quiet: bool = False, overwrite: bool = False
+) -> dict:
+    """Train an adapter as ``spec`` says and save it to ``output`` (an existing file is replaced only with
+    ``overwrite``, which is checked before training); returns the report."""
+    return save_trained(
+        spec, output, lambda: run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet), overwrite
+    )
 
 
 def evaluate_adapter(
