@@ -47,6 +47,11 @@ SECTIONS = [
         "Training step time",
         "Quantum-PEFT (K=8, full rank) vs PEFT LoRA r=8 per training step, MiniLM and the ViT, 1 and 2 threads.",
     ),
+    (
+        "llm",
+        "LLM (SmolLM2-135M-Instruct)",
+        "Quantum-PEFT vs PEFT LoRA r=8 and the untuned model on instruction tasks; bank generation vs merged.",
+    ),
     ("onnx", "ONNX Runtime latency", "Export modes vs merged weights and ORT's own LoRA adapters."),
     ("merge", "Merge", "`qpeft merge` vs copying the checkpoint and PEFT merge + save."),
     ("swap", "Runtime adapter swap", "AdapterBank vs PEFT LoRA `load_adapter` / `set_adapter`."),
