@@ -22,8 +22,11 @@ subset=(tests/test_attach.py tests/test_layer.py tests/test_qpeft_file.py tests/
   tests/test_peft_native.py tests/test_peft_folder.py tests/test_models.py)
 echo "===== compatibility subset on the current stack: .venv-current, $(.venv-current/bin/python -c \
   'import transformers; print("transformers", transformers.__version__)'), no optimum ====="
+# Left out there: the byte-level fuzzing of the file readers (every bit flipped, mutated files), which runs
+# no transformers code and takes most of these files' time; the pinned run covers it
 SECONDS=0
-.venv-current/bin/python -m pytest -q -p no:cacheprovider "${subset[@]}"
+.venv-current/bin/python -m pytest -q -p no:cacheprovider "${subset[@]}" \
+  -k "not bit_flip and not flipped_bit and not mutated_files"
 rc2=$(status $? "current stack")
 echo "===== compatibility subset: exit $rc2 in ${SECONDS} s; pinned suite: exit $rc ====="
 [ "$rc" -eq 0 ] && [ "$rc2" -eq 0 ]
