@@ -216,6 +216,27 @@ def test_base_key_round_trip(model, base_keys):
         module_name_for_key(model, "encoder.layer.99.output.dense")
 
 
+def test_base_keys_follow_the_checkpoint_when_transformers_renames_modules(tmp_path):
+    """transformers 5 renames ViT's modules (``vit.layers.0.attention.q_proj``) but saves its checkpoints under the
+    old keys (``vit.encoder.layer.0.attention.attention.query``): a target key is the saved checkpoint's, and maps
+    back to the module (on 4.x both are the module paths)."""
+    from transformers import ViTForImageClassification
+
+    from qpeft_deploy.data import images as vision
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(vision.vit_config())
+    vit.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    targets = [n for n, m in vit.named_modules() if isinstance(m, torch.nn.Linear) and n != "classifier"]
+    assert len(targets) == 4 * 6
+    for name in targets:
+        key = base_key(vit, name)
+        assert f"vit.{key}.weight" in saved, (name, key)
+        assert module_name_for_key(vit, key) == name
+
+
 def test_every_base_tensor_maps_to_a_module(model, base_keys):
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
