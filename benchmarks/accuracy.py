@@ -12,7 +12,8 @@ cross-entropy, dropout on), and is scored on the same test split with ``qpeft_de
                                 round K that stays ≥ 20× below LoRA r=8 (25×), so eligible for the goal
   taylor-K8                     Taylor / Lie-algebra variant, K = 8
   lora-r8                       the peer: real ``peft`` LoRA r=8, lora_alpha=16, target_modules="all-linear",
-                                task_type="SEQ_CLS" (the head trains as a modules_to_save copy)
+                                task_type="SEQ_CLS" (the head trains as a modules_to_save copy), built by
+                                ``qpeft_deploy.models.lora_peer``, which the demo trains too
   head-only                     classifier head alone (the floor)
   full-ft                       every parameter (the ceiling)
 
@@ -88,7 +89,7 @@ from qpeft_deploy.core.attach import (
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.data.text import TASKS, load_task
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
-from qpeft_deploy.models import load_task_model, load_tokenizer
+from qpeft_deploy.models import LORA_PEER_LR, load_task_model, load_tokenizer, lora_peer
 from qpeft_deploy.training.train import evaluate, fit, lambda_aware, quantization_aware
 
 BASE = "minilm"
@@ -162,7 +163,7 @@ METHODS = {
             angle_bits=6,
         ),
         Method("taylor-K8", "qpeft", 2e-2, 2e-2, 8, 1, "taylor", "Q-PEFT Taylor K=8"),
-        Method("lora-r8", "lora", 1e-3, 2e-2, label="PEFT LoRA r=8 (peer)"),
+        Method("lora-r8", "lora", LORA_PEER_LR, 2e-2, label="PEFT LoRA r=8 (peer)"),
         Method("head-only", "head", 0.0, 2e-2, label="head only"),
         Method("full-ft", "full", 1e-4, 2e-2, label="full fine-tuning"),
     )
@@ -233,14 +234,6 @@ def _head_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.get_submodule(head).parameters()) if head else 0
 
 
-def _lora_model(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="SEQ_CLS")
-    return get_peft_model(model, config)
-
-
 def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn.Module, int, int]:
     """The task model set up for ``method``, the LoRA r=8 count and the head's size on the same model."""
     model = load_task_model(BASE, id2label, seed=seed)
@@ -253,7 +246,7 @@ def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn
             quantization_aware(model, method.bits())
             lambda_aware(model, method.lambda_bits)
     elif method.kind == "lora":
-        model = _lora_model(model, seed)
+        model = lora_peer(model, seed)
     elif method.kind == "head":
         model = train_head_only(model)
     else:

@@ -168,8 +168,25 @@ def plot_filesize(data: dict, path: Path) -> str:
     return "PEFT LoRA r=8 / r=2 adapter_model.safetensors, same 37 targets + head, measured in the same run"
 
 
+def _shipped(cell: dict) -> tuple[int, float]:
+    """(file bytes, mean accuracy) of what a method ships: the compact .qpeft file and the accuracy measured
+    from it (Quantum-PEFT), the fp32 adapter_model.safetensors (LoRA), the fp32 head or checkpoint (others)."""
+    if cell["kind"] == "qpeft" and cell.get("compact_file_accuracy_mean") is not None:
+        return cell["file_bytes"]["compact"], cell["compact_file_accuracy_mean"]
+    return cell["file_bytes"]["fp32"], cell["accuracy_mean"]
+
+
+def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The points no other point beats on both file bytes (fewer) and accuracy (higher), by bytes."""
+    front: list[tuple[int, float]] = []
+    for size, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or accuracy > front[-1][1]:
+            front.append((size, accuracy))
+    return front
+
+
 def plot_accuracy(data: dict, path: Path) -> str:
-    """Per task: mean test accuracy (± std) vs trainable parameters (log x), LoRA r=8 marked as the peer."""
+    """Per task: mean accuracy of the shipped file vs its bytes (log x), the Pareto front, LoRA r=8 the peer."""
     tasks = list(dict.fromkeys(c["task"] for c in data["cells"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(9.0, 5.2 * len(tasks)), 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -178,43 +195,38 @@ def plot_accuracy(data: dict, path: Path) -> str:
             colour = (
                 PEER_COLOUR if c["kind"] == "lora" else OURS_COLOUR if c["kind"] == "qpeft" else REF_COLOUR
             )
+            size, accuracy = _shipped(c)
             std = 100 * c["accuracy_std"] if c["accuracy_std"] is not None else None
-            ax.errorbar(
-                c["trainable_parameters"],
-                100 * c["accuracy_mean"],
-                yerr=std,
-                fmt="o",
-                color=colour,
-                capsize=3,
-            )
+            ax.errorbar(size, 100 * accuracy, yerr=std, fmt="o", color=colour, capsize=3)
             ax.annotate(
-                c["method"],
-                (c["trainable_parameters"], 100 * c["accuracy_mean"]),
-                fontsize=7,
-                xytext=(4, 4),
-                textcoords="offset points",
+                c["method"], (size, 100 * accuracy), fontsize=7, xytext=(4, 4), textcoords="offset points"
             )
-        peer = next((c for c in cells if c["kind"] == "lora"), None)
+        front = pareto([_shipped(c) for c in cells])
+        ax.step(
+            [b for b, _ in front],
+            [100 * a for _, a in front],
+            where="post",
+            color="k",
+            lw=0.8,
+            label="Pareto front",
+        )
+        peer = next((c for c in cells if c["method"] == "lora-r8"), None)
         if peer is not None:
             ax.axhline(
                 100 * peer["accuracy_mean"] - 1, color=PEER_COLOUR, ls=":", lw=1, label="LoRA r=8 − 1 point"
             )
             ax.axvline(
-                peer["trainable_parameters"] / 20,
-                color=REF_COLOUR,
-                ls="--",
-                lw=1,
-                label="20× fewer than LoRA r=8",
+                peer["file_bytes"]["fp32"] / 100, color=REF_COLOUR, ls="--", lw=1, label="100× below LoRA r=8"
             )
-            ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (log, head included)")
-        ax.set_ylabel("test accuracy %")
+        ax.set_xlabel("file bytes (log): compact .qpeft, LoRA fp32 adapter_model.safetensors")
+        ax.set_ylabel("test accuracy % of that file")
         seeds = len(data["settings"]["seeds"])
         ax.set_title(f"{task} ({seeds} seed{'s' if seeds > 1 else ''})", fontsize=9)
         ax.margins(x=0.25, y=0.15)
     s = data["settings"]
-    title = "Test accuracy vs trainable parameters, MiniLM all-linear; peer: PEFT LoRA r=8 (same run)"
+    title = "Accuracy vs file bytes, MiniLM all-linear; peer: PEFT LoRA r=8 (same run)"
     if data.get("reduced"):
         title += (
             f"\nREDUCED RUN: {s['train_examples']:,} train / {s['test_examples']:,} test, {s['epochs']} epoch(s), "

@@ -8,7 +8,11 @@ folder (it must contain ``config.json``) or, when no such folder exists, a hub r
 the local Hugging Face cache (the snapshot ``refs/main`` names). Nothing ever contacts a hub.
 
 The task model is ``AutoModelForSequenceClassification`` built from the base folder (for MiniLM:
-``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``.
+``BertForSequenceClassification``); an image base (ViT) gets ``AutoModelForImageClassification``. A causal-LM
+base (its config.json names a ``*ForCausalLM`` architecture, :func:`is_causal_base`) is used as its causal LM
+(:func:`load_causal_lm`), the LM head its own.
+``lora_peer`` wraps a task model (or a causal LM) as the PEFT LoRA r=8 peer that the demos and the
+accuracy study train beside Quantum-PEFT.
 """
 
 from __future__ import annotations
@@ -283,6 +287,55 @@ def load_causal_lm(base: str) -> PreTrainedModel:
     finally:
         hf_logging.set_verbosity(previous)
     return model.float().eval()
+
+
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """True for a transformers causal language model: a class AutoModelForCausalLM builds (LlamaForCausalLM,
+    GPT2LMHeadModel, ...), i.e. a model with its generation head."""
+    return type(model).__name__ in _causal_lm_classes()
+
+
+def is_causal_base(base: str) -> bool:
+    """True when the base folder's config.json names a causal-LM architecture (SmolLM2: LlamaForCausalLM)."""
+    import json
+
+    try:
+        config = json.loads((resolve_base(base) / "config.json").read_text(encoding="utf-8"))
+        names = config.get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(names, list) and bool(_causal_lm_classes().intersection(map(str, names)))
+
+
+LORA_PEER_RANK = 8
+LORA_PEER_LR = 1e-3  # A and B: the top of the usual 1e-4..1e-3 range suits budgets of tens of steps
+
+
+def lora_peer(model: PreTrainedModel, seed: int = 0, rank: int = LORA_PEER_RANK) -> torch.nn.Module:
+    """``model`` (a sequence-classification task model, or a causal LM) as the PEFT LoRA peer every comparison
+    trains: rank ``rank``, lora_alpha 2·rank, every linear layer but the head (``target_modules="all-linear"``,
+    the targets of Quantum-PEFT's default) and the head trained as PEFT's modules_to_save copy
+    (``task_type="SEQ_CLS"``; a causal LM: ``CAUSAL_LM``, its tied LM head untouched); A is initialised with
+    torch seeded by ``seed``. Train A and B at ``LORA_PEER_LR`` (the head at the rate every
+    method's head gets); ``save_pretrained`` writes its fp32 adapter_model.safetensors. Needs the [peft] extra."""
+    import torch
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ConfigError(
+            f"the LoRA peer needs {e.name or 'peft'}: pip install 'qpeft-deploy[peft]'"
+        ) from None
+    torch.manual_seed(seed)
+    task_type = "CAUSAL_LM" if is_causal_lm(model) else "SEQ_CLS"
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type=task_type)
+    return get_peft_model(model, config)
 
 
 def head_module_name(model: torch.nn.Module) -> str:

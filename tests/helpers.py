@@ -11,7 +11,7 @@ from torch import nn
 
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.io.model_io import save_adapter
-from qpeft_deploy.models import load_task_model
+from qpeft_deploy.models import SMOLLM2, load_causal_lm, load_task_model
 
 
 def randomize(model: nn.Module, seed: int = 1, scale: float = 0.3) -> nn.Module:
@@ -61,3 +61,36 @@ def tiny_gpt2_folder(folder: Path, seed: int = 0) -> Path:
     config = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
+
+
+def causal_adapter_model(seed: int, scale: float = 1.0, **options) -> nn.Module:
+    """SmolLM2 with an all-linear K=8 adapter (lm_head not a target; ``options`` for attach change that) of
+    random angles and λ, so that its generations differ from the base's and from other seeds'."""
+    model = attach(load_causal_lm(SMOLLM2), **({"rank": 8} | options), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            for name, p in layer.named_parameters():
+                if name.endswith("spectrum.lam"):
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+                elif name.startswith(("u.", "v.")):
+                    p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval().requires_grad_(False)
+
+
+def make_causal_adapter(path: Path, seed: int, scale: float = 1.0, **options) -> Path:
+    """:func:`causal_adapter_model` saved (with SmolLM2's fingerprint) at ``path``."""
+    return save_adapter(causal_adapter_model(seed, scale, **options), path, base=SMOLLM2)
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, T) token ids of ``prompt`` as one user turn of the tokenizer's chat template, ready to answer."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, tokens: int = 32) -> list[int]:
+    """The new token ids of transformers' own greedy ``generate`` on one unpadded row."""
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()

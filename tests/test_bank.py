@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
-from qpeft_deploy.io.model_io import load_adapted_model
+from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
-from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
+from qpeft_deploy.models import load_causal_lm, load_task_model, load_tokenizer, tokenize
 from qpeft_deploy.runtime.bank import AdapterBank
 from tests.helpers import make_adapter
 
@@ -234,3 +234,96 @@ def test_resident_memory_per_adapter_is_kilobytes(bank, files):
     for i in range(20):
         bank.unload(f"copy{i}")
     assert per_adapter < 25_000  # angles, α·λ and head of 37 targets: 10,000 adapters in ~0.25 GB
+
+
+# ------------------------------------------------------------------------------------------- causal LM
+
+PROMPTS = ["Name a colour.", "Write a haiku about rain, please."]  # two lengths: the batch is left-padded
+ROWS = [("lm1", 0), ("lm2", 1), ("lm3", 0), (None, 1)]  # (adapter, prompt): three adapters and a base row
+# name -> (λ scale, attach options): two ranks (a mixed batch pads K) and a partial target set
+CAUSAL = {
+    "lm1": (0.5, {}),
+    "lm2": (1.0, {"rank": 4}),
+    "lm3": (1.0, {"targets": ["q_proj", "v_proj"]}),
+}
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    """(files, each row of ROWS's tokens from transformers' generate() on its adapter's own attached model)."""
+    from tests.helpers import causal_adapter_model, chat_ids, greedy
+
+    folder, tokenizer = tmp_path_factory.mktemp("causal"), load_tokenizer("smollm2")
+    ids = [chat_ids(tokenizer, p) for p in PROMPTS]
+    files, models = {}, {None: load_causal_lm("smollm2")}
+    for seed, (name, (scale, options)) in enumerate(CAUSAL.items(), start=1):
+        models[name] = causal_adapter_model(seed, scale, **options)
+        files[name] = save_adapter(models[name], folder / f"{name}.qpeft", base="smollm2")
+    return files, [greedy(models[name], ids[p], TOKENS) for name, p in ROWS]
+
+
+@pytest.fixture(scope="module")
+def causal_bank(causal):
+    bank = AdapterBank.from_pretrained("smollm2")
+    for name, path in causal[0].items():
+        bank.load(name, path)
+    return bank
+
+
+def test_mixed_batch_generation_equals_each_adapters_own_generation(causal_bank, causal):
+    want = causal[1]
+    assert want[0] != want[2] and want[1] != want[3]  # the adapters change the answers
+    names, prompts = [n for n, _ in ROWS], [PROMPTS[p] for _, p in ROWS]
+    shapes = []  # the (rows, tokens) of every forward of the model's decoder
+    decoder = causal_bank.model.get_submodule("model")
+    handle = decoder.register_forward_hook(
+        lambda _, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        mixed = causal_bank.generate(prompts, adapter=names, max_new_tokens=TOKENS)
+    finally:
+        handle.remove()
+    steps = max(len(row.tokens) for row in mixed)  # the prompt batch once, then one forward per token
+    assert shapes[0][0] == 4 and shapes[1:] == [(4, 1)] * (steps - 1)
+    for i, (name, row) in enumerate(zip(names, mixed)):
+        assert row.adapter == name and row.tokens == want[i], (i, name)
+        alone = causal_bank.generate(prompts[i], adapter=name, max_new_tokens=TOKENS)[0]
+        assert alone.tokens == row.tokens and alone.text == row.text
+        assert row.finish_reason == ("stop" if len(row.tokens) < TOKENS else "length")
+
+
+def test_sampling_is_seeded(causal_bank):
+    def sample(seed):
+        rows = causal_bank.generate(
+            ["Tell a story."] * 2, ["lm1", None], 6, temperature=1.0, top_p=0.9, seed=seed
+        )
+        return [r.tokens for r in rows]
+
+    first = sample(3)
+    assert sample(3) == first and sample(4) != first
+
+
+def test_causal_bank_refuses_bad_input_with_one_line_errors(causal_bank, causal, bank, files):
+    before = causal_bank.names()
+    with pytest.raises(ConfigError, match=r"classification adapter .* expected a causal-LM adapter"):
+        causal_bank.load("sent", files["sent"])
+    with pytest.raises(ConfigError, match=r"causal-LM adapter .* expected a classification"):
+        bank.load("lm1", causal[0]["lm1"])
+    assert causal_bank.names() == before and "lm1" not in bank.names()
+    with pytest.raises(
+        ConfigError,
+        match=r"prompt 1 has \d+ tokens: with max_new_tokens=4 it passes the model's context of 8192",
+    ):
+        causal_bank.generate(["hi", "word " * 9000], adapter="lm1", max_new_tokens=4)
+    with pytest.raises(ConfigError, match="no adapter named 'nope' is loaded"):
+        causal_bank.generate(["hi", "hello"], adapter=["lm1", "nope"], max_new_tokens=4)
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            causal_bank.generate(["hi"], adapter="lm1", **({"max_new_tokens": 4} | bad))
+    with pytest.raises(ConfigError, match="prompts must be"):
+        causal_bank.generate([], adapter="lm1")
+    with pytest.raises(ConfigError, match="causal language model: this bank generates"):
+        causal_bank.classify(["hi"], adapter="lm1")
+    with pytest.raises(ConfigError, match="not a causal language model: this bank classifies"):
+        bank.generate(["hi"], adapter="sent")

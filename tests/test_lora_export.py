@@ -203,3 +203,33 @@ def test_cli(tmp_path, pauli):
     assert bad.exit_code == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "missing.qpeft" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_causal_adapter_exports_as_a_causal_lm_lora_that_peft_applies(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qpeft_deploy.models import resolve_base
+    from tests.helpers import causal_adapter_model, chat_ids, greedy
+
+    model = causal_adapter_model(seed=7)
+    path = save_adapter(model, tmp_path / "lm.qpeft", base="smollm2")
+    with pytest.raises(
+        ConfigError, match=r"lm.qpeft: a causal-LM adapter exported as FEATURE_EXTRACTION .*CAUSAL_LM"
+    ):
+        export_lora(path, tmp_path / "wrong", base="smollm2", task_type="FEATURE_EXTRACTION")
+    with pytest.raises(ConfigError, match=r"causal-LM adapter .* not a causal language model"):
+        export_lora(path, tmp_path / "wrong", base="minilm")
+    assert not (tmp_path / "wrong").exists()
+    report = export_lora(path, tmp_path / "peft", base="smollm2")  # the task type comes from the adapter
+    assert report["modules"] == 210 and report["head"] is None
+    assert json.loads((tmp_path / "peft" / CONFIG_FILE).read_text())["task_type"] == "CAUSAL_LM"
+    keys = load_file(str(tmp_path / "peft" / WEIGHTS_FILE))
+    assert all(k.startswith(f"{KEY_PREFIX}model.layers.") for k in keys)
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_base("smollm2")), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    loaded = {k for k in peft.state_dict() if "lora_" in k}
+    assert len(loaded) == len(keys) == 420  # every key of the folder is applied
+    ids = chat_ids(load_tokenizer("smollm2"), "Name a colour.")
+    with torch.no_grad():
+        assert (peft(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
+    assert greedy(peft, ids) == greedy(model, ids)

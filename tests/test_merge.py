@@ -477,3 +477,25 @@ def test_an_unmerged_base_still_verifies_and_a_later_change_does_not(tmp_path, h
     save_file(restored, str(back / SINGLE_FILE))
     with pytest.raises(BaseMismatchError, match=key.replace(".", r"\.")):
         verify_adapter(head_adapter, base=str(back))
+
+
+def test_causal_adapter_merges_into_smollm2_as_a_tied_causal_lm(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import causal_adapter_model, chat_ids, greedy
+
+    # λ at a trained adapter's scale (0.1): it changes the greedy answer, and the fp32 rounding of W + ΔW stays
+    # under 1e-4 (SmolLM2's own fp32-vs-fp64 logits differ by 9e-5 on this prompt: 1e-4 is the fp32 floor)
+    model = causal_adapter_model(seed=8, scale=0.1)
+    path = save_adapter(model, tmp_path / "lm.qpeft", base="smollm2")
+    merge_checkpoint("smollm2", [path], tmp_path / "merged", quiet=True)
+    merged, info = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "merged"), dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight  # still tied
+    ids = chat_ids(load_tokenizer("smollm2"), "Name a colour.")
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
+    assert greedy(merged.eval(), ids) == greedy(model, ids)

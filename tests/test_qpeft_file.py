@@ -1233,3 +1233,32 @@ def test_a_version_4_file_with_a_keep_mask_or_a_version_3_file_without_one_is_re
     as_v4 = edited(v3, lambda h, b: h["__metadata__"].update(format_version="4"))
     with pytest.raises(FormatError, match=r"tensors .*'m'.* do not match the config's"):
         read_adapter(write(tmp_path, redigest(as_v4)))
+
+
+def test_causal_adapter_records_its_task_and_reloads_as_the_causal_lm(tmp_path):
+    from tests.helpers import causal_adapter_model, chat_ids, greedy
+
+    model = causal_adapter_model(seed=5)
+    assert "lm_head.weight" not in adapter_config(model).targets and len(adapter_config(model).targets) == 210
+    path = save_adapter(model, tmp_path / "lm.qpeft", base="smollm2")
+    assert read_adapter(path).config.extra["task_type"] == "CAUSAL_LM"
+    loaded = load_adapted_model("smollm2", path)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = chat_ids(load_tokenizer("smollm2"), "Name a colour.")
+    want, got = logits(model, {"input_ids": ids}), logits(loaded, {"input_ids": ids})
+    assert (got - want).abs().max() <= 1e-4
+    assert greedy(loaded, ids) == greedy(model, ids)
+
+
+def test_a_classification_adapter_and_a_causal_adapter_each_refuse_the_other_base(tmp_path):
+    from tests.helpers import make_adapter, make_causal_adapter
+
+    causal = make_causal_adapter(tmp_path / "lm.qpeft", seed=6)
+    with pytest.raises(ConfigError, match=r"causal-LM adapter .* not a causal language model: expected") as e:
+        load_adapted_model("minilm", causal)
+    assert "\n" not in str(e.value)
+    classifier = make_adapter(tmp_path / "cls.qpeft", LABELS, seed=1)
+    with pytest.raises(ConfigError, match=r"classification adapter .* expected a causal-LM adapter") as e:
+        load_adapted_model("smollm2", classifier)
+    assert "\n" not in str(e.value)

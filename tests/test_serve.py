@@ -558,3 +558,78 @@ def test_a_peft_native_folder_is_served_like_its_qpeft_file(folder, expected, tm
         assert check(response, "topic-peft", range(4), {"topic-peft": expected["topic"]})
         assert client.post("/v1/adapters", json={"name": "topic-peft"}).status_code == 201  # reloaded
         assert client.post("/v1/adapters", json={"name": "notes"}).status_code == 404
+
+
+# ------------------------------------------------------------------------------------------- /v1/generate
+
+
+@pytest.fixture(scope="module")
+def llm_server(tmp_path_factory):
+    """A causal-LM bank (SmolLM2, two adapters) served over loopback HTTP."""
+    from tests.helpers import make_causal_adapter
+
+    folder = tmp_path_factory.mktemp("llm")
+    make_causal_adapter(folder / "pirate.qpeft", seed=21, scale=0.5)
+    make_causal_adapter(folder / "poet.qpeft", seed=22, scale=1.0, rank=4)
+    backend = make_backend("torch", "smollm2")
+    assert load_folder(backend, folder).names == ["pirate", "poet"]
+    settings = replace(SETTINGS, max_new_tokens=8)
+    with running(create_app(backend, folder, settings)) as client:
+        yield client, backend
+
+
+def test_generate_answers_what_the_bank_generates(llm_server):
+    client, bank = llm_server
+    prompts = ["Name a colour.", "Write a haiku about rain, please."]
+    body = {"prompts": prompts, "adapter": ["pirate", None], "max_new_tokens": 6}
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    want = bank.generate(prompts, ["pirate", None], 6)
+    assert response.json()["generations"] == [
+        {"adapter": g.adapter, "text": g.text, "tokens": g.tokens, "finish_reason": g.finish_reason}
+        for g in want
+    ]
+    one = client.post("/v1/generate", json={"prompt": prompts[1], "adapter": "poet", "max_new_tokens": 6})
+    assert (
+        one.status_code == 200
+        and one.json()["generations"][0]["tokens"] == bank.generate(prompts[1], "poet", 6)[0].tokens
+    )
+    schema = client.get("/openapi.json").json()
+    operation = schema["paths"]["/v1/generate"]["post"]
+    request = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert {"prompts", "prompt", "adapter", "max_new_tokens"} <= set(request["properties"])
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "GenerateResponse"
+    )
+    assert "GeneratedText" in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (
+            {"prompt": "hi", "adapter": "nope"},
+            404,
+            "no adapter named 'nope' is loaded (loaded: pirate, poet)",
+        ),
+        ({"prompts": ["hi", "yo"], "adapter": ["poet", "nope"]}, 404, "(loaded: pirate, poet)"),
+        ({"prompt": "hi", "max_new_tokens": 9}, 422, "max_new_tokens is 9; the limit is 8"),
+        ({"prompt": "hi", "max_new_tokens": "8"}, 422, "max_new_tokens: Input should be a valid integer"),
+        ({"prompt": "hi", "prompts": ["hi"]}, 422, "either prompts"),
+        ({"prompts": []}, 422, "prompts must be a list of 1 to 4"),
+        ({"prompts": ["hi"], "adapter": ["poet", "poet"]}, 422, "2 adapter names for 1 prompts"),
+        ({"prompt": "hi", "extra": 1}, 422, "extra: Extra inputs are not permitted"),
+        ({"prompt": "x" * 301}, 422, "prompts[0] has 301 characters"),
+    ],
+)
+def test_bad_generate_requests_are_json_4xx(llm_server, body, status, message):
+    client, _ = llm_server
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == status and message in response.json()["error"], response.text
+
+
+def test_classify_and_generate_each_refuse_the_other_kind_of_base(llm_server, server):
+    response = llm_server[0].post("/v1/classify", json={"adapter": "poet", "texts": ["hi"]})
+    assert response.status_code == 422 and "use the v1/generate endpoint" in response.json()["error"]
+    response = server[0].post("/v1/generate", json={"prompt": "hi", "adapter": "topic"})
+    assert response.status_code == 422 and "use the v1/classify endpoint" in response.json()["error"]

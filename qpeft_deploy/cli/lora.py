@@ -34,7 +34,8 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 @base_option
 @base_name_option("the hub id of minilm, else the base folder's name")
 @task_type_option(
-    "SEQ_CLS with a head, else FEATURE_EXTRACTION; CAUSAL_LM for decoder LLMs served by vLLM or LoRAX"
+    "follows the adapter: SEQ_CLS with a head, CAUSAL_LM for a causal-LM adapter (vLLM, LoRAX), else "
+    "FEATURE_EXTRACTION; a contradicting choice is refused"
 )
 @click.option(
     "--dtype",

@@ -45,6 +45,13 @@ from qpeft_deploy.errors import ConfigError
     type=click.FloatRange(0),
     help="how long to collect concurrent requests into one batch",
 )
+@click.option(
+    "--max-new-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="most tokens of one generated answer (a causal-LM base)",
+)
 @quiet_option
 def serve_command(
     base: str,
@@ -57,9 +64,11 @@ def serve_command(
     max_length: int,
     max_batch: int,
     batch_window_ms: float,
+    max_new_tokens: int,
     quiet: bool,
 ) -> None:
-    """Serve every adapter in a folder: POST /v1/classify, GET|POST /v1/adapters, GET /healthz."""
+    """Serve every adapter in a folder: POST /v1/classify (or /v1/generate on a causal LM such as smollm2),
+    GET|POST /v1/adapters, GET /healthz."""
     try:
         from qpeft_deploy.serve.app import ServeSettings, serve
     except ImportError as error:
@@ -67,7 +76,10 @@ def serve_command(
             f"qpeft serve needs the [serve] extra (pip install 'qpeft-deploy[serve]'): {error}"
         ) from None
     settings = ServeSettings(
-        max_texts=max_batch, max_batch_rows=max_batch, batch_window_s=batch_window_ms / 1000
+        max_texts=max_batch,
+        max_batch_rows=max_batch,
+        batch_window_s=batch_window_ms / 1000,
+        max_new_tokens=max_new_tokens,
     )
     serve(
         base,

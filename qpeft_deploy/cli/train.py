@@ -34,7 +34,8 @@ def parse_rank(value: str) -> int | str:
 @click.option(
     "--task",
     required=True,
-    help="rt | trec6 | sms | csv:<path with text,label columns>; image bases: fmnist-5to9 | fmnist-0to4 | mnist",
+    help="rt | trec6 | sms | csv:<path with text,label columns>; image bases: fmnist-5to9 | fmnist-0to4 | mnist; "
+    "causal LM bases (smollm2): rt | trec6 | sms as instructions | jsonl:<path> | csv:<path> with prompt,response",
 )
 @click.option(
     "--targets",
@@ -96,8 +97,13 @@ def train_command(
     quiet: bool,
     **options,
 ) -> None:
-    """Train an adapter (angles, λ and the task head) on a text- or image-classification task."""
+    """Train an adapter (angles, λ and the task head) on a text- or image-classification task; on a causal LM
+    (SmolLM2) an adapter on an instruction task, loss on the answer tokens, no head."""
+    from qpeft_deploy.models import is_causal_base
     from qpeft_deploy.training.train import TrainSpec, train_adapter
+
+    if is_causal_base(base):
+        from qpeft_deploy.training.causal import train_causal_adapter as train_adapter
 
     spec = TrainSpec(base=base, task=task, targets=parse_targets(targets), rank=parse_rank(rank), **options)
     report = train_adapter(spec, output, evaluate=not no_eval, quiet=quiet, overwrite=overwrite)
@@ -110,19 +116,41 @@ def train_command(
     "--adapter", required=True, type=click.Path(), help="adapter (.qpeft file or PEFT-native folder)"
 )
 @click.option(
-    "--task", required=True, help="rt | trec6 | sms | csv:<path> | fmnist-5to9 | fmnist-0to4 | mnist"
+    "--task",
+    required=True,
+    help="rt | trec6 | sms | csv:<path> | fmnist-5to9 | fmnist-0to4 | mnist; causal LM bases: rt | trec6 | sms "
+    "| jsonl:<path> | csv:<path> with prompt,response",
 )
 @click.option("--max-examples", default=None, type=int, help="evaluate on the first N test examples")
 @click.option("--max-length", default=128, show_default=True, type=int)
+@click.option(
+    "--max-new-tokens",
+    default=None,
+    type=click.IntRange(1, None),
+    help="causal LM: tokens generated per answer (default: the longest reference answer's plus 2)",
+)
 @click.option("--force", is_flag=True, help="load even if the base fingerprint differs")
 @quiet_option
 def eval_command(
-    base: str, adapter: str, task: str, max_examples: int | None, max_length: int, force: bool, quiet: bool
+    base: str,
+    adapter: str,
+    task: str,
+    max_examples: int | None,
+    max_length: int,
+    max_new_tokens: int | None,
+    force: bool,
+    quiet: bool,
 ) -> None:
-    """Evaluate an adapter on a task's test split."""
+    """Evaluate an adapter on a task's test split: accuracy and loss, or on a causal LM the exact-match accuracy
+    of greedy answers and the held-out loss of the answer tokens."""
+    from qpeft_deploy.models import is_causal_base
     from qpeft_deploy.training.train import evaluate_adapter
 
-    report = evaluate_adapter(
-        base, adapter, task, max_examples=max_examples, max_length=max_length, force=force, quiet=quiet
-    )
+    options = {"max_examples": max_examples, "max_length": max_length, "force": force, "quiet": quiet}
+    if is_causal_base(base):
+        from qpeft_deploy.training.causal import evaluate_causal_adapter
+
+        report = evaluate_causal_adapter(base, adapter, task, max_new_tokens=max_new_tokens, **options)
+    else:
+        report = evaluate_adapter(base, adapter, task, **options)
     click.echo(json.dumps(report, indent=2))

@@ -31,8 +31,10 @@ import bz2
 import csv
 import functools
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.installed import package_folder
@@ -46,6 +48,7 @@ _SMS_LABELS = ("ham", "spam")
 
 # (labels, examples): examples deduplicated and sorted, ids index into labels.
 _Parsed = tuple[tuple[str, ...], tuple[tuple[str, int], ...]]
+_Example = TypeVar("_Example", bound=tuple)  # (text, label id) here, (prompt, response) for instruction tasks
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,10 @@ def data_file(package: str, relative: str) -> Path:
     return path
 
 
-def _dedupe_sorted(pairs: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
-    """Strip texts, drop empty ones, keep the first label of each text, sort by (text, label)."""
-    seen: dict[str, int] = {}
+def dedupe_sorted(pairs: Iterable[_Example]) -> tuple[_Example, ...]:
+    """Steps 1-2 of the module docstring: strip texts, drop empty ones, keep the first label (or answer) of each
+    text, sort by (text, label)."""
+    seen: dict = {}
     for text, label in pairs:
         text = text.strip()
         if text and text not in seen:
@@ -100,7 +104,7 @@ def _parse_rt() -> _Parsed:
                     pairs.append((row["text"] or "", label))
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
         raise ConfigError(f"{path}: cannot read rt data: {e}") from None
-    return _RT_LABELS, _dedupe_sorted(pairs)
+    return _RT_LABELS, dedupe_sorted(pairs)
 
 
 @functools.cache
@@ -120,7 +124,7 @@ def _parse_trec6() -> _Parsed:
         if coarse not in index or not question.strip():
             raise ConfigError(f"{path}: line {lineno} is not 'COARSE:fine question': {line[:60]!r}")
         pairs.append((question, index[coarse]))
-    return _TREC_LABELS, _dedupe_sorted(pairs)
+    return _TREC_LABELS, dedupe_sorted(pairs)
 
 
 @functools.cache
@@ -138,7 +142,7 @@ def _parse_sms() -> _Parsed:
                 pairs.append((row["text"] or "", int(row["spam"])))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ConfigError(f"{path}: cannot read sms data: {e}") from None
-    return _SMS_LABELS, _dedupe_sorted(pairs)
+    return _SMS_LABELS, dedupe_sorted(pairs)
 
 
 def _label_order(names: set[str]) -> list[str]:
@@ -149,52 +153,69 @@ def _label_order(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-@functools.lru_cache(maxsize=16)
-def _parse_csv_cached(path: Path, mtime_ns: int, size: int) -> _Parsed:
-    rows: list[tuple[str, str]] = []
+def read_csv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, tuple[str, ...]]]:
+    """The rows of a user CSV (UTF-8, header row) as ``(line number, values of columns)``; ConfigError naming
+    the file for a missing column, a short row or an unreadable file."""
+    rows: list[tuple[int, tuple[str, ...]]] = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             fields = [name.strip() for name in reader.fieldnames or []]
-            missing = [c for c in ("text", "label") if c not in fields]
+            missing = [c for c in columns if c not in fields]
             if missing:
                 found = ",".join(fields) or "none"
                 raise ConfigError(
-                    f"{path}: csv is missing column(s) {','.join(missing)} (need text,label; found {found})"
+                    f"{path}: csv is missing column(s) {','.join(missing)} "
+                    f"(need {','.join(columns)}; found {found})"
                 )
             reader.fieldnames = fields
             for lineno, row in enumerate(reader, 2):
-                text, label = row.get("text"), row.get("label")
-                if text is None or label is None:
+                values = tuple(row.get(c) for c in columns)
+                if any(v is None for v in values):
                     raise ConfigError(f"{path}: row {lineno} has too few fields")
-                label = label.strip()
-                if not label:
-                    raise ConfigError(f"{path}: row {lineno} has an empty label")
-                rows.append((text, label))
+                rows.append((lineno, values))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ConfigError(f"{path}: cannot read csv: {e}") from None
     if not rows:
         raise ConfigError(f"{path}: csv has no data rows")
+    return rows
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_csv_cached(path: Path, mtime_ns: int, size: int) -> _Parsed:
+    rows: list[tuple[str, str]] = []
+    for lineno, (text, label) in read_csv(path, ("text", "label")):
+        label = label.strip()
+        if not label:
+            raise ConfigError(f"{path}: row {lineno} has an empty label")
+        rows.append((text, label))
     labels = _label_order({label for _, label in rows})
     if len(labels) < 2:
         raise ConfigError(f"{path}: csv needs at least 2 distinct labels, found {labels}")
     index = {name: i for i, name in enumerate(labels)}
-    examples = _dedupe_sorted([(text, index[label]) for text, label in rows])
+    examples = dedupe_sorted([(text, index[label]) for text, label in rows])
     if not examples:
         raise ConfigError(f"{path}: csv has no non-empty texts")
     return tuple(labels), examples
 
 
-def _parse_csv(spec: str) -> _Parsed:
+def task_file(spec: str, kind: str = "csv") -> Path:
+    """The file of a ``<kind>:<path>`` task (``spec`` is the path part): it must name an existing regular file."""
     if not spec:
-        raise ConfigError("csv: task needs a path, e.g. csv:data.csv")
+        raise ConfigError(f"{kind}: task needs a path, e.g. {kind}:data.{kind}")
     path = Path(spec).expanduser()
     try:
-        st = path.stat()
+        path.stat()
     except OSError:
-        raise ConfigError(f"{path}: csv file not found") from None
+        raise ConfigError(f"{path}: {kind} file not found") from None
     if not path.is_file():
-        raise ConfigError(f"{path}: csv path is not a file")
+        raise ConfigError(f"{path}: {kind} path is not a file")
+    return path
+
+
+def _parse_csv(spec: str) -> _Parsed:
+    path = task_file(spec)
+    st = path.stat()
     return _parse_csv_cached(path.resolve(), st.st_mtime_ns, st.st_size)
 
 
@@ -211,16 +232,25 @@ def load_task(
     task: str, max_train: int | None = None, max_test: int | None = None, seed: int = 0
 ) -> TaskData:
     """Load a task's fixed, seeded train/test split (see the module docstring), optionally truncated."""
+    labels, examples = _parse(task)
+    train, test = split(task, examples, max_train, max_test, seed)
+    return TaskData(name=task, labels=list(labels), train=train, test=test)
+
+
+def split(
+    task: str,
+    examples: Sequence[_Example],
+    max_train: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+) -> tuple[list[_Example], list[_Example]]:
+    """Steps 3-5 of the module docstring: the seeded shuffle, the 80/20 cut and the truncation of deduplicated,
+    sorted examples (any ``(text, answer)`` pairs: the instruction tasks split the same way)."""
     for name, value in (("max_train", max_train), ("max_test", max_test)):
         if value is not None and value < 0:
             raise ConfigError(f"{task}: {name} must be >= 0, got {value}")
-    labels, examples = _parse(task)
     order = list(examples)
     random.Random(seed).shuffle(order)
     n_train = int(TRAIN_FRACTION * len(order))
     train, test = order[:n_train], order[n_train:]
-    if max_train is not None:
-        train = train[:max_train]
-    if max_test is not None:
-        test = test[:max_test]
-    return TaskData(name=task, labels=list(labels), train=train, test=test)
+    return train[:max_train], test[:max_test]

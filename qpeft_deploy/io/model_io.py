@@ -1,13 +1,21 @@
-"""Adapters between models and files: save the adapter attached to a model, load a .qpeft file onto one."""
+"""Adapters between models and files: save the adapter attached to a model, load a .qpeft file onto one.
+
+An adapter saved from a causal language model (a ``*ForCausalLM``) records ``extra["task_type"] = CAUSAL_LM``;
+:func:`load_adapted_model` builds the model an adapter was trained on: the classification task model for an
+adapter with a head, the causal LM (its LM head included) for a causal adapter or a head-less adapter of a
+causal-LM base, else the plain base model. A head adapter on a causal-LM base, or a causal adapter on any other
+base, is a one-line ConfigError.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qpeft_deploy.core.adapter import AdapterFile
+from qpeft_deploy.core.adapter import CAUSAL_LM, AdapterConfig, AdapterFile
 from qpeft_deploy.core.attach import (
     CONFIG_ATTR,
     adapted_layers,
@@ -20,12 +28,23 @@ from qpeft_deploy.core.attach import (
 from qpeft_deploy.errors import ConfigError, QpeftError
 from qpeft_deploy.io.fingerprint import check_base, with_base
 from qpeft_deploy.io.qpeft_file import read_adapter, write_adapter
-from qpeft_deploy.models import checkpoint_errors, load_failure, load_task_model, resolve_base
+from qpeft_deploy.models import (
+    checkpoint_errors,
+    is_causal_base,
+    is_causal_lm,
+    load_causal_lm,
+    load_failure,
+    load_task_model,
+    resolve_base,
+)
 
 
 def adapter_from_model(model: nn.Module, base: str | None = None) -> AdapterFile:
-    """The AdapterFile of an attached model (with the base's fingerprint and name when ``base`` is given)."""
+    """The AdapterFile of an attached model (with the base's fingerprint and name when ``base`` is given); a
+    causal LM's adapter records ``extra["task_type"] = CAUSAL_LM``."""
     config = adapter_config(model)
+    if is_causal_lm(model) and not config.is_causal_lm():
+        config = replace(config, extra={**config.extra, "task_type": CAUSAL_LM})
     shapes = {key: (layer.out_features, layer.in_features) for key, layer in adapted_layers(model).items()}
     adapter = AdapterFile(config, adapter_state(model), shapes)
     return adapter if base is None else with_base(adapter, base)
@@ -105,16 +124,37 @@ def _plain_base_model(base: str) -> nn.Module:
     return model.float().eval()
 
 
+def check_task(config: AdapterConfig, path: str | Path, base: str, causal_base: bool) -> None:
+    """ConfigError for a classification adapter on a causal-LM base and a causal adapter on any other base
+    (``causal_base``: whether ``base`` is a causal LM)."""
+    if config.head is not None and causal_base:
+        raise ConfigError(
+            f"{path}: a classification adapter (head {config.head!r}), but base {base} is a causal language "
+            "model: expected a causal-LM adapter (task_type CAUSAL_LM)"
+        )
+    if config.is_causal_lm() and not causal_base:
+        raise ConfigError(
+            f"{path}: a causal-LM adapter (task_type CAUSAL_LM), but base {base} is not a causal language "
+            "model: expected a classification or plain-model adapter"
+        )
+
+
 def load_adapted_model(
     base: str, path: str | Path, *, force: bool = False, mode: str = "auto", trainable: bool = False
 ) -> nn.Module:
-    """Build the base's task model (the plain model for a head-less adapter) and load the adapter onto it:
+    """Build the base's task model (the causal LM for a causal adapter, the plain model for another head-less
+    adapter) and load the adapter onto it:
     ready for inference (eval mode, nothing trainable), or with ``trainable`` the adapter and head trainable
     as after ``attach``, to train on."""
     adapter = read_adapter(path)
+    causal = is_causal_base(base)
+    check_task(adapter.config, path, base, causal)
     check_base(adapter.fingerprint, resolve_base(base), trained_on=adapter.config.trained_on(), force=force)
     config = adapter.config
-    model = load_task_model(base, config.id2label) if config.head is not None else _plain_base_model(base)
+    if config.head is not None:
+        model = load_task_model(base, config.id2label)
+    else:
+        model = load_causal_lm(base) if causal else _plain_base_model(base)
     model = _attach_file(model, adapter, mode)
     if not trainable:
         model.eval().requires_grad_(False)

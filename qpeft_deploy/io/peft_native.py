@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qpeft_deploy.atomic import prepare_output
-from qpeft_deploy.core.adapter import AdapterConfig, AdapterFile, StoredInfo
+from qpeft_deploy.core.adapter import CAUSAL_LM, AdapterConfig, AdapterFile, StoredInfo
 from qpeft_deploy.core.factors import target_layout
 from qpeft_deploy.core.keys import (
     HEAD_MODULE_NAMES,
@@ -275,6 +275,8 @@ def read_peft_folder(folder: str | Path) -> AdapterFile:
     if head is not None and not labels:
         raise FormatError(f"{path}: holds a {head} head but {CONFIG_FILE} has no id2label")
     extra = {EXTRA_KEY: {k: config[k] for k in KEPT_FIELDS if config.get(k) is not None}}
+    if config.get("task_type") == CAUSAL_LM:
+        extra["task_type"] = CAUSAL_LM  # AdapterConfig.is_causal_lm(), as save_adapter records it
     adapter_config = AdapterConfig(
         {key: shapes[m][2] for m, key in keys.items()},
         method.layers,
@@ -373,9 +375,12 @@ def recorded(adapter: AdapterFile, name: str) -> str | None:
 
 
 def peft_task_type(adapter: AdapterFile, path: Path, task_type: str | None) -> str:
-    """The task type to write: as asked, else as recorded, else SEQ_CLS for an adapter with a head."""
-    head = adapter.config.head
-    wanted = task_type or recorded(adapter, "task_type") or (SEQ_CLS if head else None)
+    """The task type to write: as asked, else as recorded, else SEQ_CLS for an adapter with a head, CAUSAL_LM
+    for a causal-LM adapter."""
+    head, causal = adapter.config.head, adapter.config.is_causal_lm()
+    wanted = (
+        task_type or recorded(adapter, "task_type") or (SEQ_CLS if head else CAUSAL_LM if causal else None)
+    )
     if wanted is None:
         raise ConfigError(
             f"{path}: the adapter has no head: give --task-type CAUSAL_LM or FEATURE_EXTRACTION"
@@ -385,6 +390,10 @@ def peft_task_type(adapter: AdapterFile, path: Path, task_type: str | None) -> s
     if (wanted == SEQ_CLS) != (head is not None):
         has = f"a {head} head" if head else "no head"
         raise ConfigError(f"{path}: task type {wanted} contradicts the adapter, which has {has}")
+    if causal and wanted != CAUSAL_LM:
+        raise ConfigError(
+            f"{path}: task type {wanted} contradicts the adapter, a causal-LM adapter ({CAUSAL_LM})"
+        )
     return wanted
 
 

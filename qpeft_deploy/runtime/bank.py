@@ -19,6 +19,14 @@ Heads: each adapter has its own nn.Linear head with any label count. :class:`Ban
 one (rows × most labels) tensor padded with -inf, and each row's labels. A row naming ``None`` (or a call with
 ``adapter=None``) uses the bank's default adapter; without a default that is a ConfigError, because a row
 without an adapter has no head to classify with.
+
+Causal LMs: a bank on a ``*ForCausalLM`` (``AdapterBank.from_pretrained("smollm2")``) keeps the model's own LM
+head and serves causal adapters (``extra["task_type"] = CAUSAL_LM``, or head-less) through :meth:`generate`:
+prompts in the chat template, left-padded into one batch, one forward for the whole prompt batch and then one
+forward per new token for the whole (mixed) batch, the KV cache reused across steps; the call's plan (the same
+per-row deltas as classification) is published once for the whole loop. There a row naming None without a
+default runs the base model. A classification adapter in a causal bank, or a causal one in a classification
+bank, is refused on load (io/model_io.check_task).
 """
 
 from __future__ import annotations
@@ -44,8 +52,17 @@ from qpeft_deploy.core.keys import weight_key
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.fingerprint import check_base
+from qpeft_deploy.io.model_io import check_task
 from qpeft_deploy.io.qpeft_file import read_adapter
-from qpeft_deploy.models import load_task_model, load_tokenizer, resolve_base, tokenize
+from qpeft_deploy.models import (
+    is_causal_base,
+    is_causal_lm,
+    load_causal_lm,
+    load_task_model,
+    load_tokenizer,
+    resolve_base,
+    tokenize,
+)
 
 DEFAULT_CACHE_BYTES = 256 << 20
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -235,13 +252,17 @@ class LayerDelta:
     """ΔW x for the rows of one call: one frame shared by all rows, or one per row; rows=None means all rows.
 
     Per-row frames are stacked in :meth:`add_to`, layer by layer, so a mixed batch never holds more than one
-    layer's stacked copy (and that copy is still in cache when the batched matmul reads it)."""
+    layer's stacked copy (and that copy is still in cache when the batched matmul reads it). A plan reused for
+    many forwards (generation: one per token) stacks them once instead (``stacked``)."""
 
     rows: torch.Tensor | None
     frames: tuple[Frame, ...]
+    stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Vᵀ, α·λ, Uᵀ): shared (K×M, K, K×N) or per row (R×K×M, R×1×K, R×K×N), K padded to the max."""
+        if self.stacked is not None:
+            return self.stacked
         if len(self.frames) == 1:
             return self.frames[0].vt, self.frames[0].scale, self.frames[0].ut
         k = max(f.vt.shape[0] for f in self.frames)
@@ -264,14 +285,16 @@ class LayerDelta:
         return y.reshape(batch, -1, y.shape[-1]).index_add(0, self.rows, delta).reshape(y.shape)
 
 
-def layer_delta(frames: Sequence[Frame | None]) -> LayerDelta | None:
-    """The delta of one layer for rows whose frames are given (None: that row's adapter skips the layer)."""
+def layer_delta(frames: Sequence[Frame | None], stack: bool = False) -> LayerDelta | None:
+    """The delta of one layer for rows whose frames are given (None: that row's adapter skips the layer);
+    ``stack``: stack per-row frames now, for a plan that many forwards reuse."""
     present = [i for i, f in enumerate(frames) if f is not None]
     if not present:
         return None
     chosen = tuple(frames[i] for i in present)
     rows = None if len(present) == len(frames) else torch.tensor(present)
-    return LayerDelta(rows, chosen[:1] if all(f is chosen[0] for f in chosen) else chosen)
+    delta = LayerDelta(rows, chosen[:1] if all(f is chosen[0] for f in chosen) else chosen)
+    return LayerDelta(delta.rows, delta.frames, delta.factors()) if stack else delta
 
 
 @dataclass(frozen=True)
@@ -303,7 +326,7 @@ class CallPlan:
     """Everything one forward needs: the delta of each wrapped layer (absent: none) and the rows' heads."""
 
     layers: dict[nn.Module, LayerDelta]
-    head: HeadPlan
+    head: HeadPlan | None  # None: a causal LM's own head
 
 
 class BankLinear(nn.Module):
@@ -333,7 +356,7 @@ class BankHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = _PLAN.get()
-        if plan is None:
+        if plan is None or plan.head is None:
             raise ConfigError("a bank's model classifies only when called through its AdapterBank")
         return plan.head(x)
 
@@ -371,11 +394,23 @@ class BankOutput:
         ]
 
 
+@dataclass
+class Generation:
+    """One row's generated answer: the adapter used (None: the base), the new tokens (up to and including the
+    end-of-sequence token), their text, and why it stopped ("stop": end of sequence, "length": the limit)."""
+
+    adapter: str | None
+    text: str
+    tokens: list[int]
+    finish_reason: str
+
+
 class AdapterBank:
     """One base task model, many adapters: ``load``/``unload``/``names``, and ``bank(inputs, adapter=...)``.
 
-    Takes ownership of ``model`` (its linear layers are wrapped and its head replaced in place). ``base``
-    (an HF folder or 'minilm') enables the fingerprint check on load; ``tokenizer`` enables :meth:`classify`.
+    Takes ownership of ``model`` (its linear layers are wrapped and its head replaced in place; a causal LM
+    keeps its LM head). ``base`` (an HF folder, 'minilm' or 'smollm2') enables the fingerprint check on load;
+    ``tokenizer`` enables :meth:`classify` (or, on a causal LM, :meth:`generate`).
     """
 
     def __init__(
@@ -389,16 +424,22 @@ class AdapterBank:
     ):
         if hasattr(model, CONFIG_ATTR):
             raise ConfigError("the model has a Quantum-PEFT adapter attached; detach() it before banking it")
-        head = find_head(model)
-        if head is None or not isinstance(model.get_submodule(head), nn.Linear):
-            raise ConfigError(f"{type(model).__name__}: the bank needs a task model with an nn.Linear head")
+        self.causal = is_causal_lm(model)
+        head = None if self.causal else find_head(model)
+        if not self.causal and (head is None or not isinstance(model.get_submodule(head), nn.Linear)):
+            raise ConfigError(
+                f"{type(model).__name__}: the bank needs a task model with an nn.Linear head or a causal LM"
+            )
         self.model = model.eval().requires_grad_(False)
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.head_name, self.hidden = head, model.get_submodule(head).in_features
+        self.head_name = head
+        self.hidden = None if head is None else model.get_submodule(head).in_features
         self.base_dir = resolve_base(base) if base is not None else None
+        self.base_name = base if base is not None else type(model).__name__
         self.cache = FactorCache(cache_bytes)
         self._layers = self._wrap_layers()
-        setattr(model, head, BankHead(self.hidden))
+        if head is not None:
+            setattr(model, head, BankHead(self.hidden))
         self._adapters: dict[str, _Adapter] = {}
         self._layouts: dict[tuple, _Layout] = {}
         self._digests: dict[str, bytes] = {}  # base digests that matched an adapter's
@@ -407,8 +448,9 @@ class AdapterBank:
 
     @classmethod
     def from_pretrained(cls, base: str, **kwargs) -> AdapterBank:
-        """A bank on the task model and tokenizer of ``base`` (an HF folder or 'minilm')."""
-        model = load_task_model(base, {0: "unused"})
+        """A bank on the task model and tokenizer of ``base`` (an HF folder, 'minilm' or 'smollm2'): the causal
+        LM of a causal-LM base (which serves :meth:`generate`), else the classification task model."""
+        model = load_causal_lm(base) if is_causal_base(base) else load_task_model(base, {0: "unused"})
         return cls(model, load_tokenizer(base), base=base, **kwargs)
 
     def _wrap_layers(self) -> dict[str, BankLinear]:
@@ -427,6 +469,7 @@ class AdapterBank:
         never reloaded."""
         check_name(name)
         file = read_adapter(path)
+        check_task(file.config, path, self.base_name, self.causal)
         self._check_base(file, path, force)
         adapter = self._adapter(name, file, path)
         with self._lock:
@@ -530,6 +573,8 @@ class AdapterBank:
         self, file: AdapterFile, path: str | Path
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
         config, prefix = file.config, f"{self.head_name}."
+        if self.causal:  # the causal LM's own head serves every adapter
+            return torch.zeros(0, 0), torch.zeros(0), ()
         if config.head != self.head_name or not config.id2label:
             raise ConfigError(
                 f"{path}: has no classification head named {self.head_name!r} "
@@ -549,6 +594,7 @@ class AdapterBank:
 
     def __call__(self, inputs: Mapping[str, torch.Tensor], adapter: Names = None) -> BankOutput:
         """Classify tokenized ``inputs``; ``adapter``: one name for all rows, or a name (or None) per row."""
+        self._check_classifier()
         ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0:
             raise ConfigError("inputs must be tokenized tensors with a non-empty 2-D input_ids")
@@ -564,6 +610,7 @@ class AdapterBank:
 
     def classify(self, texts: Sequence[str], adapter: Names = None) -> list[Prediction]:
         """Top label and scores for each text (texts are truncated to ``max_length`` tokens)."""
+        self._check_classifier()
         if self.tokenizer is None:
             raise ConfigError("this bank has no tokenizer; pass one to AdapterBank(...) or call it on inputs")
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
@@ -574,18 +621,174 @@ class AdapterBank:
             inputs = tokenize(self.tokenizer, list(texts), self.max_length)
         return self(inputs, adapter).predictions()
 
-    def _resolve(self, adapter: Names, rows: int) -> list[_Adapter]:
+    def _check_classifier(self) -> None:
+        if self.causal:
+            raise ConfigError(
+                f"{self.base_name} is a causal language model: this bank generates (generate())"
+            )
+
+    def _resolve(self, adapter: Names, rows: int) -> list[_Adapter | None]:
+        """Each row's adapter; on a causal LM a row naming None without a default is the base (None)."""
         names = [adapter] * rows if adapter is None or isinstance(adapter, str) else list(adapter)
         if len(names) != rows:
             raise ConfigError(f"{len(names)} adapter names for a batch of {rows} rows")
         with self._lock:
-            return [self._get(name) for name in names]
+            base = self.causal and self._default is None
+            return [None if name is None and base else self._get(name) for name in names]
 
-    def _plan(self, rows: list[_Adapter]) -> CallPlan:
-        frames = {a: self.cache.frames(a) for a in dict.fromkeys(rows)}
+    def _plan(self, rows: list[_Adapter | None], stack: bool = False) -> CallPlan:
+        frames = {a: self.cache.frames(a) for a in dict.fromkeys(rows) if a is not None}
+        frames[None] = {}
         layers = {}
         for key, layer in self._layers.items():
-            delta = layer_delta([frames[a].get(key) for a in rows])
+            delta = layer_delta([frames[a].get(key) for a in rows], stack)
             if delta is not None:
                 layers[layer] = delta
-        return CallPlan(layers, head_plan(rows))
+        return CallPlan(layers, None if self.causal else head_plan(rows))
+
+    # ------------------------------------------------------------------------------- generating
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        adapter: Names = None,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Answer each prompt (a user turn of the chat template) with up to ``max_new_tokens`` tokens: greedy,
+        or sampled at ``temperature`` > 0 with nucleus ``top_p`` from a generator seeded by ``seed``;
+        ``adapter``: one name for all rows, or a name (or None) per row. Every input is checked first."""
+        prompts, rows, ids = self._generation_inputs(prompts, adapter, max_new_tokens, temperature, top_p)
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        token = _PLAN.set(self._plan(rows, stack=True))  # one plan for every step: stack per-row frames once
+        try:
+            with torch.inference_mode():
+                new = self._decode(ids, max_new_tokens, temperature, top_p, generator)
+        finally:
+            _PLAN.reset(token)
+        return [self._answer(a, tokens) for a, tokens in zip(rows, new)]
+
+    def _generation_inputs(
+        self, prompts: object, adapter: Names, max_new_tokens: object, temperature: object, top_p: object
+    ) -> tuple[list[str], list[_Adapter | None], list[list[int]]]:
+        """(prompts, each row's adapter, each prompt's token ids), or ConfigError for any bad input."""
+        if not self.causal:
+            raise ConfigError(f"{self.base_name} is not a causal language model: this bank classifies")
+        if self.tokenizer is None:
+            raise ConfigError("this bank has no tokenizer; pass one to AdapterBank(...)")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("prompts must be a string or a non-empty list of strings")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
+            raise ConfigError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        rows = self._resolve(adapter, len(prompts))
+        with self._tokenizer_lock:
+            ids = [self._prompt_ids(p) for p in prompts]
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        for i, row in enumerate(ids):
+            if not row:
+                raise ConfigError(f"prompt {i} is empty")
+            if context is not None and len(row) + max_new_tokens > context:
+                raise ConfigError(
+                    f"prompt {i} has {len(row)} tokens: with max_new_tokens={max_new_tokens} it passes the "
+                    f"model's context of {context} tokens"
+                )
+        return list(prompts), rows, ids
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt's token ids: one user turn of the chat template, ready for the answer (or the raw text's
+        tokens for a tokenizer without a template)."""
+        try:
+            if getattr(self.tokenizer, "chat_template", None):
+                messages = [{"role": "user", "content": prompt}]
+                return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            return list(self.tokenizer(prompt)["input_ids"])
+        except (TypeError, ValueError) as e:  # e.g. a lone surrogate
+            raise ConfigError(f"cannot tokenize the prompt: {' '.join(str(e).split())[:200]}") from None
+
+    def _special_ids(self) -> tuple[int, set[int]]:
+        """(padding id, end-of-sequence ids): the generation config's, else the tokenizer's."""
+        config = getattr(self.model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        pad = getattr(config, "pad_token_id", None)
+        pad = self.tokenizer.pad_token_id if pad is None else pad
+        return (pad if pad is not None else min(eos, default=0)), eos
+
+    def _decode(
+        self,
+        ids: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator,
+    ) -> list[list[int]]:
+        """The new tokens of each row: the left-padded prompts in one forward, then one forward per token for
+        the whole batch, reusing the KV cache; a finished row is padded until every row has finished."""
+        from transformers import DynamicCache
+
+        pad, eos = self._special_ids()
+        width = max(map(len, ids))
+        tokens = torch.tensor([[pad] * (width - len(row)) + row for row in ids])
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache, done = DynamicCache(), torch.zeros(len(ids), dtype=torch.bool)
+        stop, new = torch.tensor(sorted(eos)), []
+        for step in range(max_new_tokens):
+            logits = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            tokens = _next_tokens(logits.float(), temperature, top_p, generator).masked_fill(done, pad)
+            new.append(tokens)
+            done |= torch.isin(tokens, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            tokens, positions = tokens[:, None], positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+        steps = torch.stack(new, dim=1).tolist()
+        return [_until(row, eos) for row in steps]
+
+    def _answer(self, adapter: _Adapter | None, tokens: list[int]) -> Generation:
+        _, eos = self._special_ids()
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        reason = "stop" if tokens and tokens[-1] in eos else "length"
+        return Generation(None if adapter is None else adapter.name, text, tokens, reason)
+
+
+def _until(row: list[int], eos: set[int]) -> list[int]:
+    """A row's tokens up to and including its first end-of-sequence token."""
+    end = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
+    return row[: end + 1]
+
+
+def _next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Each row's next token: the argmax (temperature 0), else a sample from the softmax at ``temperature``
+    restricted to the smallest set of tokens whose probability reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # tokens after the nucleus is full
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,10 +1,18 @@
-"""``qpeft serve``: an HTTP classification service over one base model and many adapters (extra ``[serve]``).
+"""``qpeft serve``: an HTTP service over one base model and many adapters (extra ``[serve]``): classification, or
+generation on a causal-LM base.
 
 Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "<message>"}``; the server keeps serving):
 - ``POST /v1/classify`` ``{"adapter": "<name>", "texts": ["...", ...]}`` →
   ``{"adapter": name, "predictions": [{"label": "...", "scores": {"<label>": p, ...}}, ...]}``.
   Concurrent requests (any adapters) are collected for ``batch_window_s`` into one mixed batch of at most
   ``max_batch_rows`` rows and classified by one backend call.
+- ``POST /v1/generate`` (a causal-LM base, torch backend) :class:`GenerateRequest` ``{"prompts": ["...", ...]}``
+  or ``{"prompt": "..."}``, ``"adapter"``: a name, a name (or null: the base) per prompt, or null;
+  ``"max_new_tokens"`` (at most ``ServeSettings.max_new_tokens``), ``"temperature"`` (0: greedy), ``"top_p"``,
+  ``"seed"`` → :class:`GenerateResponse` ``{"generations": [{"adapter", "text", "tokens", "finish_reason"},
+  ...]}``: the bank's :meth:`~qpeft_deploy.runtime.bank.AdapterBank.generate`, a request's prompts being one
+  mixed batch (one forward per token). Requests run one at a time on a generation thread (no cross-request
+  batching). The schemas are in ``/openapi.json``.
 - ``GET /v1/adapters`` → ``{"adapters": [{"name": ..., "labels": [...]}, ...], "skipped": [{"file": ...,
   "error": ...}, ...]}`` (skipped: files of the folder that could not be loaded at start-up).
 - ``POST /v1/adapters``: JSON ``{"name": "<name>"}`` loads ``<name>.qpeft`` (or the PEFT-native folder ``<name>/``) from the served adapters folder
@@ -20,13 +28,17 @@ cannot be loaded is logged, listed as skipped and left out; the server starts wi
 a server path: the adapters folder and the base folder are named as such, any other absolute path by its file
 name.
 
-Status codes: 400 malformed JSON or a corrupt adapter file, 404 unknown adapter, 409 an adapter of another
-base, 413 body too large, 415 wrong content type, 422 well-formed but invalid input (types, empty or oversized
-batch, over-long text or a text the tokenizer refuses), 500 a bug (answered to the request that hit it only).
+Status codes: 400 malformed JSON or a corrupt adapter file, 404 unknown adapter (the message lists the loaded
+ones), 409 an adapter of another base, 413 body too large, 415 wrong content type, 422 well-formed but invalid
+input (types, empty or oversized batch, over-long text or a text the tokenizer refuses, a prompt past the
+model's context, /v1/classify on a causal LM or /v1/generate on a classifier, a classification adapter on a
+causal LM or the reverse), 500 a bug (answered to the request that hit it only).
 A backend is anything with ``load``/``unload``/``names``/``labels``/``classify``
 (:class:`Backend`): ``torch`` is :class:`~qpeft_deploy.runtime.bank.AdapterBank` (a mixed batch is one
 forward), ``onnx`` is :class:`OrtBackend` over an OrtAdapterSession on a swappable ONNX export (which runs a
 mixed batch as one onnxruntime run per adapter, and serves only adapters of the exported targets and ranks).
+A backend that generates has ``causal = True`` and ``generate`` (the torch bank on a causal LM); it serves
+/v1/generate instead of /v1/classify.
 """
 
 from __future__ import annotations
@@ -39,15 +51,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -55,9 +68,10 @@ from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError, Qpe
 from qpeft_deploy.io.peft_folder import CONFIG_FILE
 from qpeft_deploy.io.strict_json import strict_json
 from qpeft_deploy.models import load_tokenizer, tokenize
-from qpeft_deploy.runtime.bank import DEFAULT_CACHE_BYTES, AdapterBank, Prediction, check_name
+from qpeft_deploy.runtime.bank import DEFAULT_CACHE_BYTES, AdapterBank, Generation, Prediction, check_name
 
 BACKENDS = ("torch", "onnx")
+DEFAULT_NEW_TOKENS = 32  # a /v1/generate request's max_new_tokens when it gives none (capped by the limit)
 SUFFIX = ".qpeft"
 log = logging.getLogger("qpeft.serve")
 
@@ -88,6 +102,7 @@ class ServeSettings:
     batch_window_s: float = 0.005
     max_body_bytes: int = 4 << 20
     max_upload_bytes: int = 16 << 20
+    max_new_tokens: int = 256  # tokens per generated answer (prompts per request: max_texts)
 
 
 class ApiError(Exception):
@@ -403,18 +418,111 @@ def classify_request(data: object, settings: ServeSettings, names: list[str]) ->
             )
         _check_unicode(text, i)
     if adapter not in names:
-        raise ApiError(404, f"no adapter named {adapter[:60]!r} is loaded")
+        raise ApiError(404, _unknown(adapter, names))
     return adapter, texts
 
 
-def _check_unicode(text: str, i: int) -> None:
-    """ApiError 422 when ``texts[i]`` is not encodable text (a lone surrogate, which no tokenizer takes)."""
+def _check_unicode(text: str, i: int, field: str = "texts") -> None:
+    """ApiError 422 when ``<field>[i]`` is not encodable text (a lone surrogate, which no tokenizer takes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise ApiError(
-            422, f"texts[{i}] is not valid Unicode: a lone surrogate at character {error.start}"
+            422, f"{field}[{i}] is not valid Unicode: a lone surrogate at character {error.start}"
         ) from None
+
+
+class GenerateRequest(BaseModel):
+    """The body of ``POST /v1/generate``: ``prompts`` (or one ``prompt``), the adapter(s) and decoding."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompts: list[str] | None = Field(None, description="prompts, each a user turn of the chat template")
+    prompt: str | None = Field(None, description="one prompt (instead of prompts)")
+    adapter: str | list[str | None] | None = Field(
+        None, description="one adapter for every prompt, or one per prompt; null: the base model"
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="tokens per answer, at most the server's limit (default: 32 or that limit)"
+    )
+    temperature: float = Field(0.0, ge=0, description="0: greedy; else sampling at this temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set reaching top_p")
+    seed: int | None = Field(None, description="seed of the sampling generator (reproducible answers)")
+
+    @model_validator(mode="after")
+    def _one_of_prompts_and_prompt(self) -> GenerateRequest:
+        if (self.prompts is None) == (self.prompt is None):
+            raise ValueError("give either prompts (a list) or prompt (one string)")
+        return self
+
+    def texts(self) -> list[str]:
+        """The prompts as a list."""
+        return [self.prompt] if self.prompt is not None else list(self.prompts)
+
+
+class GeneratedText(BaseModel):
+    """One prompt's answer."""
+
+    adapter: str | None = Field(description="the adapter that answered (null: the base model)")
+    text: str
+    tokens: list[int] = Field(description="the new token ids, up to and including end-of-sequence")
+    finish_reason: Literal["stop", "length"]
+
+
+class GenerateResponse(BaseModel):
+    """The answer of ``POST /v1/generate``: one generation per prompt, in order."""
+
+    generations: list[GeneratedText]
+
+
+def _validation_message(error: ValidationError) -> str:
+    """The first problem of a pydantic validation as one line: ``field: message``."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def generate_request(
+    data: object, settings: ServeSettings, names: list[str]
+) -> tuple[list[str], str | list[str | None] | None, GenerateRequest]:
+    """(prompts, adapter(s), request) of a /v1/generate body, or ApiError saying what is wrong with it."""
+    try:
+        request = GenerateRequest.model_validate(data)
+    except ValidationError as error:
+        raise ApiError(422, _validation_message(error)) from None
+    prompts = request.texts()
+    if not 1 <= len(prompts) <= settings.max_texts:
+        raise ApiError(
+            422, f"prompts must be a list of 1 to {settings.max_texts} strings, got {len(prompts)}"
+        )
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > settings.max_text_chars:
+            raise ApiError(
+                422, f"prompts[{i}] has {len(prompt)} characters; the limit is {settings.max_text_chars}"
+            )
+        _check_unicode(prompt, i, "prompts")
+    if request.max_new_tokens is None:
+        request.max_new_tokens = min(DEFAULT_NEW_TOKENS, settings.max_new_tokens)
+    if request.max_new_tokens > settings.max_new_tokens:
+        raise ApiError(
+            422, f"max_new_tokens is {request.max_new_tokens}; the limit is {settings.max_new_tokens}"
+        )
+    adapter = request.adapter
+    if isinstance(adapter, list) and len(adapter) != len(prompts):
+        raise ApiError(422, f"{len(adapter)} adapter names for {len(prompts)} prompts")
+    for name in [adapter] if not isinstance(adapter, list) else adapter:
+        if name is not None and name not in names:
+            raise ApiError(404, _unknown(name, names))
+    return prompts, adapter, request
+
+
+def _unknown(name: str, names: list[str]) -> str:
+    loaded = ", ".join(names) if names else "none"
+    return f"no adapter named {name[:60]!r} is loaded (loaded: {loaded})"
+
+
+def _generated(g: Generation) -> GeneratedText:
+    return GeneratedText(adapter=g.adapter, text=g.text, tokens=g.tokens, finish_reason=g.finish_reason)
 
 
 def _prediction(p: Prediction) -> dict:
@@ -463,6 +571,8 @@ def create_app(
     """The FastAPI app serving ``backend``; adapters are loaded by name from ``folder`` only; ``skipped``: the
     files start-up could not load and why (listed until a file of that name loads)."""
     batcher = MicroBatcher(backend, settings.batch_window_s, settings.max_batch_rows)
+    generator = ThreadPoolExecutor(1, thread_name_prefix="qpeft-generate")  # one generation at a time
+    causal = bool(getattr(backend, "causal", False))
     skipped = dict(skipped or {})
 
     @asynccontextmanager
@@ -472,6 +582,7 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(batcher.close)
+            generator.shutdown(wait=True)
 
     app = FastAPI(title="qpeft serve", lifespan=lifespan)
     _add_error_handlers(app, redactor(backend, folder))
@@ -489,15 +600,53 @@ def create_app(
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict:
+        if causal:
+            raise ApiError(422, "the served base is a causal language model: use the v1/generate endpoint")
         data = await _json(request, settings.max_body_bytes)
         adapter, texts = classify_request(data, settings, backend.names())
         try:
             predictions = await asyncio.wrap_future(batcher.submit(adapter, texts))
         except ConfigError:
             if adapter not in backend.names():  # unloaded while the request waited
-                raise ApiError(404, f"no adapter named {adapter[:60]!r} is loaded") from None
+                raise ApiError(404, _unknown(adapter, backend.names())) from None
             raise
         return {"adapter": adapter, "predictions": [_prediction(p) for p in predictions]}
+
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def generate(request: Request) -> GenerateResponse:
+        if not causal:
+            raise ApiError(
+                422, "the served base is not a causal language model: use the v1/classify endpoint"
+            )
+        data = await _json(request, settings.max_body_bytes)  # strict JSON and the size limit, then the model
+        prompts, adapter, body = generate_request(data, settings, backend.names())
+        job = generator.submit(
+            backend.generate,
+            prompts,
+            adapter,
+            body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
+        try:
+            generations = await asyncio.wrap_future(job)
+        except ConfigError:
+            names = backend.names()
+            for name in adapter if isinstance(adapter, list) else [adapter]:
+                if name is not None and name not in names:  # unloaded while the request waited
+                    raise ApiError(404, _unknown(name, names)) from None
+            raise
+        return GenerateResponse(generations=[_generated(g) for g in generations])
 
     @app.post("/v1/adapters", status_code=201)
     async def load(request: Request, name: str | None = None) -> dict:

@@ -8,7 +8,8 @@ grid with straight-through gradients, so the saved b-bit file reproduces the tra
 
 Examples are ``(text, label)`` for text tasks and ``(28×28 uint8 image, label)`` for the image tasks of
 :mod:`qpeft_deploy.data.images`; pass ``tokenizer=None`` for images (their inputs are ``pixel_values``). Data
-and inputs of either kind come from :mod:`qpeft_deploy.data.tasks`.
+and inputs of either kind come from :mod:`qpeft_deploy.data.tasks`. A causal language model is fine-tuned by
+:mod:`qpeft_deploy.training.causal`, through the same ``fit`` with its answer-token loss (``batch_loss``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +44,16 @@ from qpeft_deploy.data.tasks import load_data, model_inputs
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.model_io import adapter_from_model, load_adapted_model
 from qpeft_deploy.io.qpeft_file import write_adapter
-from qpeft_deploy.models import is_image_base, load_task_model, load_tokenizer, resolve_base
+from qpeft_deploy.models import (
+    is_causal_base,
+    is_image_base,
+    load_task_model,
+    load_tokenizer,
+    resolve_base,
+)
 
 Example = tuple[object, int]  # (text, label) or (image, label)
+BatchLoss = Callable[[nn.Module, Sequence], torch.Tensor]  # (model, batch of examples) -> scalar loss
 
 
 @dataclass
@@ -72,8 +80,24 @@ def _encode(tokenizer, batch: Sequence[Example], max_length: int) -> tuple[dict,
     return inputs, torch.tensor([label for _, label in batch])
 
 
+def classification_loss(tokenizer, max_length: int = 128) -> BatchLoss:
+    """The classification batch loss: cross-entropy of the model's logits against the examples' labels."""
+
+    def loss(model: nn.Module, batch: Sequence[Example]) -> torch.Tensor:
+        inputs, labels = _encode(tokenizer, batch, max_length)
+        return nn.functional.cross_entropy(model(**inputs).logits, labels)
+
+    return loss
+
+
 def load_preprocessor(base: str, task: str):
-    """The tokenizer of a text base, or None for an image task (then inputs are pixel_values)."""
+    """The tokenizer of a text base, or None for an image task (then inputs are pixel_values); a causal LM base
+    is refused (its tasks are instruction tasks: :mod:`qpeft_deploy.training.causal`)."""
+    if is_causal_base(base):
+        raise ConfigError(
+            f"{base}: a causal language model, fine-tuned on instruction tasks (qpeft train picks that path; "
+            "in Python: qpeft_deploy.training.causal), not as a classifier"
+        )
     image_task, image_base = is_image_task(task), is_image_base(base)
     if image_task != image_base:
         raise ConfigError(
@@ -136,11 +160,14 @@ def fit(
     seed: int = 0,
     prune_to: int | None = None,
     quiet: bool = False,
+    batch_loss: BatchLoss | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` with AdamW and cross-entropy; returns the loss history.
 
     Rates: ``lr`` for Quantum-PEFT layers, ``head_lr`` for the classification head, ``body_lr`` (default
-    ``head_lr``) for every other trainable tensor, e.g. PEFT LoRA factors or a fully fine-tuned body."""
+    ``head_lr``) for every other trainable tensor, e.g. PEFT LoRA factors or a fully fine-tuned body.
+    ``batch_loss`` replaces the classification loss (``classification_loss(tokenizer, max_length)``), e.g. with
+    the answer-token loss of :mod:`qpeft_deploy.training.causal`; the examples are then whatever it takes."""
     if not train:
         raise ConfigError("no training examples")
     if epochs < 1 or batch_size < 1:
@@ -152,14 +179,14 @@ def fit(
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     rng = random.Random(seed)
     total = epochs * math.ceil(len(train) / batch_size)
+    batch_loss = batch_loss or classification_loss(tokenizer, max_length)
     initial_rank = max((layer.rank for layer in adapted_layers(model).values()), default=0)
     result, start = TrainResult(), time.perf_counter()
     model.train()
     with tqdm(total=total, desc="train", disable=quiet, unit="step") as bar:
         for _ in range(epochs):
             for batch in batches(train, batch_size, rng):
-                inputs, labels = _encode(tokenizer, batch, max_length)
-                loss = nn.functional.cross_entropy(model(**inputs).logits, labels)
+                loss = batch_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -301,10 +328,33 @@ def run_spec(
     return model, report
 
 
-def _inputs(spec: TrainSpec) -> list[Path]:
-    """The files a training run reads, which its output may not replace: the base folder and a csv task."""
-    csv = [Path(spec.task[4:])] if spec.task.startswith("csv:") else []
-    return [resolve_base(spec.base), *csv]
+def input_paths(spec: TrainSpec) -> list[Path]:
+    """The files a training run reads, which its output may not replace: the base folder and a csv or jsonl
+    task's file."""
+    kind, _, path = spec.task.partition(":")
+    return [resolve_base(spec.base), *([Path(path)] if kind in ("csv", "jsonl") and path else [])]
+
+
+def save_trained(
+    spec: TrainSpec,
+    output: str | Path,
+    run: Callable[[], tuple[nn.Module, dict]],
+    overwrite: bool = False,
+) -> dict:
+    """Check ``output`` (replaced only with ``overwrite``; never an input) before ``run()`` trains, then write the
+    trained adapter there with ``spec``'s bits; returns the run's report with the file."""
+    prepare_output(output, overwrite=overwrite, protect=input_paths(spec))
+    model, report = run()
+    path = write_adapter(
+        output,
+        adapter_from_model(model, spec.base),
+        bits=spec.bits,
+        lambda_bits=spec.lambda_bits,
+        overwrite=overwrite,
+        protect=input_paths(spec),
+    )
+    report.update(adapter=str(path), file_bytes=path.stat().st_size)
+    return report
 
 
 def train_adapter(
@@ -312,19 +362,9 @@ def train_adapter(
 ) -> dict:
     """Train an adapter as ``spec`` says and save it to ``output`` (an existing file is replaced only with
     ``overwrite``, which is checked before training); returns the report."""
-    prepare_output(output, overwrite=overwrite, protect=_inputs(spec))
-    model, report = run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet)
-    adapter = adapter_from_model(model, spec.base)
-    path = write_adapter(
-        output,
-        adapter,
-        bits=spec.bits,
-        lambda_bits=spec.lambda_bits,
-        overwrite=overwrite,
-        protect=_inputs(spec),
+    return save_trained(
+        spec, output, lambda: run_spec(spec, adapter=True, evaluate_test=evaluate, quiet=quiet), overwrite
     )
-    report.update(adapter=str(path), file_bytes=path.stat().st_size)
-    return report
 
 
 def evaluate_adapter(

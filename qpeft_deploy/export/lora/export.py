@@ -8,7 +8,10 @@ other layers with alpha = rank, so a server that ignores the patterns (vLLM) sti
 target whose directions are all masked (or λ = 0) is left out. An nn.Conv2d target (ΔW on the flattened
 kernel) becomes PEFT's conv LoRA: ``lora_A`` an (r, in, kh, kw) kernel, ``lora_B`` a 1×1 conv (N, r, 1, 1).
 Targets are named by their module path without the model prefix (``encoder.layer.0.attention.self.query``),
-which PEFT matches by suffix; the head goes to ``modules_to_save``. No local path is written:
+which PEFT matches by suffix; the head goes to ``modules_to_save``. The task type follows the adapter: SEQ_CLS
+with a head, CAUSAL_LM for a causal-LM adapter (keys of the ``*ForCausalLM``, so ``PeftModel.from_pretrained``
+on ``AutoModelForCausalLM`` loads every one), else FEATURE_EXTRACTION; an explicit one that contradicts the
+adapter is refused. No local path is written:
 ``base_model_name_or_path`` is a hub id or a folder name. The folder layout is :mod:`.peft_folder`'s.
 """
 
@@ -22,12 +25,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qpeft_deploy.atomic import prepare_output
-from qpeft_deploy.core.adapter import AdapterFile
+from qpeft_deploy.core.adapter import CAUSAL_LM, AdapterFile
 from qpeft_deploy.core.factors import target_factors
 from qpeft_deploy.core.threads import one_torch_thread
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.lora.peft_folder import lora_key
 from qpeft_deploy.io.fingerprint import check_base
+from qpeft_deploy.io.model_io import check_task
 from qpeft_deploy.io.peft_folder import (
     TASK_MODELS,
     WEIGHTS_FILE,
@@ -38,7 +42,7 @@ from qpeft_deploy.io.peft_folder import (
     write_folder,
 )
 from qpeft_deploy.io.qpeft_file import read_adapter
-from qpeft_deploy.models import MINILM, resolve_base
+from qpeft_deploy.models import MINILM, is_causal_base, resolve_base
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -137,13 +141,24 @@ def peft_files(
     return config, {k: t.contiguous() for k, t in tensors.items()}
 
 
-def _task_type(adapter: AdapterFile, path: Path, task_type: str | None, drop_head: bool) -> str:
-    """The PEFT task type: SEQ_CLS for an adapter with a head, FEATURE_EXTRACTION without, or as asked."""
+def _task_type(
+    adapter: AdapterFile, path: Path, task_type: str | None, drop_head: bool, base: str, causal_base: bool
+) -> str:
+    """The PEFT task type: SEQ_CLS for an adapter with a head, CAUSAL_LM for a causal adapter (or a head-less
+    one of a causal-LM base), FEATURE_EXTRACTION for another head-less one; or as asked, if it fits."""
+    config = adapter.config
+    check_task(config, path, base, causal_base)
+    causal = config.is_causal_lm() or (causal_base and config.head is None)
     if task_type is None:
-        return "SEQ_CLS" if adapter.config.head else "FEATURE_EXTRACTION"
+        return "SEQ_CLS" if config.head else CAUSAL_LM if causal else "FEATURE_EXTRACTION"
     if task_type not in TASK_MODELS:
         raise ConfigError(f"task type must be one of {', '.join(TASK_MODELS)}, got {task_type!r}")
-    if adapter.config.head is not None and not drop_head and task_type != "SEQ_CLS":
+    if causal and task_type != CAUSAL_LM:
+        raise ConfigError(
+            f"{path}: a causal-LM adapter exported as {task_type} would be ignored by PEFT on the causal LM; "
+            f"expected --task-type {CAUSAL_LM} (or leave --task-type out)"
+        )
+    if config.head is not None and not drop_head and task_type != "SEQ_CLS":
         raise ConfigError(f"{path}: a {task_type} LoRA cannot carry the classification head; add --drop-head")
     return task_type
 
@@ -169,7 +184,7 @@ def export_lora(
     inputs = [path, resolve_base(base)]
     prepare_output(output, overwrite=overwrite, protect=inputs, folder=True)
     adapter = read_adapter(path)
-    task_type = _task_type(adapter, path, task_type, drop_head)
+    task_type = _task_type(adapter, path, task_type, drop_head, base, is_causal_base(base))
     check_base(
         adapter.fingerprint,
         resolve_base(base),
