@@ -65,6 +65,10 @@ def _convert_gguf(gguf: Path, output: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except checkpoint_errors() as e:
         raise ConfigError(f"{gguf}: cannot read the GGUF model: {load_failure(e)}") from None
+    # transformers 5 keeps the GGUF quantizer on the model, and save_pretrained refuses a quantized model
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and all(p.dtype == torch.float32 for p in model.parameters()):
+        quantizer.remove_quantization_config(model)  # the weights were dequantised to fp32: a plain model
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(output) as tmp:
         model.save_pretrained(tmp)

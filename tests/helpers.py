@@ -86,7 +86,9 @@ def make_causal_adapter(path: Path, seed: int, scale: float = 1.0, **options) ->
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     """(1, T) token ids of ``prompt`` as one user turn of the tokenizer's chat template, ready to answer."""
     messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=False
+    )
 
 
 def greedy(model: nn.Module, ids: torch.Tensor, tokens: int = 32) -> list[int]:

@@ -416,11 +416,14 @@ def test_module_apply_works_on_an_adapted_model(model, batch):
 
 def test_gradient_checkpointing_reaches_every_adapter(model, batch):
     attach(model, rank=4)
-    model.gradient_checkpointing_enable()  # HF's default: reentrant checkpoints
+    ours = set(model.get_input_embeddings()._forward_hooks)  # PEFT's input-require-grads hook
+    assert ours
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     model(**batch, labels=torch.zeros(len(batch["input_ids"]), dtype=torch.long)).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
-    assert model.get_input_embeddings()._forward_hooks  # PEFT's input-require-grads hook
     detach(model)
-    assert not model.get_input_embeddings()._forward_hooks
+    # detach removes the hook attach added; transformers 5's gradient_checkpointing_enable adds one of its own
+    # (4.x does not), which is the checkpointing's and stays
+    assert not ours & set(model.get_input_embeddings()._forward_hooks)

@@ -89,7 +89,7 @@ def test_loss_covers_the_answer_tokens_only(tokenizer):
     ]
     batch = answer_batch(tokenizer, pairs, max_length=64)
     user = [{"role": "user", "content": pairs[1][0]}]
-    prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True)
+    prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, return_dict=False)
     assert encode(tokenizer, pairs[1][0]) == (prompt_ids, [])
     assert (
         tokenizer.pad_token is None and pad_id(tokenizer) == tokenizer.eos_token_id

@@ -504,11 +504,13 @@ def test_cli_onnx_adapter_and_errors(adapters, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ optimum
+# Not installed on the current stack (constraints-current.txt): optimum-onnx 0.1 needs transformers < 4.58
+NO_OPTIMUM = "no optimum: the [optimum] extra (optimum-onnx 0.1) needs transformers < 4.58"
 
 
 @pytest.mark.parametrize("mode", ["merged", "runtime"])
 def test_optimum_folder_loads_in_ort_model(adapters, batches, tmp_path, mode):
-    pytest.importorskip("optimum.onnxruntime")
+    pytest.importorskip("optimum.onnxruntime", reason=NO_OPTIMUM)
     from optimum.onnxruntime import ORTModelForSequenceClassification
 
     export_onnx("minilm", adapters["six"], tmp_path / "opt", mode=mode, via="optimum", quiet=True)
@@ -518,7 +520,7 @@ def test_optimum_folder_loads_in_ort_model(adapters, batches, tmp_path, mode):
 
 
 def test_gpt2_decoder_merged_with_past_generates_like_torch(tmp_path):
-    pytest.importorskip("optimum.onnxruntime")
+    pytest.importorskip("optimum.onnxruntime", reason=NO_OPTIMUM)
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import GPT2Config, GPT2LMHeadModel
 

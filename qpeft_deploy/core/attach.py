@@ -39,6 +39,7 @@ from qpeft_deploy.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 CONFIG_ATTR = "qpeft_config"
+_GRAD_HOOKS_ATTR = "_qpeft_input_grad_hooks"  # the input-embedding hooks attach registered
 REGEX_PREFIX = "re:"  # how the CLI marks a regex target (a list entry never is one)
 _REGEX_CHARS = re.compile(r"[*+?()\[\]{}|^$\\]")  # in a target entry: meant as a regex, never a module name
 
@@ -249,15 +250,36 @@ def _refuse_head(name: str, head: str | None, shown: str) -> None:
         )
 
 
+def _hf_grad_hooks(model: nn.Module) -> list:
+    """The handles of HF's input-require-grads hooks (``_require_grads_hooks`` in transformers 5, one
+    ``_require_grads_hook`` in 4.x)."""
+    hooks = getattr(model, "_require_grads_hooks", None)
+    if hooks is None:
+        hooks = [model._require_grads_hook] if hasattr(model, "_require_grads_hook") else []
+    return list(hooks)
+
+
 def _input_grads(model: nn.Module, enable: bool) -> None:
     """Make (or stop making) the input embeddings' output require grad, as PEFT does: with every base weight
-    frozen, HF's (reentrant) gradient checkpointing would otherwise give the adapters inside no gradient."""
-    toggle = getattr(model, "enable_input_require_grads" if enable else "disable_input_require_grads", None)
-    if callable(toggle) and (enable or hasattr(model, "_require_grads_hook")):
+    frozen, HF's (reentrant) gradient checkpointing would otherwise give the adapters inside no gradient.
+    The hooks attach added are kept under ``_GRAD_HOOKS_ATTR`` and detach removes exactly those: transformers 5's
+    ``gradient_checkpointing_enable`` registers its own (replacing HF's record of ours), which stay."""
+    if not enable:
+        ours = getattr(model, _GRAD_HOOKS_ATTR, [])
+        if ours and [id(h) for h in _hf_grad_hooks(model)] == [id(h) for h in ours]:
+            model.disable_input_require_grads()  # HF's record is still ours: clear it too
+        for hook in ours:
+            hook.remove()
+        if hasattr(model, _GRAD_HOOKS_ATTR):
+            delattr(model, _GRAD_HOOKS_ATTR)
+        return
+    toggle = getattr(model, "enable_input_require_grads", None)
+    if callable(toggle):
         try:
             toggle()
         except NotImplementedError:  # a model without input embeddings: nothing to do
-            pass
+            return
+        setattr(model, _GRAD_HOOKS_ATTR, _hf_grad_hooks(model))
 
 
 def train_head_only(model: nn.Module) -> nn.Module:

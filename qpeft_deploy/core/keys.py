@@ -3,12 +3,17 @@
 Adapters name their targets by the *base checkpoint's* tensor keys, which have no ``base_model_prefix``
 (MiniLM: ``encoder.layer.0.attention.self.query.weight``, while the task model's module is
 ``bert.encoder.layer.0.attention.self.query``); :func:`base_key` and :func:`module_name_for_key` map between
-the two. A target's state tensors are ``<key without .weight>.<u|v>.<parameter>`` (the factors),
+the two. transformers 5 renames some architectures' modules but reads and writes their checkpoints under the
+old keys (ViT: module ``vit.layers.0.attention.q_proj``, key ``encoder.layer.0.attention.attention.query.weight``);
+both functions follow its renaming (:func:`_renamed`), so adapters name the same targets on 4.x and 5.x.
+A target's state tensors are ``<key without .weight>.<u|v>.<parameter>`` (the factors),
 ``.spectrum.lam`` and ``.spectrum.mask``; the head's are ``<head module>.<tensor>``.
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from typing import TYPE_CHECKING
 
 from qpeft_deploy.errors import ConfigError
@@ -65,14 +70,48 @@ def _strip(module_name: str, prefix: str) -> str:
     return module_name
 
 
+_RENAMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (module names, their renames)
+
+
+def _renamed(model: nn.Module, module_name: str = "") -> dict[str, str]:
+    """transformers 5's checkpoint names of ``model``'s modules where they differ from the module paths (both
+    with the ``base_model_prefix``), from its own reverse weight conversion, the one ``save_pretrained`` applies;
+    empty on transformers 4, for models without a renaming and for plain torch modules (transformers is never
+    imported here). Cached per model; recomputed for a module name the cache has not seen (attach adds modules)."""
+    names, renames = _RENAMED.get(model, (None, {}))
+    if names is not None and (not module_name or module_name in names):
+        return renames
+    if "transformers" not in sys.modules or not hasattr(model, "config"):
+        return {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: the module paths are the checkpoint's
+        revert_weight_conversion = None
+    names = frozenset(n for n, _ in model.named_modules() if n)
+    renames = {}
+    if revert_weight_conversion is not None:
+        import torch
+
+        probes = {n: torch.empty(0) for n in names}  # told apart by identity: renaming keeps the tensor
+        try:
+            reverted = revert_weight_conversion(model, {f"{n}.weight": t for n, t in probes.items()})
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError):
+            # a conversion that needs real tensors (fused experts, say): keep the module paths
+            reverted = {}
+        back = {id(t): k.removesuffix(".weight") for k, t in reverted.items()}
+        renames = {n: back[id(t)] for n, t in probes.items() if back.get(id(t), n) != n}
+    _RENAMED[model] = (names, renames)
+    return renames
+
+
 def base_key(model: nn.Module, module_name: str) -> str:
     """Base checkpoint key prefix of a module path of ``model``."""
-    return _strip(module_name, _prefix(model))
+    return _strip(_renamed(model, module_name).get(module_name, module_name), _prefix(model))
 
 
 def weight_key(model: nn.Module, module_name: str) -> str:
     """The target key of a module: its base checkpoint key with ``.weight`` (what adapters name targets by)."""
-    return weight_key_under(module_name, _prefix(model))
+    return base_key(model, module_name) + ".weight"
 
 
 def weight_key_under(module_name: str, prefix: str) -> str:
@@ -84,10 +123,11 @@ def module_name_for_key(model: nn.Module, key: str) -> str:
     """Module path in ``model`` of a base checkpoint key prefix (the inverse of ``base_key``)."""
     modules = dict(model.named_modules())
     prefix = _prefix(model)
+    renamed = {k: n for n, k in _renamed(model).items()}
     if prefix and prefix in modules:
         prefixed = f"{prefix}.{key}"
-        if prefixed in modules:
-            return prefixed
-    if key in modules and key:
-        return key
+        if renamed.get(prefixed, prefixed) in modules:
+            return renamed.get(prefixed, prefixed)
+    if key and renamed.get(key, key) in modules:
+        return renamed.get(key, key)
     raise ConfigError(f"{key}: no module of {type(model).__name__} matches this base checkpoint key")

@@ -712,7 +712,11 @@ class AdapterBank:
         try:
             if getattr(self.tokenizer, "chat_template", None):
                 messages = [{"role": "user", "content": prompt}]
-                return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                return list(
+                    self.tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=True, return_dict=False
+                    )
+                )
             return list(self.tokenizer(prompt)["input_ids"])
         except (TypeError, ValueError) as e:  # e.g. a lone surrogate
             raise ConfigError(f"cannot tokenize the prompt: {' '.join(str(e).split())[:200]}") from None
