@@ -205,7 +205,7 @@ def test_micro_batcher_splits_at_max_rows_and_stops(server, expected):
     batcher.start()
     backend.batches.clear()
     jobs = [("topic", [0, 1]), ("spam", [2, 3]), ("sentiment", [4, 5]), ("nope", [6])]
-    futures = [batcher.submit(name, [TEXTS[i] for i in idx]) for name, idx in jobs]
+    futures = [batcher.submit([name] * len(idx), [TEXTS[i] for i in idx]) for name, idx in jobs]
     batcher.close()  # finishes the queued work first
     # 2 + 2 rows, then 2 + 1 (and then the bad job retried alone)
     assert [len(b) for b in backend.batches][:2] == [4, 3]
@@ -222,10 +222,12 @@ def test_micro_batcher_splits_at_max_rows_and_stops(server, expected):
         ({"adapter": "topic", "texts": []}, 422, "1 to 4 strings"),
         ({"adapter": "topic", "texts": ["hi"] * 5}, 422, "1 to 4 strings"),
         ({"adapter": "topic", "texts": ["x" * 301]}, 422, "texts[0] has 301 characters"),
-        ({"adapter": "topic", "texts": ["ok", 7]}, 422, "texts[1] is a int"),
-        ({"adapter": "topic", "texts": "hi"}, 422, "list of 1 to 4"),
-        ({"adapter": 3, "texts": ["hi"]}, 422, "adapter must be a string"),
-        ({"texts": ["hi"]}, 422, "JSON object"),
+        ({"adapter": "topic", "texts": ["ok", 7]}, 422, "texts.1: Input should be a valid string"),
+        ({"adapter": "topic", "texts": "hi"}, 422, "texts: Input should be a valid list"),
+        ({"adapter": 3, "texts": ["hi"]}, 422, "adapter"),
+        ({"adapter": ["topic"], "texts": ["a", "b"]}, 422, "1 adapter names for 2 texts"),
+        ({"adapter": ["topic", "nope"], "texts": ["a", "b"]}, 404, "(loaded: "),
+        ({"texts": ["hi"]}, 422, "adapter: Field required"),
         ([1, 2], 422, "JSON object"),
     ],
 )
@@ -326,7 +328,10 @@ def test_micro_batcher_fails_only_the_bad_jobs_of_a_batch(server, expected):
     backend.faulty = True
     try:
         futures = [
-            batcher.submit(name, [rows] if isinstance(rows, str) else [TEXTS[i] for i in rows])
+            batcher.submit(
+                [name] * (1 if isinstance(rows, str) else len(rows)),
+                [rows] if isinstance(rows, str) else [TEXTS[i] for i in rows],
+            )
             for name, rows in jobs
         ]
         batcher.close()
@@ -633,3 +638,20 @@ def test_classify_and_generate_each_refuse_the_other_kind_of_base(llm_server, se
     assert response.status_code == 422 and "use the v1/generate endpoint" in response.json()["error"]
     response = server[0].post("/v1/generate", json={"prompt": "hi", "adapter": "topic"})
     assert response.status_code == 422 and "use the v1/classify endpoint" in response.json()["error"]
+
+
+def test_classify_takes_an_adapter_per_text_and_publishes_its_schemas(server, expected):
+    client, _ = server
+    texts, names = [TEXTS[0], TEXTS[1], TEXTS[2]], ["topic", "spam", "topic"]
+    body = client.post("/v1/classify", json={"adapter": names, "texts": texts}).json()
+    assert body["adapter"] == names and [p["adapter"] for p in body["predictions"]] == names
+    for name, text, got in zip(names, texts, body["predictions"]):
+        alone = client.post("/v1/classify", json={"adapter": name, "texts": [text]}).json()["predictions"][0]
+        assert (
+            got["label"] == alone["label"] and got["adapter"] == alone["adapter"]
+        )  # neighbours change nothing
+        assert all(abs(got["scores"][k] - alone["scores"][k]) <= 1e-5 for k in alone["scores"])
+    spec = client.get("/openapi.json").json()
+    assert {"ClassifyResponse", "PredictionOut"} <= spec["components"]["schemas"].keys()
+    request = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert request["title"] == "ClassifyRequest" and set(request["required"]) == {"adapter", "texts"}

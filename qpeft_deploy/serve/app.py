@@ -152,7 +152,7 @@ _NOTHING = object()  # MicroBatcher._collect took no extra queue item
 class _Job:
     """One request waiting for the worker."""
 
-    adapter: str
+    adapters: list[str]  # one per text
     texts: list[str]
     future: Future
 
@@ -177,9 +177,9 @@ class MicroBatcher:
             self._thread.join()
             self._thread = None
 
-    def submit(self, adapter: str, texts: list[str]) -> Future:
-        """A future of the texts' predictions under ``adapter``."""
-        job = _Job(adapter, texts, Future())
+    def submit(self, adapters: list[str], texts: list[str]) -> Future:
+        """A future of the texts' predictions, each under its adapter."""
+        job = _Job(adapters, texts, Future())
         self._queue.put(job)
         return job.future
 
@@ -230,7 +230,7 @@ class MicroBatcher:
     def _classify(self, batch: list[_Job]) -> list[Prediction]:
         """One backend call over every row of the batch (RuntimeError when it answers the wrong row count)."""
         texts = [t for job in batch for t in job.texts]
-        names = [job.adapter for job in batch for _ in job.texts]
+        names = [name for job in batch for name in job.adapters]
         predictions = list(self.backend.classify(texts, adapter=names))
         if len(predictions) != len(texts):
             raise RuntimeError(f"the backend answered {len(predictions)} rows for {len(texts)} texts")
@@ -399,27 +399,56 @@ async def _json(request: Request, limit: int) -> object:
         raise ApiError(400, f"malformed JSON: {str(error).splitlines()[0][:120]}") from None
 
 
-def classify_request(data: object, settings: ServeSettings, names: list[str]) -> tuple[str, list[str]]:
-    """(adapter, texts) of a /v1/classify body, or ApiError saying what is wrong with it."""
-    if not isinstance(data, dict) or set(data) != {"adapter", "texts"}:
+class ClassifyRequest(BaseModel):
+    """The body of ``POST /v1/classify``: the texts and the adapter (one for all, or one per text)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter: str | list[str] = Field(description="one adapter for every text, or one per text")
+    texts: list[str] = Field(description="the texts to classify")
+
+
+class PredictionOut(BaseModel):
+    """One text's answer: the adapter that answered, the top label and a probability per label."""
+
+    adapter: str
+    label: str
+    scores: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    """The answer of ``POST /v1/classify``: the adapter(s) as asked and one prediction per text, in order."""
+
+    adapter: str | list[str]
+    predictions: list[PredictionOut]
+
+
+def classify_request(data: object, settings: ServeSettings, names: list[str]) -> tuple[list[str], list[str]]:
+    """(one adapter per text, texts) of a /v1/classify body, or ApiError saying what is wrong with it."""
+    if not isinstance(data, dict):
         raise ApiError(422, 'the body must be a JSON object {"adapter": "<name>", "texts": ["...", ...]}')
-    adapter, texts = data["adapter"], data["texts"]
-    if not isinstance(adapter, str):
-        raise ApiError(422, "adapter must be a string")
-    if not isinstance(texts, list) or not 1 <= len(texts) <= settings.max_texts:
-        size = len(texts) if isinstance(texts, list) else "no"
-        raise ApiError(422, f"texts must be a list of 1 to {settings.max_texts} strings, got {size} items")
+    try:
+        request = ClassifyRequest.model_validate(data)
+    except ValidationError as error:
+        raise ApiError(422, _validation_message(error)) from None
+    texts = request.texts
+    if not 1 <= len(texts) <= settings.max_texts:
+        raise ApiError(
+            422, f"texts must be a list of 1 to {settings.max_texts} strings, got {len(texts)} items"
+        )
     for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ApiError(422, f"texts[{i}] is a {type(text).__name__}, not a string")
         if len(text) > settings.max_text_chars:
             raise ApiError(
                 422, f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}"
             )
         _check_unicode(text, i)
-    if adapter not in names:
-        raise ApiError(404, _unknown(adapter, names))
-    return adapter, texts
+    adapters = request.adapter if isinstance(request.adapter, list) else [request.adapter] * len(texts)
+    if len(adapters) != len(texts):
+        raise ApiError(422, f"{len(adapters)} adapter names for {len(texts)} texts")
+    for name in adapters:
+        if name not in names:
+            raise ApiError(404, _unknown(name, names))
+    return adapters, texts
 
 
 def _check_unicode(text: str, i: int, field: str = "texts") -> None:
@@ -525,8 +554,8 @@ def _generated(g: Generation) -> GeneratedText:
     return GeneratedText(adapter=g.adapter, text=g.text, tokens=g.tokens, finish_reason=g.finish_reason)
 
 
-def _prediction(p: Prediction) -> dict:
-    return {"label": p.label, "scores": p.scores}
+def _prediction(p: Prediction) -> PredictionOut:
+    return PredictionOut(adapter=p.adapter, label=p.label, scores=p.scores)
 
 
 def redactor(backend: Backend, folder: Path) -> Redactor:
@@ -598,19 +627,30 @@ def create_app(
             "skipped": [{"file": file, "error": reason} for file, reason in skipped.items()],
         }
 
-    @app.post("/v1/classify")
-    async def classify(request: Request) -> dict:
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def classify(request: Request) -> ClassifyResponse:
         if causal:
             raise ApiError(422, "the served base is a causal language model: use the v1/generate endpoint")
-        data = await _json(request, settings.max_body_bytes)
-        adapter, texts = classify_request(data, settings, backend.names())
+        data = await _json(request, settings.max_body_bytes)  # strict JSON and the size limit, then the model
+        adapters, texts = classify_request(data, settings, backend.names())
         try:
-            predictions = await asyncio.wrap_future(batcher.submit(adapter, texts))
+            predictions = await asyncio.wrap_future(batcher.submit(adapters, texts))
         except ConfigError:
-            if adapter not in backend.names():  # unloaded while the request waited
-                raise ApiError(404, _unknown(adapter, backend.names())) from None
+            names = backend.names()
+            for name in adapters:
+                if name not in names:  # unloaded while the request waited
+                    raise ApiError(404, _unknown(name, names)) from None
             raise
-        return {"adapter": adapter, "predictions": [_prediction(p) for p in predictions]}
+        return ClassifyResponse(adapter=data["adapter"], predictions=[_prediction(p) for p in predictions])
 
     @app.post(
         "/v1/generate",
