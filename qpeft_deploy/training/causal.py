@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qpeft_deploy.core.adapter import CAUSAL_LM
-from qpeft_deploy.core.attach import attach, lora_parameter_count, trainable_parameters
+from qpeft_deploy.core.attach import lora_parameter_count
 from qpeft_deploy.core.threads import free_cores, torch_threads
 from qpeft_deploy.data.instructions import Pair, load_instructions
 from qpeft_deploy.errors import ConfigError
@@ -39,10 +39,11 @@ from qpeft_deploy.io.model_io import load_adapted_model
 from qpeft_deploy.models import is_causal_base, load_causal_lm, load_tokenizer
 from qpeft_deploy.training.train import (
     TrainSpec,
+    attach_spec,
     fit,
-    lambda_aware,
-    quantization_aware,
+    run_report,
     save_trained,
+    train_on_grids,
 )
 
 IGNORE = -100  # the label of a position without loss (PyTorch's cross-entropy ignore_index)
@@ -301,19 +302,8 @@ def evaluate_causal(
 def build_causal_model(spec: TrainSpec) -> nn.Module:
     """The base's causal LM with an adapter attached as ``spec`` says (``all-linear``: every linear layer but
     ``lm_head``; its file records task_type CAUSAL_LM), on the quantisation grids ``spec`` asks for."""
-    model = attach(
-        load_causal_lm(spec.base),
-        spec.targets,
-        rank=spec.rank,
-        layers=spec.layers,
-        alpha=spec.alpha,
-        variant=spec.variant,
-        seed=spec.seed,
-    )
-    if spec.qat:
-        if spec.bits is not None:
-            quantization_aware(model, spec.bits)
-        lambda_aware(model, spec.lambda_bits)
+    model = attach_spec(load_causal_lm(spec.base), spec)
+    train_on_grids(model, spec)
     return model
 
 
@@ -338,18 +328,10 @@ def run_causal_spec(
             prune_to=spec.prune_to,
             quiet=quiet,
         )
-    report = {
-        "task": spec.task,
-        "method": "qpeft",
-        "task_type": CAUSAL_LM,
-        "trainable_parameters": trainable_parameters(model),
-        "lora_r8_parameters": lora_parameter_count(model, 8),
-        "train_examples": len(data.train),
-        "train_seconds": round(result.seconds, 1),
-        "seconds_per_step": round(result.seconds / max(result.steps, 1), 3),
-        "torch_threads": threads,
-        "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
-    }
+    report = {"method": "qpeft", "task_type": CAUSAL_LM} | run_report(
+        spec, model, result, len(data.train), threads
+    )
+    report["lora_r8_parameters"] = lora_parameter_count(model, 8)
     if evaluate_test:
         with torch_threads(threads):
             metrics = evaluate_causal(model, tokenizer, data.test, max_length=spec.max_length, quiet=quiet)

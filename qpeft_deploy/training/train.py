@@ -268,11 +268,8 @@ class TrainSpec:
     threads: int | None = None  # torch intra-op threads; None: the machine's free cores (core/threads.py)
 
 
-def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True) -> nn.Module:
-    """The task model of ``spec`` with an adapter attached (or head-only when ``adapter`` is False)."""
-    model = load_task_model(spec.base, id2label, seed=spec.seed)
-    if not adapter:
-        return train_head_only(model)
+def attach_spec(model: nn.Module, spec: TrainSpec) -> nn.Module:
+    """``model`` with the adapter ``spec`` describes attached (targets, rank, layers, alpha, variant, seed)."""
     return attach(
         model,
         spec.targets,
@@ -284,6 +281,33 @@ def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True)
     )
 
 
+def train_on_grids(model: nn.Module, spec: TrainSpec) -> None:
+    """With ``spec.qat``, train on the grids ``spec``'s file stores (angle bits, λ bits), so it reproduces."""
+    if spec.qat:
+        if spec.bits is not None:
+            quantization_aware(model, spec.bits)
+        lambda_aware(model, spec.lambda_bits)
+
+
+def run_report(spec: TrainSpec, model: nn.Module, result: TrainResult, examples: int, threads: int) -> dict:
+    """What every training run reports: task, trainable parameters, examples, seconds, threads, final loss."""
+    return {
+        "task": spec.task,
+        "trainable_parameters": trainable_parameters(model),
+        "train_examples": examples,
+        "train_seconds": round(result.seconds, 1),
+        "seconds_per_step": round(result.seconds / max(result.steps, 1), 3),
+        "torch_threads": threads,
+        "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+    }
+
+
+def build_model(spec: TrainSpec, id2label: dict[int, str], adapter: bool = True) -> nn.Module:
+    """The task model of ``spec`` with an adapter attached (or head-only when ``adapter`` is False)."""
+    model = load_task_model(spec.base, id2label, seed=spec.seed)
+    return attach_spec(model, spec) if adapter else train_head_only(model)
+
+
 def run_spec(
     spec: TrainSpec, adapter: bool = True, evaluate_test: bool = True, quiet: bool = False
 ) -> tuple[nn.Module, dict]:
@@ -291,10 +315,8 @@ def run_spec(
     data = load_data(spec.task, max_train=spec.max_examples, max_test=spec.max_test, seed=spec.seed)
     tokenizer = load_preprocessor(spec.base, spec.task)
     model = build_model(spec, data.id2label, adapter)
-    if adapter and spec.qat:
-        if spec.bits is not None:
-            quantization_aware(model, spec.bits)
-        lambda_aware(model, spec.lambda_bits)
+    if adapter:
+        train_on_grids(model, spec)
     threads = spec.threads or free_cores()
     with torch_threads(threads):
         result = fit(
@@ -310,15 +332,9 @@ def run_spec(
             prune_to=spec.prune_to if adapter else None,
             quiet=quiet,
         )
-    report = {
-        "task": spec.task,
-        "method": "qpeft" if adapter else "head-only",
-        "trainable_parameters": trainable_parameters(model),
-        "train_examples": len(data.train),
-        "train_seconds": round(result.seconds, 1),
-        "torch_threads": threads,
-        "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
-    }
+    report = {"method": "qpeft" if adapter else "head-only"} | run_report(
+        spec, model, result, len(data.train), threads
+    )
     if adapter:
         report["lora_r8_parameters"] = lora_parameter_count(model, 8)
     if evaluate_test:
