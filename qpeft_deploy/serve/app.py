@@ -504,6 +504,17 @@ class GenerateResponse(BaseModel):
     generations: list[GeneratedText]
 
 
+def request_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of an endpoint that reads ``model`` from JSON itself (strict JSON and the size
+    limit first, then the model), so that /openapi.json shows its schema."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
 def _validation_message(error: ValidationError) -> str:
     """The first problem of a pydantic validation as one line: ``field: message``."""
     first = error.errors()[0]
@@ -630,12 +641,7 @@ def create_app(
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}},
-            }
-        },
+        openapi_extra=request_body(ClassifyRequest),
     )
     async def classify(request: Request) -> ClassifyResponse:
         if causal:
@@ -655,12 +661,7 @@ def create_app(
     @app.post(
         "/v1/generate",
         response_model=GenerateResponse,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
-            }
-        },
+        openapi_extra=request_body(GenerateRequest),
     )
     async def generate(request: Request) -> GenerateResponse:
         if not causal:
