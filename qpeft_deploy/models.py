@@ -21,7 +21,8 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,6 +190,23 @@ def _normalize_id2label(id2label: Mapping[int, str] | Mapping[str, str]) -> dict
     return dict(sorted(mapping.items()))
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging muted and its progress bars off while a model loads: a failure is raised by the
+    caller as one line, never logged, and loading prints nothing (transformers 5 draws a 'Loading weights' bar)."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(hf_logging.CRITICAL)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_failure(error: Exception) -> str:
     """A loading error as one short line: its message's lines joined (or its type's name), at most 240 chars."""
     line = " ".join(str(error).split()) or type(error).__name__
@@ -237,36 +255,35 @@ def load_task_model(base: str, id2label: Mapping[int, str], seed: int = 0) -> Pr
     base; fp32, eval mode) with a new head for ``id2label`` seeded by ``seed`` (a base's head is replaced)."""
     import torch
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     folder = resolve_base(base)
     labels = _normalize_id2label(id2label)
     label2id = {name: i for i, name in labels.items()}
     image = is_image_base(base)
     auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(hf_logging.CRITICAL)  # a failure is raised below as one line, never logged
     try:
-        torch.manual_seed(seed)
-        model = auto.from_pretrained(
-            str(folder),
-            num_labels=len(labels),
-            id2label=labels,
-            label2id=label2id,
-            torch_dtype=torch.float32,
-            local_files_only=True,
-            **({"ignore_mismatched_sizes": True} if image else {}),
-        )
-        if image:  # the base's own head (same label count or not) never carries over to a new task
+        with quiet_transformers():
             torch.manual_seed(seed)
-            model._init_weights(model.get_submodule(head_module_name(model)))
+            model = auto.from_pretrained(
+                str(folder),
+                num_labels=len(labels),
+                id2label=labels,
+                label2id=label2id,
+                torch_dtype=torch.float32,
+                local_files_only=True,
+                **({"ignore_mismatched_sizes": True} if image else {}),
+            )
+            if image:  # the base's own head (same label count or not) never carries over to a new task
+                head = model.get_submodule(head_module_name(model))
+                for part in (head, *head.parameters()):  # transformers 5 skips what it marked as initialised
+                    part.__dict__.pop("_is_hf_initialized", None)
+                torch.manual_seed(seed)
+                model._init_weights(head)
     except (
         checkpoint_errors()
     ) as e:  # a corrupt checkpoint fails anywhere in transformers, safetensors, torch
         kind = "an image" if image else "a sequence"
         raise ConfigError(f"{folder}: cannot build {kind} classification model: {load_failure(e)}") from None
-    finally:
-        hf_logging.set_verbosity(previous)
     model.float()
     model.eval()
     return model
@@ -276,16 +293,15 @@ def load_causal_lm(base: str) -> PreTrainedModel:
     """The base's causal language model (AutoModelForCausalLM, fp32, eval mode; tied embeddings kept tied)."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    folder, previous = resolve_base(base), hf_logging.get_verbosity()
-    hf_logging.set_verbosity(hf_logging.CRITICAL)  # a failure is raised below as one line, never logged
+    folder = resolve_base(base)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, local_files_only=True
+            )
     except checkpoint_errors() as e:
         raise ConfigError(f"{folder}: cannot build a causal language model: {load_failure(e)}") from None
-    finally:
-        hf_logging.set_verbosity(previous)
     return model.float().eval()
 
 

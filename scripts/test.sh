@@ -16,10 +16,11 @@ status() {  # pytest's exit code, with 5 (nothing collected) made a failure
 .venv/bin/python -m pytest -q "$@"
 rc=$(status $? "pinned stack")
 [ "$current" = 1 ] || exit "$rc"
-# The compatibility subset: attach, the .qpeft file, merge, ONNX, the LoRA bridge, the PEFT method and folders, models
+# The compatibility subset: attach, the .qpeft file, merge, ONNX, the LoRA bridge, the PEFT method and folders, models,
+# the ViT
 subset=(tests/test_attach.py tests/test_layer.py tests/test_qpeft_file.py tests/test_merge.py
   tests/test_onnx_export.py tests/test_ort_session.py tests/test_lora_export.py tests/test_lora_import.py
-  tests/test_peft_native.py tests/test_peft_folder.py tests/test_models.py)
+  tests/test_peft_native.py tests/test_peft_folder.py tests/test_models.py tests/test_vision.py)
 echo "===== compatibility subset on the current stack: .venv-current, $(.venv-current/bin/python -c \
   'import transformers; print("transformers", transformers.__version__)'), no optimum ====="
 # Left out there: the byte-level fuzzing of the file readers (every bit flipped, mutated files), which runs

@@ -35,6 +35,7 @@ from qpeft_deploy.models import (
     load_causal_lm,
     load_failure,
     load_task_model,
+    quiet_transformers,
     resolve_base,
 )
 
@@ -109,18 +110,15 @@ def load_adapter(
 
 def _plain_base_model(base: str) -> nn.Module:
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
-    folder, previous = resolve_base(base), hf_logging.get_verbosity()
-    hf_logging.set_verbosity(hf_logging.CRITICAL)  # a failure is raised below as one line, never logged
+    folder = resolve_base(base)
     try:
-        model = AutoModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
     except (
         checkpoint_errors()
     ) as e:  # a corrupt checkpoint fails anywhere in transformers, safetensors, torch
         raise ConfigError(f"{folder}: cannot build the base model: {load_failure(e)}") from None
-    finally:
-        hf_logging.set_verbosity(previous)
     return model.float().eval()
 
 

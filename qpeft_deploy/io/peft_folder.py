@@ -24,7 +24,7 @@ from qpeft_deploy.core.keys import module_name_for_key, target_prefix
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.strict_json import strict_json
-from qpeft_deploy.models import MINILM, hub_repo_id, resolve_base
+from qpeft_deploy.models import MINILM, hub_repo_id, quiet_transformers, resolve_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,22 +55,19 @@ def saved_key(module: str, name: str) -> str:
 def skeleton_model(base: str, task_type: str, num_labels: int = 2) -> nn.Module:
     """The base's model for a PEFT task type (SEQ_CLS: ``num_labels`` outputs) on the meta device."""
     import transformers
-    from transformers.utils import logging as hf_logging
 
-    folder, previous = resolve_base(base), hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    folder = resolve_base(base)
     try:
-        config = transformers.AutoConfig.from_pretrained(
-            str(folder), num_labels=num_labels, local_files_only=True
-        )
-        with torch.device("meta"):
-            return getattr(transformers, TASK_MODELS[task_type]).from_config(config)
+        with quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(
+                str(folder), num_labels=num_labels, local_files_only=True
+            )
+            with torch.device("meta"):
+                return getattr(transformers, TASK_MODELS[task_type]).from_config(config)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(
             f"{folder}: cannot build the model skeleton: {str(e).splitlines()[0][:200]}"
         ) from None
-    finally:
-        hf_logging.set_verbosity(previous)
 
 
 def base_model_name(base: str, base_name: str | None) -> str:
