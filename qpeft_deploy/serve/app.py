@@ -427,28 +427,44 @@ def classify_request(data: object, settings: ServeSettings, names: list[str]) ->
     """(one adapter per text, texts) of a /v1/classify body, or ApiError saying what is wrong with it."""
     if not isinstance(data, dict):
         raise ApiError(422, 'the body must be a JSON object {"adapter": "<name>", "texts": ["...", ...]}')
+    request = _validated(ClassifyRequest, data)
+    _check_texts(request.texts, "texts", settings)
+    return _check_adapters(request.adapter, len(request.texts), "texts", names), request.texts
+
+
+def _validated(model: type[BaseModel], data: object) -> BaseModel:
+    """``data`` read as ``model``, or ApiError 422 naming its first problem."""
     try:
-        request = ClassifyRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise ApiError(422, _validation_message(error)) from None
-    texts = request.texts
+
+
+def _check_texts(texts: list[str], field: str, settings: ServeSettings) -> None:
+    """ApiError 422 unless there are 1 to max_texts of them, each within max_text_chars and valid Unicode."""
     if not 1 <= len(texts) <= settings.max_texts:
         raise ApiError(
-            422, f"texts must be a list of 1 to {settings.max_texts} strings, got {len(texts)} items"
+            422, f"{field} must be a list of 1 to {settings.max_texts} strings, got {len(texts)} items"
         )
     for i, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
             raise ApiError(
-                422, f"texts[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}"
+                422, f"{field}[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}"
             )
-        _check_unicode(text, i)
-    adapters = request.adapter if isinstance(request.adapter, list) else [request.adapter] * len(texts)
-    if len(adapters) != len(texts):
-        raise ApiError(422, f"{len(adapters)} adapter names for {len(texts)} texts")
+        _check_unicode(text, i, field)
+
+
+def _check_adapters(
+    adapter: str | list[str | None] | None, rows: int, field: str, names: list[str]
+) -> list[str | None]:
+    """One adapter name (None: the base) per row, after checking the count and that every name is loaded."""
+    adapters = adapter if isinstance(adapter, list) else [adapter] * rows
+    if len(adapters) != rows:
+        raise ApiError(422, f"{len(adapters)} adapter names for {rows} {field}")
     for name in adapters:
-        if name not in names:
+        if name is not None and name not in names:
             raise ApiError(404, _unknown(name, names))
-    return adapters, texts
+    return adapters
 
 
 def _check_unicode(text: str, i: int, field: str = "texts") -> None:
@@ -526,34 +542,17 @@ def generate_request(
     data: object, settings: ServeSettings, names: list[str]
 ) -> tuple[list[str], str | list[str | None] | None, GenerateRequest]:
     """(prompts, adapter(s), request) of a /v1/generate body, or ApiError saying what is wrong with it."""
-    try:
-        request = GenerateRequest.model_validate(data)
-    except ValidationError as error:
-        raise ApiError(422, _validation_message(error)) from None
+    request = _validated(GenerateRequest, data)
     prompts = request.texts()
-    if not 1 <= len(prompts) <= settings.max_texts:
-        raise ApiError(
-            422, f"prompts must be a list of 1 to {settings.max_texts} strings, got {len(prompts)}"
-        )
-    for i, prompt in enumerate(prompts):
-        if len(prompt) > settings.max_text_chars:
-            raise ApiError(
-                422, f"prompts[{i}] has {len(prompt)} characters; the limit is {settings.max_text_chars}"
-            )
-        _check_unicode(prompt, i, "prompts")
+    _check_texts(prompts, "prompts", settings)
     if request.max_new_tokens is None:
         request.max_new_tokens = min(DEFAULT_NEW_TOKENS, settings.max_new_tokens)
     if request.max_new_tokens > settings.max_new_tokens:
         raise ApiError(
             422, f"max_new_tokens is {request.max_new_tokens}; the limit is {settings.max_new_tokens}"
         )
-    adapter = request.adapter
-    if isinstance(adapter, list) and len(adapter) != len(prompts):
-        raise ApiError(422, f"{len(adapter)} adapter names for {len(prompts)} prompts")
-    for name in [adapter] if not isinstance(adapter, list) else adapter:
-        if name is not None and name not in names:
-            raise ApiError(404, _unknown(name, names))
-    return prompts, adapter, request
+    _check_adapters(request.adapter, len(prompts), "prompts", names)
+    return prompts, request.adapter, request
 
 
 def _unknown(name: str, names: list[str]) -> str:
