@@ -87,12 +87,16 @@ from qpeft_deploy.core.attach import (
     trainable_parameters,
 )
 from qpeft_deploy.core.layer import linear_shape
-from qpeft_deploy.data.text import TASKS, load_task
+from qpeft_deploy.data.images import is_image_task
+from qpeft_deploy.data.tasks import load_data
+from qpeft_deploy.data.text import TASKS
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
-from qpeft_deploy.models import LORA_PEER_LR, load_task_model, load_tokenizer, lora_peer
-from qpeft_deploy.training.train import evaluate, fit, lambda_aware, quantization_aware
+from qpeft_deploy.models import LORA_PEER_LR, LORA_PEER_RANK, load_task_model, lora_peer
+from qpeft_deploy.training.train import evaluate, fit, lambda_aware, load_preprocessor, quantization_aware
 
 BASE = "minilm"
+VIT_BASE = str(Path(__file__).resolve().parents[1] / "samples" / "vit-fmnist5")
+VIT_TASK = "fmnist-5to9"  # the committed ViT (pre-trained on Fashion-MNIST 0-4) adapted to the unseen classes
 SPLIT_SEED = 0
 BATCH_SIZE = 32
 CACHE_VERSION = 2  # bump when a change to the training or scoring code should invalidate cached runs
@@ -164,6 +168,7 @@ METHODS = {
         ),
         Method("taylor-K8", "qpeft", 2e-2, 2e-2, 8, 1, "taylor", "Q-PEFT Taylor K=8"),
         Method("lora-r8", "lora", LORA_PEER_LR, 2e-2, label="PEFT LoRA r=8 (peer)"),
+        Method("lora-r2", "lora", LORA_PEER_LR, 2e-2, rank=2, label="PEFT LoRA r=2"),
         Method("head-only", "head", 0.0, 2e-2, label="head only"),
         Method("full-ft", "full", 1e-4, 2e-2, label="full fine-tuning"),
     )
@@ -188,21 +193,36 @@ SMOKE = {
 }
 
 
-def run_config(method: Method, task: str, seed: int, settings: dict) -> dict:
-    """Everything that determines one run's result (the cache key hashes this)."""
-    return {
-        "version": CACHE_VERSION,
-        "base": BASE,
-        "task": task,
-        "seed": seed,
-        "split_seed": SPLIT_SEED,
-        "method": method.key(),
-        "train_examples": settings["train_examples"],
-        "test_examples": settings["test_examples"],
-        "epochs": settings["epochs"],
-        "max_length": settings["max_length"],
-        "batch_size": BATCH_SIZE,
-    }
+def base_for(task: str) -> str:
+    """The base a task adapts: MiniLM for text, the committed ViT for an image task."""
+    return VIT_BASE if is_image_task(task) else BASE
+
+
+def run_config(
+    method: Method, task: str, seed: int, settings: dict, rates: tuple[float, float] | None = None
+) -> dict:
+    """Everything that determines one run's result (the cache key hashes this). ``rates`` (the method's own
+    rate, the head's) replace the method's defaults, and ``settings["validation_examples"]`` holds that many
+    training examples out for scoring; both enter the key only when set, so earlier cached runs stay valid."""
+    tuned = {"lr": rates[0], "head_lr": rates[1]} if rates else {}
+    held_out = settings.get("validation_examples")
+    return (
+        tuned
+        | ({"validation_examples": held_out} if held_out else {})
+        | {
+            "version": CACHE_VERSION,
+            "base": "vit-fmnist5" if is_image_task(task) else BASE,
+            "task": task,
+            "seed": seed,
+            "split_seed": SPLIT_SEED,
+            "method": method.key(),
+            "train_examples": settings["train_examples"],
+            "test_examples": settings["test_examples"],
+            "epochs": settings["epochs"],
+            "max_length": settings["max_length"],
+            "batch_size": BATCH_SIZE,
+        }
+    )
 
 
 def config_hash(config: dict) -> str:
@@ -234,9 +254,9 @@ def _head_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.get_submodule(head).parameters()) if head else 0
 
 
-def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn.Module, int, int]:
+def build(method: Method, base: str, id2label: dict[int, str], seed: int) -> tuple[torch.nn.Module, int, int]:
     """The task model set up for ``method``, the LoRA r=8 count and the head's size on the same model."""
-    model = load_task_model(BASE, id2label, seed=seed)
+    model = load_task_model(base, id2label, seed=seed)
     lora_count, head_params = lora_r8_parameters(model), _head_parameters(model)
     if method.kind == "qpeft":
         model = attach(
@@ -246,7 +266,7 @@ def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn
             quantization_aware(model, method.bits())
             lambda_aware(model, method.lambda_bits)
     elif method.kind == "lora":
-        model = lora_peer(model, seed)
+        model = lora_peer(model, seed, rank=method.rank or LORA_PEER_RANK)
     elif method.kind == "head":
         model = train_head_only(model)
     else:
@@ -255,7 +275,7 @@ def build(method: Method, id2label: dict[int, str], seed: int) -> tuple[torch.nn
     return model, lora_count, head_params
 
 
-def file_bytes(method: Method, model: torch.nn.Module, folder: Path) -> dict[str, int]:
+def file_bytes(method: Method, model: torch.nn.Module, folder: Path, base: str) -> dict[str, int]:
     """Bytes of the stored fine-tune: ``compact`` (what one would ship) and ``fp32``."""
     if method.kind == "qpeft":
         bits = method.bits()
@@ -265,9 +285,9 @@ def file_bytes(method: Method, model: torch.nn.Module, folder: Path) -> dict[str
             bits=bits,
             lambda_dtype="fp16",
             lambda_bits=method.lambda_bits,
-            base=BASE,
+            base=base,
         )
-        full = save_adapter(model, folder / "f.qpeft", bits=None, lambda_dtype="fp32", base=BASE)
+        full = save_adapter(model, folder / "f.qpeft", bits=None, lambda_dtype="fp32", base=base)
         return {"compact": compact.stat().st_size, "fp32": full.stat().st_size}
     if method.kind == "head":
         head = model.get_submodule(find_head(model))
@@ -287,32 +307,35 @@ def file_bytes(method: Method, model: torch.nn.Module, folder: Path) -> dict[str
     return sizes
 
 
-def compact_file_accuracy(path: Path, tokenizer, test: list, max_length: int) -> float:
+def compact_file_accuracy(path: Path, base: str, tokenizer, test: list, max_length: int) -> float:
     """Test accuracy of the shipped compact .qpeft (4-bit angles, fp16 head, λ in fp16 or b-bit codes) loaded
     onto a fresh base."""
-    return evaluate(load_adapted_model(BASE, path), tokenizer, test, max_length=max_length, quiet=True)[
+    return evaluate(load_adapted_model(base, path), tokenizer, test, max_length=max_length, quiet=True)[
         "accuracy"
     ]
 
 
 def train_one(config: dict, quiet: bool = True) -> dict:
     """Train and score one run of the grid; returns its record (config, accuracy, counts, bytes, times)."""
-    method = Method(**config["method"])
-    data = load_task(
-        config["task"], max_train=config["train_examples"], max_test=config["test_examples"], seed=SPLIT_SEED
+    method, base = Method(**config["method"]), base_for(config["task"])
+    n_train, held_out = config["train_examples"], config.get("validation_examples", 0)
+    data = load_data(
+        config["task"], max_train=n_train + held_out, max_test=config["test_examples"], seed=SPLIT_SEED
     )
-    tokenizer = load_tokenizer(BASE)
-    model, lora_count, head_params = build(method, data.id2label, config["seed"])
+    train, validation = data.train[:n_train], data.train[n_train:]
+    tokenizer = load_preprocessor(base, config["task"])
+    model, lora_count, head_params = build(method, base, data.id2label, config["seed"])
     trainable = trainable_parameters(model)
+    lr, head_lr = config.get("lr", method.lr), config.get("head_lr", method.head_lr)
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     result = fit(
         model,
         tokenizer,
-        data.train,
+        train,
         epochs=config["epochs"],
-        lr=method.lr,
-        head_lr=method.head_lr,
-        body_lr=method.lr,  # LoRA factors / the fine-tuned body (Quantum-PEFT and head-only have none)
+        lr=lr,
+        head_lr=head_lr,
+        body_lr=lr,  # LoRA factors / the fine-tuned body (Quantum-PEFT and head-only have none)
         batch_size=config["batch_size"],
         max_length=config["max_length"],
         seed=config["seed"],
@@ -321,14 +344,15 @@ def train_one(config: dict, quiet: bool = True) -> dict:
     cpu1, wall1 = _cpu_seconds(), time.perf_counter()
     metrics = evaluate(model, tokenizer, data.test, max_length=config["max_length"], quiet=quiet)
     cpu2, wall2 = _cpu_seconds(), time.perf_counter()
+    held = evaluate(model, tokenizer, validation, max_length=config["max_length"]) if validation else None
     with tempfile.TemporaryDirectory() as tmp:
-        sizes = file_bytes(method, model, Path(tmp))
+        sizes = file_bytes(method, model, Path(tmp), base)
         compact_accuracy = (
-            compact_file_accuracy(Path(tmp) / "c.qpeft", tokenizer, data.test, config["max_length"])
+            compact_file_accuracy(Path(tmp) / "c.qpeft", base, tokenizer, data.test, config["max_length"])
             if method.kind == "qpeft"
             else None
         )
-    if method.kind == "lora" and trainable != lora_count:
+    if method.kind == "lora" and method.rank in (None, LORA_PEER_RANK) and trainable != lora_count:
         raise RuntimeError(f"peft trains {trainable} parameters, the LoRA r=8 count says {lora_count}")
     info = machine_info()
     return {
@@ -336,9 +360,10 @@ def train_one(config: dict, quiet: bool = True) -> dict:
         "hash": config_hash(config),
         "test_accuracy": metrics["accuracy"],
         "test_loss": metrics["loss"],
+        "validation_accuracy": held["accuracy"] if held else None,
         "compact_file_accuracy": compact_accuracy,
         "test_examples": len(data.test),
-        "train_examples": len(data.train),
+        "train_examples": len(train),
         "trainable_parameters": trainable,
         "head_parameters": head_params,
         "lora_r8_parameters": lora_count,
@@ -368,18 +393,21 @@ def grid_configs(settings: dict) -> list[dict]:
 
 
 def run_grid(
-    settings: dict, cache_dir: Path, quiet: bool = True, shard: tuple[int, int] = (0, 1)
+    configs: list[dict], cache_dir: Path, quiet: bool = True, shard: tuple[int, int] = (0, 1)
 ) -> tuple[list[dict], int, int]:
-    """Train every (task, method, seed) of ``shard`` (index, count) not yet cached.
+    """Train every run of ``configs`` in ``shard`` (index, count) not yet cached.
 
     Returns (records, trained now, read from cache)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     index, count = shard
-    configs = grid_configs(settings)[index::count]
+    configs = configs[index::count]
     records, trained, cached = [], 0, 0
     for i, config in enumerate(configs, 1):
         path = cache_path(cache_dir, config)
-        label = f"[{i}/{len(configs)}] {config['task']} {config['method']['name']} seed {config['seed']}"
+        rates = f" lr {config['lr']:g}/{config['head_lr']:g}" if "lr" in config else ""
+        label = (
+            f"[{i}/{len(configs)}] {config['task']} {config['method']['name']}{rates} seed {config['seed']}"
+        )
         if path.is_file():
             record = json.loads(path.read_text())
             cached += 1
@@ -400,19 +428,17 @@ def run_grid(
     return records, trained, cached
 
 
-def run_workers(argv: list[str], workers: int) -> None:
+def run_workers(argv: list[str], workers: int, module: str = "benchmarks.accuracy") -> None:
     """Train the grid's missing runs in ``workers`` child processes of one torch thread each (shards i::workers).
 
     On 2 cores two single-threaded workers finish the grid sooner than one process with two threads: much of a
     step (tokenising, small circuit kernels, the optimiser) does not use a second thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    command = [sys.executable, "-m", "benchmarks.accuracy", *argv]
+    command = [sys.executable, "-m", module, *argv]
     children = [subprocess.Popen([*command, "--shard", f"{i}/{workers}"], env=env) for i in range(workers)]
     failed = [i for i, child in enumerate(children) if child.wait() != 0]
     if failed:
-        raise SystemExit(
-            f"benchmarks.accuracy: worker(s) {failed} failed; finished runs are cached, rerun to resume"
-        )
+        raise SystemExit(f"{module}: worker(s) {failed} failed; finished runs are cached, rerun to resume")
 
 
 def aggregate(records: list[dict], settings: dict) -> list[dict]:
@@ -633,23 +659,40 @@ def _shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class Study:
+    """A study's command line: its module, results name, full and smoke settings."""
+
+    module: str
+    name: str
+    defaults: dict
+    smoke: dict
+    description: str
+
+
+STUDY = Study("benchmarks.accuracy", "accuracy", DEFAULTS, SMOKE, __doc__.splitlines()[0])
+
+
+def parse_args(argv: list[str] | None, study: Study = STUDY) -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0]
-    )
+    defaults = study.defaults
+    parser = argparse.ArgumentParser(prog=f"python -m {study.module}", description=study.description)
 
     def names(values: list[str]) -> list[str]:
         return [v for value in values for v in value.split(",") if v]
 
-    parser.add_argument("--tasks", nargs="+", help=f"default: {' '.join(DEFAULTS['tasks'])}")
+    parser.add_argument("--tasks", nargs="+", help=f"default: {' '.join(defaults['tasks'])}")
     parser.add_argument("--methods", nargs="+", help=f"any of: {' '.join(METHODS)} (default: all)")
     parser.add_argument("--seeds", nargs="+", help="default: 0 1 2")
     parser.add_argument("--train-examples", type=int)
     parser.add_argument("--test-examples", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-length", type=int)
-    parser.add_argument("--smoke", action="store_true", help="tiny grid for CI, written as accuracy_smoke.*")
+    if "validation_examples" in defaults:
+        parser.add_argument("--validation-examples", type=int)
+    parser.add_argument(
+        "--smoke", action="store_true", help=f"tiny grid for CI, written as {study.name}_smoke.*"
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results and the cache go")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     parser.add_argument(
@@ -659,32 +702,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train in this many single-threaded processes (2 suits 2 cores)",
     )
     parser.add_argument("--shard", type=_shard, help=argparse.SUPPRESS)  # i/N: a worker's share of the grid
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # a worker's phase of a phased study
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    base = SMOKE if args.smoke else DEFAULTS
+    base = study.smoke if args.smoke else defaults
     settings = dict(base)
     for key in ("tasks", "methods"):
         if getattr(args, key):
             settings[key] = names(getattr(args, key))
     if args.seeds:
         settings["seeds"] = [int(s) for s in names(args.seeds)]
-    for key in ("train_examples", "test_examples", "epochs", "max_length"):
-        if getattr(args, key) is not None:
+    for key in ("train_examples", "test_examples", "epochs", "max_length", "validation_examples"):
+        if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
     unknown = [m for m in settings["methods"] if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    unknown = [t for t in settings["tasks"] if t not in TASKS]
+    unknown = [t for t in settings["tasks"] if t not in (*TASKS, VIT_TASK)]
     if unknown:
-        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}, {VIT_TASK}")
     if (
         min(settings["train_examples"], settings["test_examples"], settings["epochs"], settings["max_length"])
         < 1
     ):
         parser.error("--train-examples, --test-examples, --epochs and --max-length must be >= 1")
     args.settings = settings
-    args.name = "accuracy_smoke" if args.smoke else "accuracy"
+    args.name = f"{study.name}_smoke" if args.smoke else study.name
     return args
 
 
@@ -695,12 +739,12 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     cache_dir = args.out_dir / f"{args.name}_runs"
     if args.shard:
-        run_grid(args.settings, cache_dir, quiet=not args.progress, shard=args.shard)
+        run_grid(grid_configs(args.settings), cache_dir, quiet=not args.progress, shard=args.shard)
         return {}
     missing = sum(not cache_path(cache_dir, c).is_file() for c in grid_configs(args.settings))
     if args.workers > 1 and missing:
         run_workers(shown, args.workers)
-    records, _, _ = run_grid(args.settings, cache_dir, quiet=not args.progress)
+    records, _, _ = run_grid(grid_configs(args.settings), cache_dir, quiet=not args.progress)
     trained, cached = missing, len(records) - missing
     cells = aggregate(records, args.settings)
     data = {
