@@ -577,28 +577,31 @@ def redactor(backend: Backend, folder: Path) -> Redactor:
     return Redactor(folders)
 
 
+def error_response(error: Exception, redact: Redactor) -> JSONResponse:
+    """The answer to any error: ``{"error": "<one path-free line>"}`` with its status (ApiError and QpeftError
+    by their kind, an HTTPException as raised); anything else is a bug: logged, answered 500."""
+    headers = None
+    if isinstance(error, ApiError):
+        status, message = error.status, str(error)
+    elif isinstance(error, QpeftError):
+        status, message = _status(error), str(error)
+    elif isinstance(error, HTTPException):
+        status, message, headers = error.status_code, str(error.detail), error.headers
+    else:
+        log.error("internal error: %r", error)
+        status, message = 500, "internal error"
+    return JSONResponse({"error": redact(message)}, status_code=status, headers=headers)
+
+
 def _add_error_handlers(app: FastAPI, redact: Redactor) -> None:
-    """Every error answers ``{"error": "<one path-free line>"}``; a bug answers 500 and is logged."""
-
-    def answer(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": redact(message)}, status_code=status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return answer(error.status, str(error))
-
-    @app.exception_handler(QpeftError)
-    async def qpeft_error(_: Request, error: QpeftError) -> JSONResponse:
-        return answer(_status(error), str(error))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        return answer(error.status_code, str(error.detail), error.headers)
+    """Every error answers through :func:`error_response`."""
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception) -> JSONResponse:
-        log.error("internal error: %r", error)
-        return answer(500, "internal error")
+    async def any_error(_: Request, error: Exception) -> JSONResponse:
+        return error_response(error, redact)
+
+    for kind in (ApiError, QpeftError, HTTPException):  # before FastAPI's own handlers of these
+        app.add_exception_handler(kind, any_error)
 
 
 def create_app(
