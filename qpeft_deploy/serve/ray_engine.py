@@ -18,7 +18,8 @@ be the header's, and a body naming one adapter string without the header uses th
   :class:`~qpeft_deploy.serve.app.GenerateResponse` (no header and no adapter: the base model)
 - ``GET /v1/adapters`` → this replica's id and loaded adapters; ``GET /healthz``.
 Answers carry ``x-qpeft-replica`` (the replica's id) and, on the request that loaded its adapter into the
-replica, ``x-qpeft-load-ms`` (read, validate and pack the file into the bank; U and V are built on first use).
+replica, ``x-qpeft-load-ms`` and ``x-qpeft-load-cpu-ms`` (wall and thread CPU time of reading, validating and
+packing the file into the bank; U and V are built on first use).
 
 Configuration: :func:`build_app` is the application builder (``serve run qpeft_deploy.serve.ray_engine:build_app
 base=minilm adapters=/srv/adapters``, or ``import_path`` + ``args`` in a Serve config file), its arguments
@@ -67,7 +68,8 @@ APP = "qpeft"
 DEPLOYMENT = "QpeftAdapters"
 MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Ray Serve's multiplexing header
 REPLICA_HEADER = "x-qpeft-replica"
-LOAD_HEADER = "x-qpeft-load-ms"
+LOAD_HEADER = "x-qpeft-load-ms"  # wall time of the load on the replica
+LOAD_CPU_HEADER = "x-qpeft-load-cpu-ms"  # CPU time of the loading thread (wall less waiting for a core)
 log = logging.getLogger("qpeft.serve")
 
 
@@ -94,12 +96,13 @@ class RayServeArgs(BaseModel):
 class LoadedAdapter:
     """An adapter held in a replica's multiplexing LRU; Ray calls ``__del__`` when it evicts the adapter."""
 
-    def __init__(self, bank: AdapterBank, name: str, load_ms: float):
-        self.bank, self.name, self.load_ms = bank, name, load_ms
+    def __init__(self, bank: AdapterBank, name: str, load_ms: tuple[float, float]):
+        self.bank, self.name, self.load_ms = bank, name, load_ms  # (wall, CPU) ms
         self._live, self._reported = True, False
 
-    def first_load_ms(self) -> float | None:
-        """The load time, to the first request that asks (the one that caused the load), then None."""
+    def first_load_ms(self) -> tuple[float, float] | None:
+        """The (wall, CPU) load time, to the first request that asks (the one that caused the load), then
+        None."""
         if self._reported:
             return None
         self._reported = True
@@ -137,14 +140,15 @@ class QpeftReplica:
     def _load(self, name: str) -> LoadedAdapter:
         """Load ``name`` from the folder (a plain name whose resolved file sits in the folder) into the bank."""
         path = folder_file(self.folder, name)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         _load_file(self.bank, name, path)
-        return LoadedAdapter(self.bank, name, (time.perf_counter() - start) * 1000)
+        times = ((time.perf_counter() - start) * 1000, (time.thread_time() - cpu) * 1000)
+        return LoadedAdapter(self.bank, name, times)
 
     async def _in_worker(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.worker, lambda: fn(*args, **kwargs))
 
-    async def _run(self, name: str | None, fn, *args, **kwargs) -> tuple[Any, float | None]:
+    async def _run(self, name: str | None, fn, *args, **kwargs) -> tuple[Any, tuple[float, float] | None]:
         """(``fn(*args)`` on the worker with adapter ``name`` loaded, load ms if this call loaded it). An adapter
         evicted between its load and the call (another request's load) is loaded again, once."""
         for attempt in range(2):
@@ -180,7 +184,7 @@ class QpeftReplica:
         """A /v1/generate body → its GenerateResponse as a dict (the Python handle's entry point)."""
         return (await self._generate(data))[0]
 
-    async def _classify(self, data: object) -> tuple[dict, float | None]:
+    async def _classify(self, data: object) -> tuple[dict, tuple[float, float] | None]:
         """A /v1/classify body → (ClassifyResponse as a dict, load ms if this request loaded the adapter)."""
         if self.bank.causal:
             raise ApiError(422, "the served base is a causal language model: use the v1/generate endpoint")
@@ -190,7 +194,7 @@ class QpeftReplica:
         answer = ClassifyResponse(adapter=data["adapter"], predictions=[_prediction(p) for p in predictions])
         return answer.model_dump(), load_ms
 
-    async def _generate(self, data: object) -> tuple[dict, float | None]:
+    async def _generate(self, data: object) -> tuple[dict, tuple[float, float] | None]:
         """A /v1/generate body → (GenerateResponse as a dict, load ms if this request loaded the adapter)."""
         if not self.bank.causal:
             raise ApiError(
@@ -220,10 +224,10 @@ class QpeftReplica:
             response.headers.update(headers)
             return response
         if load_ms is not None:
-            headers[LOAD_HEADER] = f"{load_ms:.3f}"
+            headers[LOAD_HEADER], headers[LOAD_CPU_HEADER] = (f"{ms:.3f}" for ms in load_ms)
         return JSONResponse(answer, headers=headers)
 
-    async def _route(self, request: Request) -> tuple[dict, float | None]:
+    async def _route(self, request: Request) -> tuple[dict, tuple[float, float] | None]:
         path, method = request.url.path.rstrip("/"), request.method
         if method == "POST" and path.endswith("/v1/classify"):
             return await self._classify(await _json(request, self.settings.max_body_bytes))
