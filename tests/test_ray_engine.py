@@ -128,16 +128,22 @@ def test_an_evicted_adapter_is_unloaded_once(adapters):
 
 @needs_ray
 @pytest.mark.slow
-def test_ray_serve_multiplexes_adapters_and_survives_a_replica_kill(adapters, reference, tmp_path_factory):
+def test_ray_serve_classifies_generates_and_survives_a_replica_kill(adapters, reference, tmp_path_factory):
     import ray
     from ray import serve
 
     from qpeft_deploy.serve.ray_engine import APP, DEPLOYMENT, MODEL_ID_HEADER, build_app, local_cluster
+    from tests.helpers import make_causal_adapter
 
     temp_dir, port = tmp_path_factory.mktemp("ray"), free_port()
+    causal = tmp_path_factory.mktemp("causal")
+    make_causal_adapter(causal / "lm.qpeft", seed=3)
     args = {"base": "minilm", "adapters": str(adapters), "num_replicas": 2, "max_adapters_per_replica": 2}
+    args["num_cpus_per_replica"] = 0.5
+    generator = {"base": "smollm2", "adapters": str(causal), "num_cpus_per_replica": 0.5}
     with local_cluster(num_cpus=2, port=port, temp_dir=str(temp_dir)):
         serve.run(build_app(args), name=APP, route_prefix="/")
+        serve.run(build_app(generator), name="gen", route_prefix="/gen")
         assert ray_processes(temp_dir)  # the leak check below sees Ray's processes while they run
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
 
@@ -176,6 +182,20 @@ def test_ray_serve_multiplexes_adapters_and_survives_a_replica_kill(adapters, re
             answer = classify(bad)
             assert answer.status_code == status, (bad, answer.text)
             assert str(adapters) not in answer.text and "outside" not in answer.text
+
+        prompt = {"prompt": "Name a colour.", "max_new_tokens": 6}
+        generated = client.post("/gen/v1/generate", json=prompt, headers={MODEL_ID_HEADER: "lm"})
+        assert generated.status_code == 200, generated.text
+        bank = AdapterBank.from_pretrained("smollm2")
+        bank.load("lm", causal / "lm.qpeft")
+        (want,) = bank.generate("Name a colour.", "lm", 6)
+        assert generated.json()["generations"][0]["tokens"] == want.tokens  # greedy: the same tokens
+        base = client.post("/gen/v1/generate", json=prompt).json()["generations"][0]  # no adapter: the base
+        assert (
+            base["adapter"] is None and base["tokens"] == bank.generate("Name a colour.", None, 6)[0].tokens
+        )
+        wrong = client.post("/gen/v1/classify", json={"adapter": "lm", "texts": ["x"]})
+        assert wrong.status_code == 422 and "v1/generate" in wrong.json()["error"]
 
         actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
         victim = next(name for name in actors if name.startswith(f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#"))
@@ -217,3 +237,19 @@ def test_cli_serves_with_ray_and_stops_on_sigterm(adapters, reference, tmp_path_
         if server.poll() is None:
             server.kill()
     assert wait_gone(temp_dir) == []
+
+
+@needs_ray
+def test_the_sample_serve_config_is_valid():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from qpeft_deploy.serve.ray_engine import DEPLOYMENT, build_app
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "samples" / "serve_ray.yaml").read_text())
+    app = ServeDeploySchema.model_validate(config).applications[0]
+    assert app.import_path == "qpeft_deploy.serve.ray_engine:build_app"
+    built = build_app(app.args)  # the arguments are RayServeArgs'
+    deployment = built._bound_deployment
+    assert deployment.name == DEPLOYMENT
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 8

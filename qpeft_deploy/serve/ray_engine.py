@@ -51,17 +51,17 @@ from qpeft_deploy.serve.app import (
     ClassifyResponse,
     GenerateResponse,
     ServeSettings,
-    _generated,
-    _json,
-    _load_file,
-    _prediction,
-    _validation_message,
     adapters_folder,
     classify_request,
     error_response,
     folder_file,
     generate_request,
+    generated_text,
+    load_file,
+    prediction_out,
+    read_json,
     redactor,
+    validation_message,
 )
 
 APP = "qpeft"
@@ -121,7 +121,7 @@ class QpeftReplica:
 
     def __init__(self, args: RayServeArgs):
         torch.set_num_threads(args.torch_threads)
-        self.args, self.settings = args, args.settings
+        self.settings = args.settings
         self.folder = adapters_folder(args.adapters)
         self.bank = AdapterBank.from_pretrained(
             args.base, cache_bytes=args.cache_mb << 20, max_length=args.max_length
@@ -141,7 +141,7 @@ class QpeftReplica:
         """Load ``name`` from the folder (a plain name whose resolved file sits in the folder) into the bank."""
         path = folder_file(self.folder, name)
         start, cpu = time.perf_counter(), time.thread_time()
-        _load_file(self.bank, name, path)
+        load_file(self.bank, name, path)
         times = ((time.perf_counter() - start) * 1000, (time.thread_time() - cpu) * 1000)
         return LoadedAdapter(self.bank, name, times)
 
@@ -191,7 +191,9 @@ class QpeftReplica:
         name = self._wanted(data, required=True)
         _, texts = classify_request(data, self.settings, [name])
         predictions, load_ms = await self._run(name, self.bank.classify, texts, name)
-        answer = ClassifyResponse(adapter=data["adapter"], predictions=[_prediction(p) for p in predictions])
+        answer = ClassifyResponse(
+            adapter=data["adapter"], predictions=[prediction_out(p) for p in predictions]
+        )
         return answer.model_dump(), load_ms
 
     async def _generate(self, data: object) -> tuple[dict, tuple[float, float] | None]:
@@ -212,7 +214,7 @@ class QpeftReplica:
             top_p=body.top_p,
             seed=body.seed,
         )
-        return GenerateResponse(generations=[_generated(g) for g in generations]).model_dump(), load_ms
+        return GenerateResponse(generations=[generated_text(g) for g in generations]).model_dump(), load_ms
 
     async def __call__(self, request: Request) -> JSONResponse:
         """The HTTP entry point (Ray's proxy hands every request of the route prefix here)."""
@@ -230,9 +232,9 @@ class QpeftReplica:
     async def _route(self, request: Request) -> tuple[dict, tuple[float, float] | None]:
         path, method = request.url.path.rstrip("/"), request.method
         if method == "POST" and path.endswith("/v1/classify"):
-            return await self._classify(await _json(request, self.settings.max_body_bytes))
+            return await self._classify(await read_json(request, self.settings.max_body_bytes))
         if method == "POST" and path.endswith("/v1/generate"):
-            return await self._generate(await _json(request, self.settings.max_body_bytes))
+            return await self._generate(await read_json(request, self.settings.max_body_bytes))
         if method == "GET" and path.endswith("/v1/adapters"):
             return {"replica": self.replica, "adapters": self.bank.names()}, None
         if method == "GET" and path.endswith("/healthz"):
@@ -246,7 +248,7 @@ def build_app(args: dict[str, Any] | RayServeArgs) -> Application:
     try:
         config = args if isinstance(args, RayServeArgs) else RayServeArgs.model_validate(args)
     except ValidationError as error:
-        raise ConfigError(f"Ray Serve arguments: {_validation_message(error)}") from None
+        raise ConfigError(f"Ray Serve arguments: {validation_message(error)}") from None
     options: dict[str, Any] = {
         "name": DEPLOYMENT,
         "ray_actor_options": {"num_cpus": config.num_cpus_per_replica},
