@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from benchmarks.swap import qpeft_files
 from qpeft_deploy.errors import ConfigError
@@ -97,6 +98,27 @@ def test_a_missing_ray_is_a_one_line_error_naming_the_extra(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("qpeft: error: ") and "[ray]" in lines[0], lines[0]
+
+
+@needs_ray
+def test_bad_cli_input_is_one_line_before_ray_starts(tmp_path):
+    from qpeft_deploy.cli.main import QpeftGroup
+    from qpeft_deploy.cli.serve import serve_command
+
+    group = QpeftGroup("qpeft")
+    group.add_command(serve_command)
+    ray_cli = ["serve", "--engine", "ray", "--base"]
+    for args, words in (
+        (
+            [*ray_cli, str(tmp_path / "nobase"), "--adapters", str(tmp_path)],
+            "nobase: base model folder not found",
+        ),
+        ([*ray_cli, "minilm", "--adapters", str(tmp_path / "none")], "none: adapters folder not found"),
+        ([*ray_cli, "minilm", "--adapters", str(tmp_path), "--backend", "onnx"], "torch backend only"),
+    ):
+        result = CliRunner().invoke(group, args)
+        assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+        assert words in result.output
 
 
 @needs_ray

@@ -96,7 +96,8 @@ def serve_command(
     quiet: bool,
 ) -> None:
     """Serve every adapter in a folder: POST /v1/classify (or /v1/generate on a causal LM such as smollm2),
-    GET|POST /v1/adapters, GET /healthz."""
+    GET|POST /v1/adapters, GET /healthz. --engine ray: Ray Serve replicas on a local Ray cluster, each loading
+    the adapters that requests name (serve_multiplexed_model_id header) into an LRU (docs/SERVING_AT_SCALE.md)."""
     try:
         from qpeft_deploy.serve.app import ServeSettings, serve
     except ImportError as error:
@@ -149,7 +150,9 @@ def _serve_ray(host: str, port: int, num_cpus: int, quiet: bool, **args) -> None
         raise ConfigError(
             f"qpeft serve --engine ray needs the [ray] extra (pip install 'qpeft-deploy[ray]'): {error}"
         ) from None
+    from qpeft_deploy.models import resolve_base
     from qpeft_deploy.serve.app import adapters_folder
 
-    adapters_folder(args["adapters"])  # a missing folder is a one-line error before Ray starts
+    resolve_base(args["base"])  # a missing base or folder is a one-line error before Ray starts
+    adapters_folder(args["adapters"])
     serve_local(RayServeArgs(**args), num_cpus=num_cpus, host=host, port=port, quiet=quiet)
