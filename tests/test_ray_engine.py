@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
@@ -23,9 +22,18 @@ from benchmarks.swap import qpeft_files
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.runtime.bank import AdapterBank
 
-needs_ray = pytest.mark.skipif(
-    find_spec("ray") is None, reason="ray is not installed: pip install 'qpeft-deploy[ray]' to run this test"
-)
+
+def _ray_missing() -> str | None:
+    """Why ray cannot be imported (None when it can)."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as error:
+        return f"ray is not importable ({error}): pip install 'qpeft-deploy[ray]' to run this test"
+    return None
+
+
+RAY_MISSING = _ray_missing()
+needs_ray = pytest.mark.skipif(RAY_MISSING is not None, reason=RAY_MISSING or "")
 TEXTS = ["a gorgeous, moving film", "who wrote hamlet?", "dull and far too long"]
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
 
