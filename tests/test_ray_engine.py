@@ -92,19 +92,18 @@ def assert_same(answer: dict, expected) -> None:
         assert max(abs(got["scores"][k] - want.scores[k]) for k in want.scores) < 1e-4
 
 
-def test_a_missing_ray_is_a_one_line_error_naming_the_extra(tmp_path):
-    code = "import sys; sys.modules['ray'] = None; from qpeft_deploy.cli.main import main; main()"
+def test_a_missing_ray_is_a_one_line_error_naming_the_extra(tmp_path, monkeypatch):
+    from qpeft_deploy.cli.main import QpeftGroup
+    from qpeft_deploy.cli.serve import serve_command
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as without the extra
+    monkeypatch.delitem(sys.modules, "qpeft_deploy.serve.ray_engine", raising=False)
+    group = QpeftGroup("qpeft")
+    group.add_command(serve_command)
     args = ["serve", "--engine", "ray", "--base", "minilm", "--adapters", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        check=False,
-        env=os.environ | ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    result = CliRunner().invoke(group, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith("qpeft: error: ") and "[ray]" in lines[0], lines[0]
 
 
