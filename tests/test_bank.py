@@ -166,6 +166,18 @@ def test_bad_calls_are_config_errors(bank, inputs):
         bank.model(**inputs)
 
 
+def test_digesting_the_base_up_front_keeps_the_base_check(files, tmp_path):
+    bank = AdapterBank.from_pretrained("minilm")
+    bank.digest_base()  # a server's warm-up: the base digests, before any adapter
+    bank.load("sent", files["sent"])
+    other_base = read_adapter(files["sent"])
+    other_base.fingerprint = {k: b"\x00" * 8 for k in other_base.fingerprint}
+    write_adapter(tmp_path / "other.qpeft", other_base)
+    with pytest.raises(BaseMismatchError, match="other.qpeft: .* differs from the adapter's base model"):
+        bank.load("other", tmp_path / "other.qpeft")
+    assert bank.names() == ["sent"]
+
+
 def test_load_refuses_bad_files_and_keeps_serving(bank, files, inputs, reference, tmp_path):
     corrupt = tmp_path / "corrupt.qpeft"
     corrupt.write_bytes(files["sent"].read_bytes()[:-7])

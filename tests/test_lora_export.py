@@ -233,3 +233,83 @@ def test_causal_adapter_exports_as_a_causal_lm_lora_that_peft_applies(tmp_path):
     with torch.no_grad():
         assert (peft(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
     assert greedy(peft, ids) == greedy(model, ids)
+
+
+# vLLM's LoRA loader, re-stated (vLLM needs CUDA torch and is not installed here). Sources, vllm-project/vllm:
+#   vllm/lora/peft_helper.py @ e745bafffc44744aa601169f8c6f325e47ca7cd5: PEFTHelper.from_dict (r, lora_alpha,
+#     target_modules required), validate_legal (no modules_to_save, no DoRA, bias "none" unless bias_enabled,
+#     r <= max_lora_rank), __post_init__ (one scale lora_alpha / r for every module; rank_pattern is not read).
+#   vllm/config/lora.py @ a78dc92f43ae2471dd40675a47079aa1a9a157c1: MaxLoRARanks, the --max-lora-rank choices.
+#   vllm/lora/lora_model.py @ 0306474e9d1f26d8717aad457b9511f0c9e57d60: from_local_checkpoint reads
+#     adapter_model.safetensors; check_unexpected_modules refuses a module whose last name part is not expected.
+#   vllm/lora/utils.py @ 0fd157078c53638b7ffc9ce7f2c8b8d7ef7a7d28: parse_fine_tuned_lora_name (the
+#     base_model.model. prefix, then <module>.lora_A.weight / .lora_B.weight), is_base_embedding_weights.
+#   vllm/model_executor/models/llama.py @ e06c9ba2a6ea923a84add30f5dafaea126429b81: LlamaForCausalLM's
+#     packed_modules_mapping (qkv_proj <- q/k/v_proj, gate_up_proj <- gate/up_proj) and embedding_modules.
+# Not checked (needs vLLM on a GPU): the Punica kernels' numerics, and that LoRA of different ranks per packed
+# slice (q/k/v) runs; every module's rank <= r is checked, which is what vLLM's padded slots need.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LLAMA_LORA_MODULES = {  # linear suffixes, packed mapping expanded, plus embedding_modules
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "embed_tokens",
+    "lm_head",
+}
+
+
+def vllm_module(key: str) -> tuple[str, str]:
+    """(module, 'lora_A'|'lora_B') of a tensor key as vLLM's parse_fine_tuned_lora_name reads it."""
+    assert key.startswith(KEY_PREFIX), key
+    parts = key.split(".")
+    assert parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"), f"{key} is unsupported LoRA weight"
+    return ".".join(parts[2:-2]), parts[-2]
+
+
+def test_smollm2_lora_export_meets_vllm_loader_expectations(tmp_path):
+    from tests.helpers import causal_adapter_model
+
+    model = causal_adapter_model(seed=5)
+    next(iter(adapted_layers(model).values())).spectrum.prune_to(3)  # one module below r: rank_pattern
+    path = save_adapter(model, tmp_path / "lm.qpeft", base="smollm2")
+    group, export = QpeftGroup("qpeft"), click.Group("export")
+    export.add_command(export_lora_command)
+    group.add_command(export)
+    out = tmp_path / "smollm2-lora"
+    args = ["export", "lora", str(path), "-o", str(out), "--base", "smollm2", "--dtype", "bf16"]
+    done = CliRunner().invoke(group, args)
+    assert done.exit_code == 0, done.output
+
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert {"r", "lora_alpha", "target_modules"} <= config.keys()  # PEFTHelper.from_dict
+    assert not config.get("modules_to_save") and not config.get("use_dora")  # validate_legal
+    assert config.get("bias", "none") == "none" and not config.get("use_rslora")
+    assert config["r"] in VLLM_MAX_LORA_RANKS  # --max-lora-rank r is a valid choice
+    assert config["lora_alpha"] / config["r"] == 1  # vLLM's one scale is PEFT's for every module
+    assert config["task_type"] == "CAUSAL_LM"
+    last = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}  # PEFT suffix names; vLLM only
+    assert last <= VLLM_LLAMA_LORA_MODULES - {"embed_tokens", "lm_head"}  # requires the key, keys decide
+
+    assert (out / WEIGHTS_FILE).name == "adapter_model.safetensors" and (out / WEIGHTS_FILE).is_file()
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            module, side = vllm_module(key)
+            assert module.rsplit(".", 1)[-1] in VLLM_LLAMA_LORA_MODULES  # check_unexpected_modules
+            assert not key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight"))
+            pairs.setdefault(module, {})[side] = f.get_tensor(key)
+    ranks = set()
+    for module, pair in pairs.items():
+        assert module.startswith("model.layers.") and pair.keys() == {"lora_A", "lora_B"}, module
+        a, b = pair["lora_A"], pair["lora_B"]
+        assert a.dtype == b.dtype == torch.bfloat16
+        layer = model.get_submodule(module)
+        out_features, in_features = getattr(layer, "base", layer).weight.shape
+        assert a.shape[1] == in_features and b.shape[0] == out_features and a.shape[0] == b.shape[1]
+        assert 1 <= a.shape[0] <= config["r"]  # every module fits vLLM's max_lora_rank slots
+        ranks.add(a.shape[0])
+    assert len(pairs) == 210 and ranks == {3, config["r"]}  # 30 layers x 7 modules; the pruned one has 3

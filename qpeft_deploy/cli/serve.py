@@ -15,6 +15,30 @@ from qpeft_deploy.errors import ConfigError
     required=True,
     help="folder of .qpeft files (served under their stem) and PEFT-native adapter folders (under their name)",
 )
+@click.option(
+    "--engine",
+    default="process",
+    show_default=True,
+    type=click.Choice(["process", "ray"]),
+    help="process: one FastAPI process; ray: Ray Serve replicas on a local Ray cluster (extra [ray])",
+)
+@click.option(
+    "--replicas", default=2, show_default=True, type=click.IntRange(1), help="--engine ray: replica count"
+)
+@click.option(
+    "--max-adapters-per-replica",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="--engine ray: adapters each replica keeps loaded (least recently used evicted)",
+)
+@click.option(
+    "--num-cpus",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="--engine ray: CPUs of the local Ray cluster, shared by the replicas",
+)
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]))
 @click.option(
     "--onnx-model",
@@ -56,6 +80,10 @@ from qpeft_deploy.errors import ConfigError
 def serve_command(
     base: str,
     adapters: str,
+    engine: str,
+    replicas: int,
+    max_adapters_per_replica: int,
+    num_cpus: int,
     backend: str,
     onnx_model: str | None,
     host: str,
@@ -68,7 +96,8 @@ def serve_command(
     quiet: bool,
 ) -> None:
     """Serve every adapter in a folder: POST /v1/classify (or /v1/generate on a causal LM such as smollm2),
-    GET|POST /v1/adapters, GET /healthz."""
+    GET|POST /v1/adapters, GET /healthz. --engine ray: Ray Serve replicas on a local Ray cluster, each loading
+    the adapters that requests name (serve_multiplexed_model_id header) into an LRU (docs/SERVING_AT_SCALE.md)."""
     try:
         from qpeft_deploy.serve.app import ServeSettings, serve
     except ImportError as error:
@@ -81,6 +110,24 @@ def serve_command(
         batch_window_s=batch_window_ms / 1000,
         max_new_tokens=max_new_tokens,
     )
+    if engine == "ray":
+        if backend != "torch":
+            raise ConfigError("--engine ray serves the torch backend only (leave out --backend onnx)")
+        _serve_ray(
+            host,
+            port,
+            num_cpus,
+            quiet,
+            base=base,
+            adapters=adapters,
+            num_replicas=replicas,
+            num_cpus_per_replica=num_cpus / replicas,
+            max_adapters_per_replica=max_adapters_per_replica,
+            cache_mb=cache_mb,
+            max_length=max_length,
+            settings=settings,
+        )
+        return
     serve(
         base,
         adapters,
@@ -93,3 +140,19 @@ def serve_command(
         max_length=max_length,
         log_level="warning" if quiet else "info",
     )
+
+
+def _serve_ray(host: str, port: int, num_cpus: int, quiet: bool, **args) -> None:
+    """Ray Serve on a local cluster until SIGINT/SIGTERM (one-line error without the [ray] extra)."""
+    try:
+        from qpeft_deploy.serve.ray_engine import RayServeArgs, serve_local
+    except ImportError as error:
+        raise ConfigError(
+            f"qpeft serve --engine ray needs the [ray] extra (pip install 'qpeft-deploy[ray]'): {error}"
+        ) from None
+    from qpeft_deploy.models import resolve_base
+    from qpeft_deploy.serve.app import adapters_folder
+
+    resolve_base(args["base"])  # a missing base or folder is a one-line error before Ray starts
+    adapters_folder(args["adapters"])
+    serve_local(RayServeArgs(**args), num_cpus=num_cpus, host=host, port=port, quiet=quiet)

@@ -51,7 +51,7 @@ from qpeft_deploy.core.factors import frame_fn, target_params
 from qpeft_deploy.core.keys import weight_key
 from qpeft_deploy.core.layer import linear_shape
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.io.fingerprint import check_base
+from qpeft_deploy.io.fingerprint import base_fingerprint, check_base
 from qpeft_deploy.io.model_io import check_task
 from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import (
@@ -477,6 +477,12 @@ class AdapterBank:
             self._adapters[name] = adapter
         if old is not None:
             self.cache.drop(old)
+
+    def digest_base(self) -> None:
+        """Digest the base tensor of every adaptable layer now (a server's warm-up), so that the first adapter
+        loaded does not pay for reading them; a bank without a base folder has nothing to digest."""
+        if self.base_dir is not None:
+            self._digests.update(base_fingerprint(self.base_dir, self._layers))
 
     def unload(self, name: str) -> None:
         """Forget adapter ``name`` (calls already running keep using it); clears the default if it was."""

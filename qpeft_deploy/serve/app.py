@@ -360,7 +360,7 @@ def load_folder(backend: Backend, folder: Path) -> LoadedFolder:
     names, skipped = [], {}
     for name, path in _served(folder):
         try:
-            _load_file(backend, name, folder_file(folder, name))
+            load_file(backend, name, folder_file(folder, name))
         except (QpeftError, ApiError) as error:
             skipped[path.name] = redact(str(error))
         except Exception as error:  # a bug while loading one file must not stop the others
@@ -390,7 +390,8 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _json(request: Request, limit: int) -> object:
+async def read_json(request: Request, limit: int) -> object:
+    """The request's JSON body (415 unless application/json, 413 past ``limit`` bytes, 400 malformed)."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise ApiError(415, "send the body as application/json")
     try:
@@ -437,7 +438,7 @@ def _validated(model: type[BaseModel], data: object) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ApiError(422, _validation_message(error)) from None
+        raise ApiError(422, validation_message(error)) from None
 
 
 def _check_texts(texts: list[str], field: str, settings: ServeSettings) -> None:
@@ -531,7 +532,7 @@ def request_body(model: type[BaseModel]) -> dict:
     }
 
 
-def _validation_message(error: ValidationError) -> str:
+def validation_message(error: ValidationError) -> str:
     """The first problem of a pydantic validation as one line: ``field: message``."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
@@ -560,11 +561,13 @@ def _unknown(name: str, names: list[str]) -> str:
     return f"no adapter named {name[:60]!r} is loaded (loaded: {loaded})"
 
 
-def _generated(g: Generation) -> GeneratedText:
+def generated_text(g: Generation) -> GeneratedText:
+    """A bank generation as the response model."""
     return GeneratedText(adapter=g.adapter, text=g.text, tokens=g.tokens, finish_reason=g.finish_reason)
 
 
-def _prediction(p: Prediction) -> PredictionOut:
+def prediction_out(p: Prediction) -> PredictionOut:
+    """A bank prediction as the response model."""
     return PredictionOut(adapter=p.adapter, label=p.label, scores=p.scores)
 
 
@@ -577,28 +580,31 @@ def redactor(backend: Backend, folder: Path) -> Redactor:
     return Redactor(folders)
 
 
+def error_response(error: Exception, redact: Redactor) -> JSONResponse:
+    """The answer to any error: ``{"error": "<one path-free line>"}`` with its status (ApiError and QpeftError
+    by their kind, an HTTPException as raised); anything else is a bug: logged, answered 500."""
+    headers = None
+    if isinstance(error, ApiError):
+        status, message = error.status, str(error)
+    elif isinstance(error, QpeftError):
+        status, message = _status(error), str(error)
+    elif isinstance(error, HTTPException):
+        status, message, headers = error.status_code, str(error.detail), error.headers
+    else:
+        log.error("internal error: %r", error)
+        status, message = 500, "internal error"
+    return JSONResponse({"error": redact(message)}, status_code=status, headers=headers)
+
+
 def _add_error_handlers(app: FastAPI, redact: Redactor) -> None:
-    """Every error answers ``{"error": "<one path-free line>"}``; a bug answers 500 and is logged."""
-
-    def answer(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": redact(message)}, status_code=status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return answer(error.status, str(error))
-
-    @app.exception_handler(QpeftError)
-    async def qpeft_error(_: Request, error: QpeftError) -> JSONResponse:
-        return answer(_status(error), str(error))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        return answer(error.status_code, str(error.detail), error.headers)
+    """Every error answers through :func:`error_response`."""
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception) -> JSONResponse:
-        log.error("internal error: %r", error)
-        return answer(500, "internal error")
+    async def any_error(_: Request, error: Exception) -> JSONResponse:
+        return error_response(error, redact)
+
+    for kind in (ApiError, QpeftError, HTTPException):  # before FastAPI's own handlers of these
+        app.add_exception_handler(kind, any_error)
 
 
 def create_app(
@@ -645,7 +651,9 @@ def create_app(
     async def classify(request: Request) -> ClassifyResponse:
         if causal:
             raise ApiError(422, "the served base is a causal language model: use the v1/generate endpoint")
-        data = await _json(request, settings.max_body_bytes)  # strict JSON and the size limit, then the model
+        data = await read_json(
+            request, settings.max_body_bytes
+        )  # strict JSON and the size limit, then the model
         adapters, texts = classify_request(data, settings, backend.names())
         try:
             predictions = await asyncio.wrap_future(batcher.submit(adapters, texts))
@@ -655,7 +663,7 @@ def create_app(
                 if name not in names:  # unloaded while the request waited
                     raise ApiError(404, _unknown(name, names)) from None
             raise
-        return ClassifyResponse(adapter=data["adapter"], predictions=[_prediction(p) for p in predictions])
+        return ClassifyResponse(adapter=data["adapter"], predictions=[prediction_out(p) for p in predictions])
 
     @app.post(
         "/v1/generate",
@@ -667,7 +675,9 @@ def create_app(
             raise ApiError(
                 422, "the served base is not a causal language model: use the v1/classify endpoint"
             )
-        data = await _json(request, settings.max_body_bytes)  # strict JSON and the size limit, then the model
+        data = await read_json(
+            request, settings.max_body_bytes
+        )  # strict JSON and the size limit, then the model
         prompts, adapter, body = generate_request(data, settings, backend.names())
         job = generator.submit(
             backend.generate,
@@ -686,7 +696,7 @@ def create_app(
                 if name is not None and name not in names:  # unloaded while the request waited
                     raise ApiError(404, _unknown(name, names)) from None
             raise
-        return GenerateResponse(generations=[_generated(g) for g in generations])
+        return GenerateResponse(generations=[generated_text(g) for g in generations])
 
     @app.post("/v1/adapters", status_code=201)
     async def load(request: Request, name: str | None = None) -> dict:
@@ -696,7 +706,7 @@ def create_app(
             data = await _body(request, settings.max_upload_bytes)
             await run_in_threadpool(_load_bytes, backend, name, data)
         else:
-            body = await _json(request, settings.max_body_bytes)
+            body = await read_json(request, settings.max_body_bytes)
             if not isinstance(body, dict) or set(body) != {"name"} or not isinstance(body["name"], str):
                 raise ApiError(
                     422,
@@ -705,7 +715,7 @@ def create_app(
                     "with ?name=",
                 )
             name = body["name"]
-            await run_in_threadpool(_load_file, backend, name, folder_file(folder, name))
+            await run_in_threadpool(load_file, backend, name, folder_file(folder, name))
             skipped.pop(f"{name}{SUFFIX}", None)
             skipped.pop(name, None)
         return {"name": name, "labels": backend.labels(name)}
@@ -720,7 +730,7 @@ def create_app(
     return app
 
 
-def _load_file(backend: Backend, name: str, path: Path) -> None:
+def load_file(backend: Backend, name: str, path: Path) -> None:
     """Load a file of the served folder, naming it by its file name only in errors."""
     try:
         backend.load(name, path)
