@@ -285,7 +285,9 @@ def test_runtime_graph_has_circuit_nodes_and_no_folded_delta(exports, adapters):
     assert len(calls) == len(config.targets) == 37
     assert {f.name for f in model.functions} == {OP_TYPE} and all(f.domain == DOMAIN for f in model.functions)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert set(json.loads(meta["qpeft.apply"]).values()) == {"dense"} and report["apply"] == {"dense": 37}
+    # auto: every MatMul site folds (constant angles), the pooler's Gemm runs the cheaper kind
+    assert set(json.loads(meta["qpeft.apply"]).values()) == {"fold", "dense"}
+    assert report["apply"] == {"fold": 36, "dense": 1}
     # base weights untouched, and no W + ΔW anywhere
     adapted = torch_model("two")
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -301,7 +303,7 @@ def test_runtime_graph_has_circuit_nodes_and_no_folded_delta(exports, adapters):
 
 
 def test_full_rank_runtime_applies_circuits(exports, batches):
-    out, report = exports("full", "runtime")
+    out, report = exports("full", "runtime", apply="circuit")
     assert report["apply"] == {"circuit": 37} and report["max_abs_diff_vs_torch"] <= 1e-4
     model = onnx.load(str(out / MODEL_FILE))
     assert all(n.overload.startswith("circuit_") for n in model.graph.node if n.op_type == OP_TYPE)
@@ -363,6 +365,31 @@ def test_fp16_conversion_halves_the_model_and_keeps_io(exports, batches, tmp_pat
         assert got.dtype == np.float32 and np.abs(got - torch_logits("two", i)).max() < 5e-3
 
 
+def test_runtime_fold_is_merged_once_onnxruntime_has_folded_it(exports, batches, tmp_path):
+    """auto folds W + ΔW at session start: the file keeps W and the angles, onnxruntime's optimised graph
+    holds the merged weight, and the outputs equal torch's."""
+    out, report = exports("full", "runtime")
+    assert report["apply"] == {"fold": 36, "circuit": 1} and report["max_abs_diff_vs_torch"] <= 1e-4
+    layer = adapted_layers(torch_model("full"))["encoder.layer.2.intermediate.dense.weight"]
+    w = layer.base.weight.detach().numpy()
+    merged = (w + layer.delta_weight().detach().numpy()).T
+    stored = [numpy_helper.to_array(i) for i in onnx.load(str(out / MODEL_FILE)).graph.initializer]
+    assert any(a.shape == w.T.shape and np.array_equal(a, w.T) for a in stored)
+    assert not any(a.shape == merged.shape and np.allclose(a, merged, atol=1e-5) for a in stored)
+    options = session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(out / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    folded = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "optimised.onnx")).graph.initializer]
+    assert any(a.shape == merged.shape and np.allclose(a, merged, atol=1e-5) for a in folded)
+    for i, inputs in enumerate(batches):
+        assert np.abs(ort_logits(out, inputs) - torch_logits("full", i)).max() <= 1e-4
+
+
+def test_fold_needs_runtime_mode(tmp_path):
+    with pytest.raises(QpeftError, match="--apply fold needs --mode runtime"):
+        export_onnx("minilm", adapter_file("two"), tmp_path / "x", mode="swappable", apply="fold", quiet=True)
+
+
 def test_bare_encoder_runtime_export(batches, tmp_path):
     """A head-less adapter exports the encoder (last_hidden_state); the pooler it also adapts is not in the
     graph, and is recorded as unused."""
@@ -373,7 +400,7 @@ def test_bare_encoder_runtime_export(batches, tmp_path):
             layer.spectrum.lam.normal_(0, 0.3)
     save_adapter(model, tmp_path / "enc.qpeft", base="minilm", drop_head=True)
     report = export_onnx("minilm", tmp_path / "enc.qpeft", tmp_path / "enc", mode="runtime", quiet=True)
-    assert report["task"] == "feature-extraction" and report["apply"] == {"dense": 36, "unused": 1}
+    assert report["task"] == "feature-extraction" and report["apply"] == {"fold": 36, "unused": 1}
     encoder = load_adapted_model("minilm", tmp_path / "enc.qpeft")
     for inputs in batches:
         with torch.no_grad():

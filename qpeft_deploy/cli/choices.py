@@ -13,7 +13,7 @@ DEFAULT_MAX_SHARD_SIZE = "2GB"  # qpeft_deploy.merge.checkpoint.DEFAULT_MAX_SHAR
 ONNX_MODES = ("merged", "runtime", "swappable")
 ONNX_DTYPES = ("fp32", "fp16")
 ONNX_SWAPS = ("factors", "angles")
-ONNX_APPLIES = ("auto", "circuit", "dense")
+ONNX_APPLIES = ("auto", "circuit", "dense", "fold")
 ONNX_VIAS = ("torch", "optimum")
 ONNX_TASKS = ("text-classification", "feature-extraction", "text-generation", "image-classification")
 

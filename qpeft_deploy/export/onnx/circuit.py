@@ -21,6 +21,9 @@ told apart by the node's ``overload`` (IR 10); the ``fused_dense`` form takes W�
   dense    (x, theta_v, theta_u, lam): (x V) (U diag(lam))ᵀ with U, V built from the angles in the body
            (constant-folded by onnxruntime when the angles are constant initialisers)
   fused_dense (x, wt, theta_v, theta_u, lam): [x, x V] · [Wᵀ; (U diag(lam))ᵀ], replacing the layer's MatMul
+  fused_fold  (x, wt, theta_v, theta_u, lam): x · (Wᵀ + V (U diag(lam))ᵀ), replacing the layer's MatMul: with
+           constant angles onnxruntime folds the sum once at session start, so a token costs what the merged
+           model's does (W itself stays unchanged in the file)
   factors  (x, v, ut): (x v) ut with materialised v = V (M×K) and ut = (U diag(lam))ᵀ (K×N)
 where lam = α·λ⊙mask.
 """
@@ -48,7 +51,7 @@ from qpeft_deploy.core.circuit import (
 DOMAIN = "qpeft"
 OP_TYPE = "CircuitApply"
 OPSET = 18
-KINDS = ("circuit", "dense", "factors")
+KINDS = ("circuit", "dense", "fold", "factors")
 GEMM_OVERHEAD = (
     2048  # planner: fixed cost of one MatMul node, in multiply-adds per vector (~hundreds of tokens)
 )
@@ -262,7 +265,7 @@ def circuit_columns(body: Body, theta: str, schedule: Schedule, k: int) -> str:
 @dataclass(frozen=True)
 class Signature:
     """What one CircuitApply function is specialised to: kind, W's shape (N out, M in), rank K, layers L, and
-    whether it is ``fused`` (the whole linear, see :func:`_dense_body`) or ΔW x alone."""
+    whether it is ``fused`` (the whole linear, see :func:`_dense_body`; always for ``fold``) or ΔW x alone."""
 
     kind: str
     n: int
@@ -315,10 +318,13 @@ def _circuit_body(body: Body, sig: Signature) -> str:
 
 def _dense_body(body: Body, sig: Signature) -> str:
     """(x V)(U diag(lam))ᵀ; fused: the whole linear as one MatMul of [x, x V] by [Wᵀ; (U diag(lam))ᵀ]
-    (W is not changed: onnxruntime folds the constant stack once, and a layer costs one node less)."""
+    (W is not changed: onnxruntime folds the constant stack once, and a layer costs one node less); fold: the
+    whole linear as x · (Wᵀ + V (U diag(lam))ᵀ), one MatMul of the merged size once folded."""
     v = circuit_columns(body, "theta_v", build_schedule(sig.m, sig.layers), sig.k)
     u = circuit_columns(body, "theta_u", build_schedule(sig.n, sig.layers), sig.k)
     ut = body.op("Transpose", body.op("Mul", u, "lam"))
+    if sig.kind == "fold":
+        return body.op("MatMul", "x", body.op("Add", "wt", body.op("MatMul", v, ut)))
     h = body.op("MatMul", "x", v)
     if sig.fused:
         return body.op("MatMul", body.op("Concat", "x", h, axis=-1), body.op("Concat", "wt", ut, axis=0))
@@ -330,7 +336,7 @@ def circuit_apply_function(sig: Signature) -> FunctionProto:
     body = Body()
     if sig.kind == "factors":
         out = body.op("MatMul", body.op("MatMul", "x", "v"), "ut")
-    elif sig.kind == "dense":
+    elif sig.kind in ("dense", "fold"):
         out = _dense_body(body, sig)
     else:
         out = _circuit_body(body, sig)

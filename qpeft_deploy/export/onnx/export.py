@@ -4,17 +4,19 @@ Route: the task model is built from the base and the .qpeft file, its adapters a
 ``merged``), and the plain model is exported with torch's legacy exporter (or optimum, ``via="optimum"``).
 For ``runtime`` and ``swappable`` the graph is then edited (:mod:`qpeft_deploy.export.onnx.graph`): each
 adapted layer's node gets a ``qpeft.CircuitApply`` (:mod:`qpeft_deploy.export.onnx.circuit`), its parameters
-named ``qpeft.<base key>.<name>``. No ΔW is ever formed or folded into W, except for an adapted nn.Conv2d,
-whose ΔW kernel is built in the graph from the parameters. The exported model is then run with onnxruntime
-and compared with torch (:mod:`qpeft_deploy.export.onnx.compare`); the folder appears only when all of that
-succeeded (:func:`qpeft_deploy.atomic.atomic_folder`).
+named ``qpeft.<base key>.<name>``. The file never holds ΔW or W + ΔW: W stays as exported and ΔW is built in
+the graph from the parameters (for ``fold`` and nn.Conv2d as a weight, folded by onnxruntime when constant).
+The exported model is then run with onnxruntime and compared with torch
+(:mod:`qpeft_deploy.export.onnx.compare`); the folder appears only when all of that succeeded
+(:func:`qpeft_deploy.atomic.atomic_folder`).
 
-- ``runtime``: angles and λ are constant initialisers; per layer the ``circuit`` kind (the circuits act on the
-  activations) or the ``dense`` kind (U, V built from the angles in the graph and constant-folded by
-  onnxruntime) is chosen by cost (or forced, ``apply=``) and recorded in the metadata (``qpeft.apply``).
-  A dense layer at a MatMul site is one ``CircuitApply(x, Wᵀ, ...)`` node in place of the MatMul, computing
-  [x, x V]·[Wᵀ; (U diag(α λ))ᵀ]: W itself is unchanged, and the layer costs one node less than
-  MatMul + two thin matmuls + Add.
+- ``runtime``: angles and λ are constant initialisers. Per layer, ``auto`` (or ``apply=``) picks the kind,
+  recorded in the metadata (``qpeft.apply``): ``fold`` at a MatMul site (the layer's MatMul becomes one
+  ``CircuitApply(x, Wᵀ, ...)`` computing x · (Wᵀ + V (U diag(α λ))ᵀ): onnxruntime constant-folds that sum
+  once at session start, so a token costs the merged model's; the file keeps W unchanged and the angles),
+  elsewhere the cheaper of ``circuit`` (the circuits act on the activations) and ``dense`` (U, V built from
+  the angles in the graph and constant-folded by onnxruntime). A ``dense`` layer at a MatMul site is one
+  ``CircuitApply(x, Wᵀ, ...)`` computing [x, x V]·[Wᵀ; (U diag(α λ))ᵀ].
 - ``swappable``: the adapter parameters and the head are overridable initialisers (graph inputs with
   defaults; the head's label axis is symbolic, ``num_labels``). ``swap="factors"`` carries materialised
   v = V and ut = (U diag(α λ))ᵀ (fast runs, LoRA-sized adapter files); ``swap="angles"`` carries angles
@@ -63,7 +65,7 @@ from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import is_image_base, load_tokenizer, resolve_base
 
 MODES = ("merged", "runtime", "swappable")
-APPLIES = ("auto", "circuit", "dense")
+APPLIES = ("auto", "circuit", "dense", "fold")
 DTYPES = ("fp32", "fp16")
 VIAS = ("torch", "optimum")
 IR_VERSION = 10  # onnx 1.23 stamps IR 14; onnxruntime 1.32 reads up to 13 (and IR 10 has function overloads)
@@ -130,6 +132,10 @@ class Options:
         if self.mode != "merged" and (self.dtype != "fp32" or self.quantize):
             raise ConfigError(
                 "--dtype fp16 and --quantize int8 apply to --mode merged (circuits run in fp32)"
+            )
+        if self.apply == "fold" and self.mode != "runtime":
+            raise ConfigError(
+                "--apply fold needs --mode runtime (it folds constant angles into W at session start)"
             )
         if self.dtype == "fp16" and self.quantize:
             raise ConfigError("--quantize int8 quantises an fp32 model: use it with --dtype fp32")

@@ -204,12 +204,24 @@ def insert_circuit_apply(model: onnx.ModelProto, sites: dict[str, onnx.NodeProto
 # ------------------------------------------------------------------------------------------ adapted graph
 
 
-def layer_kind(adapter: AdapterFile, key: str, mode: str, swap: str = "factors", apply: str = "auto") -> str:
-    """How target ``key`` runs: 'factors' (swappable factors; Taylor adapters), else ``apply`` or, for 'auto',
-    the cheaper of 'circuit' and 'dense'."""
+def layer_kind(
+    adapter: AdapterFile,
+    key: str,
+    mode: str,
+    swap: str = "factors",
+    apply: str = "auto",
+    site: str = "MatMul",
+) -> str:
+    """How target ``key`` runs at a ``site`` node: 'factors' (swappable factors; Taylor adapters), else
+    ``apply`` or, for 'auto', 'fold' in ``runtime`` mode at a MatMul (constant angles: onnxruntime folds
+    W + ΔW at session start and a token costs the merged model's, whatever K), else the cheaper of 'circuit'
+    and 'dense'. 'fold' needs constant angles and a MatMul; elsewhere it becomes the cheaper of the two."""
     if (mode == "swappable" and swap == "factors") or adapter.config.variant != "pauli":
         return "factors"
-    if apply != "auto":
+    foldable = mode == "runtime" and site == "MatMul"
+    if apply in ("auto", "fold") and foldable:
+        return "fold"
+    if apply not in ("auto", "fold"):
         return apply
     return cheapest_kind(*adapter.dims(key), adapter.config.layers)
 
@@ -223,17 +235,17 @@ def adapter_graph(
     by_value, sites, calls, kinds, unused = initializers_by_value(model.graph), {}, {}, {}, {}
     for key, layer in layers.items():
         n, m, k = adapter.dims(key)
-        kind = layer_kind(adapter, key, mode, swap, apply)
+        node = find_site(model.graph, by_value, layer)
+        kind = layer_kind(adapter, key, mode, swap, apply, node.op_type if node is not None else "")
         if isinstance(layer, nn.Conv2d) and kind == "circuit":
             kind = "dense"  # ΔW is built once per run as a kernel: circuits on I_M gain nothing
         params = target_parameters(adapter, key, kind)
-        node = find_site(model.graph, by_value, layer)
         if node is None:  # the exported output does not depend on this layer (e.g. a bare encoder's pooler)
             unused.update(params if mode == "swappable" else {})
             kinds[key] = "unused"
             continue
         sites[key], kinds[key] = node, kind
-        fused = mode == "runtime" and kind == "dense" and node.op_type == "MatMul"
+        fused = mode == "runtime" and kind in ("dense", "fold") and node.op_type == "MatMul"
         calls[key] = (Signature(kind, n, m, k, adapter.config.layers, fused), list(params))
         add_parameters(model.graph, params, overridable=mode == "swappable")
     add_parameters(model.graph, unused, overridable=True)
