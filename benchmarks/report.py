@@ -62,6 +62,14 @@ SECTIONS = [
     ),
     ("onnx", "ONNX Runtime latency", "Export modes vs merged weights and ORT's own LoRA adapters."),
     ("merge", "Merge", "`qpeft merge` vs copying the checkpoint and PEFT merge + save."),
+    (
+        "scale",
+        "Serving at scale: Ray Serve",
+        (
+            "A local Ray Serve deployment (2 replicas, 100 adapters by multiplexed id, 8 client threads): "
+            "every answer checked; one replica killed mid-run."
+        ),
+    ),
     ("swap", "Runtime adapter swap", "AdapterBank vs PEFT LoRA `load_adapter` / `set_adapter`."),
     (
         "vision",
