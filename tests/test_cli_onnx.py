@@ -100,7 +100,7 @@ def test_export_onnx_runtime_decoder_then_a_wrong_swap_adapter_is_one_line(tmp_p
     result = run(cli, *args, "--mode", "runtime", "-o", tmp_path / "rt")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["task"] == "text-generation" and report["apply"] == {"dense": 14}
+    assert report["task"] == "text-generation" and report["apply"] == {"fold": 14}
     assert report["greedy_tokens_equal"] is True and report["max_abs_diff_vs_torch"] <= 1e-4
     assert (
         len(OrtAdapterSession(tmp_path / "rt" / "model.onnx").generate("Hi", max_new_tokens=4)[0].tokens) == 4
