@@ -45,6 +45,7 @@ from qpeft_deploy.core.attach import adapted_layers, detach
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.circuit import OPSET
 from qpeft_deploy.export.onnx.compare import compare, probes, reference
+from qpeft_deploy.export.onnx.genai import write_genai_config
 from qpeft_deploy.export.onnx.graph import adapter_graph, make_head_overridable
 from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.model_io import load_adapted_model, load_adapter
@@ -399,6 +400,8 @@ def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqd
         path = _write_model(folder, base, model, task, batches[0][0], tokenizer, options.via)
         steps.update()
         report = _finish_mode(path, info, layers, base, options, task)
+        if task.name == "text-generation":  # onnxruntime-genai's og.Model(folder) loads it (genai.py)
+            write_genai_config(folder)
         steps.update()
         if task.name != "text-generation":  # a decoder with past key/values is checked by generating
             report |= compare(cpu_session(path), batches, references, task.classifier)
