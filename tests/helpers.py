@@ -96,3 +96,43 @@ def greedy(model: nn.Module, ids: torch.Tensor, tokens: int = 32) -> list[int]:
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
     return out[0, ids.shape[1] :].tolist()
+
+
+def tiny_llama_folder(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama LM (GQA: 4 heads, 2 key/value heads; tied embeddings; no end-of-sequence token,
+    so greedy generation always runs its full length) saved as an HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_llama_adapter(base: Path, path: Path, seed: int, **options) -> nn.Module:
+    """The tiny Llama at ``base`` with an all-linear adapter (rank 4 unless ``options`` say otherwise) of random
+    angles and λ, saved at ``path``; returns the adapted model (eval, for reference outputs)."""
+    from transformers import LlamaForCausalLM
+
+    model = attach(LlamaForCausalLM.from_pretrained(base).eval(), **({"rank": 4} | options), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            for name, p in layer.named_parameters():
+                if name.endswith("spectrum.lam") or name.startswith(("u.", "v.")):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    save_adapter(model, path, base=str(base))
+    return model.eval().requires_grad_(False)

@@ -13,9 +13,10 @@ from onnx import TensorProto, helper
 
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import ConfigError
-from qpeft_deploy.export.onnx.export import export_onnx
+from qpeft_deploy.export.onnx.export import export_onnx, export_onnx_adapter
 from qpeft_deploy.export.onnx.genai import GENAI_CONFIG, genai_config
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
+from qpeft_deploy.io.onnx_adapter import read_onnx_adapter
 from qpeft_deploy.models import SMOLLM2, load_causal_lm, load_tokenizer
 from tests.helpers import chat_ids, greedy, make_causal_adapter
 
@@ -55,14 +56,15 @@ def tiny_adapter(base: Path, path: Path, seed: int) -> Path:
     return save_adapter(model, path, base=str(base))
 
 
-def og_greedy(folder: Path, ids: list[int], tokens: int, adapters=None, name: str | None = None) -> list[int]:
-    """og's greedy tokens after ``ids`` (with ``name`` of ``adapters`` active when given)."""
-    model = adapters.model if adapters is not None else og.Model(str(folder))
+def og_greedy(model, ids: list[int], tokens: int, adapters=None, name: str | None = None) -> list[int]:
+    """og's greedy tokens after ``ids`` from an og.Model or an exported folder (with adapter ``name`` of
+    ``adapters`` active when given)."""
+    model = og.Model(str(model)) if isinstance(model, Path) else model
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
     generator = og.Generator(model, params)
     if name is not None:
-        generator.set_active_adapter(adapters.og, name)
+        generator.set_active_adapter(adapters, name)
     generator.append_tokens(ids)
     out = []
     while not generator.is_done() and len(out) < tokens:
@@ -77,7 +79,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("genai")
     base = tiny_llama_folder(root / "base")
     adapter = tiny_adapter(base, root / "a.qpeft", seed=1)
-    export_onnx(str(base), adapter, root / "merged", mode="merged", via="optimum", quiet=True)
+    export_onnx(str(base), adapter, root / "merged", mode="merged", quiet=True)
     return base, adapter, root / "merged"
 
 
@@ -104,6 +106,36 @@ def test_og_generates_torch_tokens_on_a_tiny_llama(tiny):
     assert og_greedy(folder, ids, 16) == torch_tokens
 
 
+def test_og_runs_the_runtime_mode_circuit_apply_functions(tiny, tmp_path):
+    base, adapter, _ = tiny
+    export_onnx(str(base), adapter, tmp_path / "runtime", mode="runtime", apply="circuit", quiet=True)
+    ids = [1, 17, 42, 99, 5, 63, 8]
+    torch_tokens = greedy(load_adapted_model(str(base), adapter).eval(), torch.tensor([ids]), 16)
+    assert og_greedy(tmp_path / "runtime", ids, 16) == torch_tokens
+
+
+def test_og_swaps_our_adapter_files_per_generator(tiny, tmp_path):
+    base, adapter, _ = tiny
+    other = tiny_adapter(base, tmp_path / "b.qpeft", seed=2)
+    export_onnx(str(base), adapter, tmp_path / "swappable", mode="swappable", quiet=True)
+    files = {name: tmp_path / f"{name}.onnx_adapter" for name in ("a", "b")}
+    for (name, path), source in zip(files.items(), (adapter, other)):
+        export_onnx_adapter(source, path)
+        assert read_onnx_adapter(path).signed  # our integrity trailer follows the flatbuffer
+    model = og.Model(str(tmp_path / "swappable"))
+    adapters = og.Adapters(model)
+    for name, path in files.items():
+        adapters.load(str(path), name)
+    ids = [1, 17, 42, 99, 5, 63, 8]
+    expected = {
+        name: greedy(load_adapted_model(str(base), source).eval(), torch.tensor([ids]), 16)
+        for name, source in zip(files, (adapter, other))
+    }
+    assert expected["a"] != expected["b"]
+    for name in ("a", "b", "a"):
+        assert og_greedy(model, ids, 16, adapters, name) == expected[name]
+
+
 def test_a_graph_without_past_key_values_is_refused(tiny, tmp_path):
     base, _, _ = tiny
     for name in ("config.json", "generation_config.json"):
@@ -122,7 +154,7 @@ def test_a_graph_without_past_key_values_is_refused(tiny, tmp_path):
 @pytest.mark.slow
 def test_og_generates_torch_tokens_on_smollm2(tmp_path):
     adapter = make_causal_adapter(tmp_path / "a.qpeft", seed=3)
-    export_onnx(SMOLLM2, adapter, tmp_path / "merged", mode="merged", via="optimum", quiet=True)
+    export_onnx(SMOLLM2, adapter, tmp_path / "merged", mode="merged", quiet=True)
     ids = chat_ids(load_tokenizer(SMOLLM2), "Write a story about a lighthouse.")
     torch_tokens = greedy(load_adapted_model(SMOLLM2, adapter).eval(), ids)
     assert og_greedy(tmp_path / "merged", ids[0].tolist(), 32) == torch_tokens

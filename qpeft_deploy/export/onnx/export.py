@@ -1,7 +1,9 @@
 """Export an adapted model to ONNX (merged, runtime, swappable) and adapters to onnxruntime adapter files.
 
 Route: the task model is built from the base and the .qpeft file, its adapters are detached (or merged, for
-``merged``), and the plain model is exported with torch's legacy exporter (or optimum, ``via="optimum"``).
+``merged``), and the plain model is exported with torch's legacy exporter (or optimum, ``via="optimum"``); a
+causal LM as a decoder with past key/values (:mod:`qpeft_deploy.export.onnx.decoder`), checked by its logits
+and by greedy generation.
 For ``runtime`` and ``swappable`` the graph is then edited (:mod:`qpeft_deploy.export.onnx.graph`): each
 adapted layer's node gets a ``qpeft.CircuitApply`` (:mod:`qpeft_deploy.export.onnx.circuit`), its parameters
 named ``qpeft.<base key>.<name>``. No ΔW is ever formed or folded into W, except for an adapted nn.Conv2d,
@@ -45,6 +47,7 @@ from qpeft_deploy.core.attach import adapted_layers, detach
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.circuit import OPSET
 from qpeft_deploy.export.onnx.compare import compare, probes, reference
+from qpeft_deploy.export.onnx.decoder import check_decoder, decoder_reference, export_decoder
 from qpeft_deploy.export.onnx.genai import write_genai_config
 from qpeft_deploy.export.onnx.graph import adapter_graph, make_head_overridable
 from qpeft_deploy.io.fingerprint import base_fingerprint
@@ -231,14 +234,19 @@ def export_optimum(model: nn.Module, folder: Path, task: Task, tokenizer) -> Non
 
 
 def _write_model(
-    folder: Path, base: str, model: nn.Module, task: Task, inputs: dict, tokenizer, via: str
+    folder: Path, base: str, model: nn.Module, task: Task, inputs: dict | None, tokenizer, via: str
 ) -> Path:
-    """model.onnx (torch or optimum exporter) with the config and the tokenizer or image preprocessor."""
+    """model.onnx (torch or optimum exporter; a decoder with past key/values) with the config (and a decoder's
+    generation config) and the tokenizer or image preprocessor."""
     path = folder / MODEL_FILE
     if via == "optimum":
         export_optimum(model, folder, task, tokenizer)
     else:
-        export_torch(model, path, task, inputs)
+        if inputs is None:
+            export_decoder(model, path)
+            model.generation_config.save_pretrained(str(folder))
+        else:
+            export_torch(model, path, task, inputs)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
         model.config.save_pretrained(str(folder))
@@ -386,24 +394,32 @@ def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqd
     """The steps of :func:`export_onnx`: load, export, edit, compare, publish."""
     info = read_adapter(adapter)
     task = _choose_task(info, base, options.task)
-    if task.name == "text-generation" and (options.via != "optimum" or options.mode != "merged"):
-        raise ConfigError("decoders export in --mode merged --via optimum (past key/values)")
+    decoder = task.name == "text-generation"
+    if decoder and options.check_task:
+        raise ConfigError("--check-task compares classifiers; a decoder export is checked by generating")
     if options.mode == "swappable":
         check_swap(info, options.swap)
     model, tokenizer = _adapted_model(base, adapter, task, options.force), _tokenizer(base)
-    batches = probes(model, tokenizer, options.check_task, options.check_examples)
-    references = [reference(model, inputs, task.output) for inputs, _ in batches]
+    if decoder:  # torch's logits and greedy tokens, with the adapter attached
+        generated = decoder_reference(model, tokenizer)
+    else:
+        batches = probes(model, tokenizer, options.check_task, options.check_examples)
+        references = [reference(model, inputs, task.output) for inputs, _ in batches]
     layers = {key: layer.base for key, layer in adapted_layers(model).items()}
     detach(model, merge=options.mode == "merged")
     steps.update()
     with atomic_folder(output, overwrite=overwrite, protect=[resolve_base(base), adapter]) as folder:
-        path = _write_model(folder, base, model, task, batches[0][0], tokenizer, options.via)
+        path = _write_model(
+            folder, base, model, task, None if decoder else batches[0][0], tokenizer, options.via
+        )
         steps.update()
         report = _finish_mode(path, info, layers, base, options, task)
         if task.name == "text-generation":  # onnxruntime-genai's og.Model(folder) loads it (genai.py)
             write_genai_config(folder)
         steps.update()
-        if task.name != "text-generation":  # a decoder with past key/values is checked by generating
+        if decoder:
+            report |= check_decoder(cpu_session(path), generated)
+        else:
             report |= compare(cpu_session(path), batches, references, task.classifier)
     steps.update()
     return report
