@@ -215,7 +215,13 @@ def layer_kind(adapter: AdapterFile, key: str, mode: str, swap: str = "factors",
 
 
 def adapter_graph(
-    model_path: Path, adapter: AdapterFile, layers: dict[str, nn.Module], mode: str, swap: str, apply: str
+    model_path: Path,
+    adapter: AdapterFile,
+    layers: dict[str, nn.Module],
+    mode: str,
+    swap: str,
+    apply: str,
+    fuse: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The exported base graph at ``model_path`` with a CircuitApply per adapted layer (``layers``: base layer
     by target key); returns it and the kind per target ('unused' where the output does not depend on it)."""
@@ -233,7 +239,7 @@ def adapter_graph(
             kinds[key] = "unused"
             continue
         sites[key], kinds[key] = node, kind
-        fused = mode == "runtime" and kind == "dense" and node.op_type == "MatMul"
+        fused = fuse and mode == "runtime" and kind == "dense" and node.op_type == "MatMul"
         calls[key] = (Signature(kind, n, m, k, adapter.config.layers, fused), list(params))
         add_parameters(model.graph, params, overridable=mode == "swappable")
     add_parameters(model.graph, unused, overridable=True)
