@@ -98,14 +98,27 @@ def greedy(model: nn.Module, ids: torch.Tensor, tokens: int = 32) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
+def char_tokenizer():
+    """A character-level fast tokenizer: <pad> (0), <unk> (1), then printable ASCII (97 ids; no template, no
+    end-of-sequence token)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1} | {chr(c): c - 30 for c in range(32, 127)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
 def tiny_llama_folder(folder: Path, seed: int = 0) -> Path:
     """A random 2-layer Llama LM (GQA: 4 heads, 2 key/value heads; tied embeddings; no end-of-sequence token,
-    so greedy generation always runs its full length) saved as an HF folder."""
+    so greedy generation always runs its full length) with :func:`char_tokenizer`, saved as an HF folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96,
+        vocab_size=97,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
@@ -119,6 +132,7 @@ def tiny_llama_folder(folder: Path, seed: int = 0) -> Path:
         pad_token_id=0,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -88,3 +88,23 @@ def test_an_int8_export_prints_nothing_but_its_report(adapter, tmp_path):
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert json.loads(result.stdout)["output"] == str(tmp_path / "q")
+
+
+def test_export_onnx_runtime_decoder_then_a_wrong_swap_adapter_is_one_line(tmp_path):
+    from qpeft_deploy.runtime.ort_session import OrtAdapterSession
+    from tests.helpers import tiny_llama_adapter, tiny_llama_folder
+
+    base = tiny_llama_folder(tmp_path / "base")
+    tiny_llama_adapter(base, tmp_path / "a.qpeft", 1)
+    args = ("export", "onnx", "--base", base, "--adapter", tmp_path / "a.qpeft", "--quiet")
+    result = run(cli, *args, "--mode", "runtime", "-o", tmp_path / "rt")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["task"] == "text-generation" and report["apply"] == {"dense": 14}
+    assert report["greedy_tokens_equal"] is True and report["max_abs_diff_vs_torch"] <= 1e-4
+    assert (
+        len(OrtAdapterSession(tmp_path / "rt" / "model.onnx").generate("Hi", max_new_tokens=4)[0].tokens) == 4
+    )
+    result = run(cli, *args, "--check-task", "rt", "-o", tmp_path / "checked")
+    assert_one_line_error(result, "checked by generating")
+    assert not (tmp_path / "checked").exists()

@@ -16,7 +16,7 @@ import torch
 
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.circuit import DOMAIN, OP_TYPE
-from qpeft_deploy.export.onnx.decoder import CHECK_TOKENS, ort_runner
+from qpeft_deploy.export.onnx.decoder import CHECK_TOKENS
 from qpeft_deploy.export.onnx.export import export_onnx
 from qpeft_deploy.io.onnx_adapter import MODEL_FILE, PARAM_PREFIX
 from qpeft_deploy.io.onnx_decoder import (
@@ -28,6 +28,7 @@ from qpeft_deploy.io.onnx_decoder import (
     past_names,
     prefill_feeds,
     present_names,
+    session_runner,
 )
 from qpeft_deploy.io.ort import session_options
 from tests.helpers import tiny_llama_adapter, tiny_llama_folder
@@ -121,6 +122,10 @@ def test_export_checks_itself_and_has_the_decoder_io(mode, swap):
     overridable = [i.name for i in sess.get_overridable_initializers() if i.name.startswith(PARAM_PREFIX)]
     assert len(overridable) == (14 * (2 if swap == "factors" else 3) if mode == "swappable" else 0)
     assert (folder / "generation_config.json").is_file() and (folder / "config.json").is_file()
+    vocab = [i for i in model.graph.initializer if 97 in i.dims]
+    assert [list(i.dims) for i in vocab] == [
+        [97, 64]
+    ]  # the tied embedding is stored once (lm_head transposes)
 
 
 @pytest.mark.parametrize("mode,swap", MODES)
@@ -152,7 +157,9 @@ def test_greedy_tokens_equal_transformers_generate(mode, swap):
     folder, _ = exported(mode, swap)
     sess = session(folder)
     want = hf_greedy(tiny()[2]["a"], PROMPTS)
-    got = decode(ort_runner(sess, layout_of(sess)), layout_of(sess), PROMPTS, TOKENS, lambda x: x.argmax(-1))
+    got = decode(
+        session_runner(sess, layout_of(sess)), layout_of(sess), PROMPTS, TOKENS, lambda x: x.argmax(-1)
+    )
     assert got == want
     assert len({tuple(row) for row in want}) == len(PROMPTS) and len(set(want[0])) > 3  # not a constant loop
 
@@ -174,3 +181,23 @@ def test_decoder_export_refuses_a_check_task(tmp_path):
     with pytest.raises(ConfigError, match="checked by generating"):
         export_onnx(str(base), files["a"], tmp_path / "out", check_task="rt", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ optimum
+
+
+@pytest.mark.parametrize("mode", ["runtime", "swappable"])
+def test_optimum_folder_in_every_mode_generates_like_torch(tmp_path, mode):
+    pytest.importorskip(
+        "optimum.onnxruntime", reason="no optimum: the [optimum] extra needs transformers < 4.58"
+    )
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    base, files, models = tiny()
+    report = export_onnx(str(base), files["a"], tmp_path / "opt", mode=mode, via="optimum", quiet=True)
+    assert report["max_abs_diff_vs_torch"] <= 1e-4 and report["greedy_tokens_equal"] is True
+    ort_model = ORTModelForCausalLM.from_pretrained(str(tmp_path / "opt"), use_cache=True)
+    prompt = torch.tensor([PROMPTS[0]])
+    kwargs = {"max_new_tokens": TOKENS, "do_sample": False, "pad_token_id": 0}
+    got = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert got[0, prompt.shape[1] :].tolist() == hf_greedy(models["a"], PROMPTS[:1])[0]

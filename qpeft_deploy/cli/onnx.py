@@ -31,7 +31,8 @@ SWAP_HELP = (
     type=click.Choice(MODES),
     default="merged",
     show_default=True,
-    help="merged: ΔW folded in; runtime: qpeft.CircuitApply nodes; swappable: adapters per run",
+    help="merged: ΔW folded in; runtime: qpeft.CircuitApply nodes; swappable: adapters per run "
+    "(causal LMs: every mode, with past key/values)",
 )
 @click.option(
     "--dtype",
@@ -59,7 +60,7 @@ SWAP_HELP = (
     type=click.Choice(VIAS),
     default="torch",
     show_default=True,
-    help="optimum: the optimum folder (needs the [optimum] extra; decoders with past key/values)",
+    help="optimum: the optimum folder, ORTModelFor... loads it (needs the [optimum] extra)",
 )
 @click.option("--task", type=click.Choice(["auto", *TASKS]), default="auto", show_default=True)
 @click.option(

@@ -81,6 +81,12 @@ class CacheLayout:
         return [LOGITS, *present_names(self.layers)]
 
 
+def session_runner(session, layout: CacheLayout, options=None) -> Runner:
+    """A :data:`Runner` over an onnxruntime session (each run with ``options``, its ``RunOptions``)."""
+    outputs = layout.outputs()
+    return lambda feeds: session.run(outputs, feeds, options)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, attention mask) of ``rows`` left-padded with ``pad`` to the longest row (int64)."""
     width = max(map(len, rows))

@@ -63,6 +63,17 @@ from qpeft_deploy.models import (
     resolve_base,
     tokenize,
 )
+from qpeft_deploy.runtime.generation import (
+    Generation,
+    answer,
+    check_context,
+    check_request,
+    generator,
+    next_tokens,
+    prompt_ids,
+    special_ids,
+    until,
+)
 
 DEFAULT_CACHE_BYTES = 256 << 20
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -394,17 +405,6 @@ class BankOutput:
         ]
 
 
-@dataclass
-class Generation:
-    """One row's generated answer: the adapter used (None: the base), the new tokens (up to and including the
-    end-of-sequence token), their text, and why it stopped ("stop": end of sequence, "length": the limit)."""
-
-    adapter: str | None
-    text: str
-    tokens: list[int]
-    finish_reason: str
-
-
 class AdapterBank:
     """One base task model, many adapters: ``load``/``unload``/``names``, and ``bank(inputs, adapter=...)``.
 
@@ -662,18 +662,19 @@ class AdapterBank:
         or sampled at ``temperature`` > 0 with nucleus ``top_p`` from a generator seeded by ``seed``;
         ``adapter``: one name for all rows, or a name (or None) per row. Every input is checked first."""
         prompts, rows, ids = self._generation_inputs(prompts, adapter, max_new_tokens, temperature, top_p)
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
         token = _PLAN.set(self._plan(rows, stack=True))  # one plan for every step: stack per-row frames once
         try:
             with torch.inference_mode():
-                new = self._decode(ids, max_new_tokens, temperature, top_p, generator)
+                new = self._decode(ids, max_new_tokens, temperature, top_p, generator(seed))
         finally:
             _PLAN.reset(token)
-        return [self._answer(a, tokens) for a, tokens in zip(rows, new)]
+        _, eos = self._special_ids()
+        with self._tokenizer_lock:
+            texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]
+        return [
+            answer(None if a is None else a.name, tokens, text, eos)
+            for a, tokens, text in zip(rows, new, texts)
+        ]
 
     def _generation_inputs(
         self, prompts: object, adapter: Names, max_new_tokens: object, temperature: object, top_p: object
@@ -683,53 +684,16 @@ class AdapterBank:
             raise ConfigError(f"{self.base_name} is not a causal language model: this bank classifies")
         if self.tokenizer is None:
             raise ConfigError("this bank has no tokenizer; pass one to AdapterBank(...)")
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError("prompts must be a string or a non-empty list of strings")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
-            raise ConfigError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-        if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-            raise ConfigError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        prompts = check_request(prompts, max_new_tokens, temperature, top_p)
         rows = self._resolve(adapter, len(prompts))
         with self._tokenizer_lock:
-            ids = [self._prompt_ids(p) for p in prompts]
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        for i, row in enumerate(ids):
-            if not row:
-                raise ConfigError(f"prompt {i} is empty")
-            if context is not None and len(row) + max_new_tokens > context:
-                raise ConfigError(
-                    f"prompt {i} has {len(row)} tokens: with max_new_tokens={max_new_tokens} it passes the "
-                    f"model's context of {context} tokens"
-                )
-        return list(prompts), rows, ids
-
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        """A prompt's token ids: one user turn of the chat template, ready for the answer (or the raw text's
-        tokens for a tokenizer without a template)."""
-        try:
-            if getattr(self.tokenizer, "chat_template", None):
-                messages = [{"role": "user", "content": prompt}]
-                return list(
-                    self.tokenizer.apply_chat_template(
-                        messages, add_generation_prompt=True, return_dict=False
-                    )
-                )
-            return list(self.tokenizer(prompt)["input_ids"])
-        except (TypeError, ValueError) as e:  # e.g. a lone surrogate
-            raise ConfigError(f"cannot tokenize the prompt: {' '.join(str(e).split())[:200]}") from None
+            ids = [prompt_ids(self.tokenizer, p) for p in prompts]
+        check_context(ids, max_new_tokens, getattr(self.model.config, "max_position_embeddings", None))
+        return prompts, rows, ids
 
     def _special_ids(self) -> tuple[int, set[int]]:
         """(padding id, end-of-sequence ids): the generation config's, else the tokenizer's."""
-        config = getattr(self.model, "generation_config", None)
-        eos = getattr(config, "eos_token_id", None)
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-        pad = getattr(config, "pad_token_id", None)
-        pad = self.tokenizer.pad_token_id if pad is None else pad
-        return (pad if pad is not None else min(eos, default=0)), eos
+        return special_ids(getattr(self.model, "generation_config", None), self.tokenizer)
 
     def _decode(
         self,
@@ -759,7 +723,7 @@ class AdapterBank:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
-            tokens = _next_tokens(logits.float(), temperature, top_p, generator).masked_fill(done, pad)
+            tokens = next_tokens(logits.float(), temperature, top_p, generator).masked_fill(done, pad)
             new.append(tokens)
             done |= torch.isin(tokens, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
@@ -767,32 +731,4 @@ class AdapterBank:
             tokens, positions = tokens[:, None], positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
         steps = torch.stack(new, dim=1).tolist()
-        return [_until(row, eos) for row in steps]
-
-    def _answer(self, adapter: _Adapter | None, tokens: list[int]) -> Generation:
-        _, eos = self._special_ids()
-        with self._tokenizer_lock:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        reason = "stop" if tokens and tokens[-1] in eos else "length"
-        return Generation(None if adapter is None else adapter.name, text, tokens, reason)
-
-
-def _until(row: list[int], eos: set[int]) -> list[int]:
-    """A row's tokens up to and including its first end-of-sequence token."""
-    end = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
-    return row[: end + 1]
-
-
-def _next_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Each row's next token: the argmax (temperature 0), else a sample from the softmax at ``temperature``
-    restricted to the smallest set of tokens whose probability reaches ``top_p``."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # tokens after the nucleus is full
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return [until(row, eos) for row in steps]

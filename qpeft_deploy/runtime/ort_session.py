@@ -8,7 +8,9 @@ then loads a private copy of exactly the checked parameters, so a file changed a
 run. A call names its adapter per request (``adapter="a"``) or per row
 (``adapter=["a", None, "b"]``): a mixed batch is split per adapter, each part runs with its own
 ``RunOptions.add_active_adapter`` and the rows are merged back in order. ``None`` runs the exported default.
-There is no hidden active adapter, so one session may serve many threads.
+There is no hidden active adapter, so one session may serve many threads. On a decoder export (a causal LM
+with past key/values, any mode) ``generate`` answers prompts like ``AdapterBank.generate``, an adapter per
+request or per row (:mod:`qpeft_deploy.runtime.ort_generate`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from qpeft_deploy.io.onnx_adapter import (
 )
 from qpeft_deploy.io.ort import cpu_session, ort_errors, ort_message
 from qpeft_deploy.io.qpeft_file import SUFFIX, read_adapter
+from qpeft_deploy.runtime.generation import Generation
+from qpeft_deploy.runtime.ort_generate import Decoder, check_prompts, generate
 
 _DEFAULT = object()
 
@@ -70,6 +74,7 @@ class OrtAdapterSession:
         self._default_labels = json.loads(meta.get("qpeft.labels", "[]")) or None
         self._adapters: dict[str, _Adapter] = {}
         self._lock = threading.Lock()
+        self._generation: Decoder | None = None  # built on the first generate()
         self.default_adapter: str | None = None
 
     # ------------------------------------------------------------------------------------------- adapters
@@ -179,14 +184,48 @@ class OrtAdapterSession:
             adapter = self.default_adapter
         if adapter is None or isinstance(adapter, str):
             return self._run(feeds, self._lookup([adapter])[adapter] if adapter else None)
-        if len(adapter) != rows:
-            raise ConfigError(f"{len(adapter)} adapter names for a batch of {rows} rows")
-        loaded = self._lookup([a for a in dict.fromkeys(adapter) if a is not None])
+        loaded = self._lookup([a for a in dict.fromkeys(self._row_names(adapter, rows)) if a is not None])
         parts = {}
         for name in dict.fromkeys(adapter):
             index = np.array([i for i, a in enumerate(adapter) if a == name])
             parts[name] = (index, self._run({k: v[index] for k, v in feeds.items()}, loaded.get(name)))
         return _merge_rows(parts.values(), rows)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        adapter: str | Sequence[str | None] | None = _DEFAULT,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """:meth:`AdapterBank.generate <qpeft_deploy.runtime.bank.AdapterBank.generate>` on a decoder export
+        (past key/values; any mode): each prompt answered with up to ``max_new_tokens`` tokens, greedy or
+        sampled (``temperature``, ``top_p``, ``seed``), with ``adapter`` (a name, None for the exported default,
+        or one entry per row: a mixed batch runs per adapter). Every input is checked first."""
+        decoder = self._decoder()
+        prompts, ids = check_prompts(decoder, prompts, max_new_tokens, temperature, top_p)
+        names = self._row_names(self.default_adapter if adapter is _DEFAULT else adapter, len(ids))
+        loaded = self._lookup([a for a in dict.fromkeys(names) if a is not None])
+        options = {name: _run_options(loaded.get(name)) for name in dict.fromkeys(names)}
+        return generate(self._session, decoder, ids, names, options, max_new_tokens, temperature, top_p, seed)
+
+    def _decoder(self) -> Decoder:
+        with self._lock:
+            if self._generation is None:
+                self._generation = Decoder.of(self._session, self.path)
+            return self._generation
+
+    @staticmethod
+    def _row_names(adapter: str | Sequence[str | None] | None, rows: int) -> list[str | None]:
+        """One adapter name (or None) per row."""
+        if adapter is None or isinstance(adapter, str):
+            return [adapter] * rows
+        if len(adapter) != rows:
+            raise ConfigError(f"{len(adapter)} adapter names for a batch of {rows} rows")
+        return list(adapter)
 
     def _feeds(self, inputs: Mapping) -> dict[str, np.ndarray]:
         """The model's inputs as arrays (token ids int64, pixel values float32); token_type_ids default to 0."""
@@ -205,15 +244,20 @@ class OrtAdapterSession:
         }
 
     def _run(self, feeds: dict[str, np.ndarray], adapter: _Adapter | None) -> np.ndarray:
-        options = ort.RunOptions()
-        if adapter is not None:
-            options.add_active_adapter(adapter.handle)  # ``adapter`` keeps the handle alive during the run
         try:
-            return self._session.run([self._output], feeds, options)[0]
+            return self._session.run([self._output], feeds, _run_options(adapter))[0]
         except ort_errors() as e:
             raise ConfigError(
                 f"{self.path}: cannot run the model on these inputs ({ort_message(e)})"
             ) from None
+
+
+def _run_options(adapter: _Adapter | None) -> ort.RunOptions:
+    """RunOptions with ``adapter`` active (the caller keeps ``adapter``, and so its handle, alive)."""
+    options = ort.RunOptions()
+    if adapter is not None:
+        options.add_active_adapter(adapter.handle)
+    return options
 
 
 def _activate(path: Path, data: bytes) -> ort.LoraAdapter:

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from qpeft_deploy.export.onnx.circuit import OPSET
 from qpeft_deploy.export.onnx.compare import PROBE_TEXTS
+from qpeft_deploy.export.onnx.graph import share_transposed
 from qpeft_deploy.io.onnx_decoder import (
     INPUTS,
     CacheLayout,
@@ -34,6 +36,7 @@ from qpeft_deploy.io.onnx_decoder import (
     left_pad,
     past_names,
     prefill_feeds,
+    session_runner,
 )
 
 MASKED = -1e4  # added to the scores of masked positions (exp underflows to 0; finite in fp16 too)
@@ -89,7 +92,8 @@ def _additive_mask(mask: torch.Tensor, sequence: int) -> torch.Tensor:
 
 def export_decoder(model: nn.Module, path: Path) -> None:
     """torch.onnx.export (legacy exporter, opset 18) of :class:`DecoderGraph` with symbolic batch, sequence,
-    past and total axes, traced on a two-row, three-token step after a two-token past."""
+    past and total axes, traced on a two-row, three-token step after a two-token past; a tied LM head reads
+    the embedding through a Transpose instead of a second copy."""
     layout = cache_layout(model)
     ids = torch.ones((2, 3), dtype=torch.long)
     past = [torch.zeros((2, layout.kv_heads, 2, layout.head_dim)) for _ in past_names(layout.layers)]
@@ -106,6 +110,11 @@ def export_decoder(model: nn.Module, path: Path) -> None:
             output_names=layout.outputs(),
             dynamic_axes=dynamic_axes(layout.layers),
         )
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        graph = onnx.load(str(path))
+        if share_transposed(graph, embedding.weight.detach().float().numpy()):
+            onnx.save(graph, str(path))
 
 
 # ------------------------------------------------------------------------------------------------ check
@@ -122,12 +131,6 @@ def torch_runner(model: nn.Module) -> Runner:
             return [t.numpy() for t in graph(*(torch.from_numpy(feeds[n]) for n in names))]
 
     return run
-
-
-def ort_runner(session, layout: CacheLayout, options=None) -> Runner:
-    """A :data:`~qpeft_deploy.io.onnx_decoder.Runner` over an onnxruntime session (with ``RunOptions``)."""
-    outputs = layout.outputs()
-    return lambda feeds: session.run(outputs, feeds, options)
 
 
 def probe_rows(model: nn.Module, tokenizer) -> list[list[int]]:
@@ -181,10 +184,17 @@ def check_decoder(session, reference: DecoderReference) -> dict:
     layout = CacheLayout.of_inputs({i.name: i.shape for i in session.get_inputs()})
     if layout is None:
         raise RuntimeError("the exported decoder lacks the past key/value inputs")
-    run = ort_runner(session, layout)
-    diff = max(float(np.abs(run(f)[0] - r).max()) for f, r in zip(reference.feeds, reference.logits))
+    run = session_runner(session, layout)
+    diff = max(_real_diff(f, run(f)[0], r) for f, r in zip(reference.feeds, reference.logits))
     tokens = decode(run, layout, reference.rows, CHECK_TOKENS, _argmax)
     return {"max_abs_diff_vs_torch": diff, "greedy_tokens_equal": tokens == reference.tokens}
+
+
+def _real_diff(feeds: dict[str, np.ndarray], got: np.ndarray, want: np.ndarray) -> float:
+    """max |got − want| over the positions of real tokens (a padding position attends to nothing, and
+    exporters differ on what it then computes)."""
+    real = feeds["attention_mask"][:, -got.shape[1] :].astype(bool)
+    return float(np.abs(got - want)[real].max())
 
 
 def _argmax(logits: np.ndarray) -> np.ndarray:

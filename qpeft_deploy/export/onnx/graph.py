@@ -96,6 +96,21 @@ def _base_weight(layer: nn.Module) -> np.ndarray:
     return (weight.T if isinstance(layer, Conv1D) else weight).contiguous().numpy()
 
 
+def share_transposed(model: onnx.ModelProto, weight: np.ndarray) -> bool:
+    """Where the graph holds both ``weight`` and a copy of its transpose (a tied LM head: the embedding's
+    Gather and the head's MatMul), feed the copy's users ``Transpose(weight)`` instead and drop the copy
+    (onnxruntime folds it when the session starts); returns whether it did."""
+    graph, by_value = model.graph, initializers_by_value(model.graph)
+    name, copy = by_value.get(_digest(weight)), by_value.get(_digest(weight.T))
+    if name is None or copy is None or name == copy:
+        return False
+    transposed = f"{name}/transposed"
+    _rename_input(graph, copy, transposed)
+    graph.initializer.remove(next(init for init in graph.initializer if init.name == copy))
+    graph.node.insert(0, helper.make_node("Transpose", [name], [transposed], name=transposed))
+    return True
+
+
 # ------------------------------------------------------------------------------------------- parameters
 
 
