@@ -16,7 +16,9 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.export import export_onnx, export_onnx_adapter
 from qpeft_deploy.export.onnx.genai import GENAI_CONFIG, genai_config
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
-from qpeft_deploy.io.onnx_adapter import read_onnx_adapter
+from qpeft_deploy.io.onnx_adapter import MODEL_FILE, read_onnx_adapter
+from qpeft_deploy.io.onnx_decoder import CacheLayout, decode, session_runner
+from qpeft_deploy.io.ort import cpu_session
 from qpeft_deploy.models import SMOLLM2, load_causal_lm, load_tokenizer
 from tests.helpers import chat_ids, greedy, make_causal_adapter
 
@@ -134,6 +136,19 @@ def test_og_swaps_our_adapter_files_per_generator(tiny, tmp_path):
     assert expected["a"] != expected["b"]
     for name in ("a", "b", "a"):
         assert og_greedy(model, ids, 16, adapters, name) == expected[name]
+
+
+@pytest.mark.parametrize("options", [{"dtype": "fp16"}, {"quantize": "int8"}, {"quantize": "int4"}])
+def test_og_runs_reduced_precision_exports(tiny, tmp_path, options):
+    """og's tokens equal onnxruntime's own greedy decoding of the same (fp16 / int8 / 4-bit) graph."""
+    base, adapter, _ = tiny
+    export_onnx(str(base), adapter, tmp_path / "out", mode="runtime", quiet=True, **options)
+    session = cpu_session(tmp_path / "out" / MODEL_FILE)
+    layout = CacheLayout.of_inputs({i.name: i.shape for i in session.get_inputs()})
+    ids = [1, 17, 42, 99, 5, 63, 8]
+    run = session_runner(session, layout)
+    (want,) = decode(run, layout, [ids], 16, lambda logits: logits.argmax(-1), pad=2, eos=[2])
+    assert og_greedy(tmp_path / "out", ids, 16) == want
 
 
 def test_a_graph_without_past_key_values_is_refused(tiny, tmp_path):
