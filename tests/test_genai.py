@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from transformers import AutoTokenizer
 
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.errors import ConfigError
@@ -170,6 +171,15 @@ def test_a_graph_without_past_key_values_is_refused(tiny, tmp_path):
 def test_og_generates_torch_tokens_on_smollm2(tmp_path):
     adapter = make_causal_adapter(tmp_path / "a.qpeft", seed=3)
     export_onnx(SMOLLM2, adapter, tmp_path / "merged", mode="merged", quiet=True)
-    ids = chat_ids(load_tokenizer(SMOLLM2), "Write a story about a lighthouse.")
+    tokenizer = load_tokenizer(SMOLLM2)
+    ids = chat_ids(tokenizer, "Write a story about a lighthouse.")
     torch_tokens = greedy(load_adapted_model(SMOLLM2, adapter).eval(), ids)
-    assert og_greedy(tmp_path / "merged", ids[0].tolist(), 32) == torch_tokens
+    model = og.Model(str(tmp_path / "merged"))
+    assert og_greedy(model, ids[0].tolist(), 32) == torch_tokens
+    # og's tokenizer reads the folder's tokenizer.json as transformers does (its decoder made ByteLevel alone)
+    text = "Is this text message spam or ham? Free entry in 2 a wkly comp to win FA Cup final tkts!"
+    own = og.Tokenizer(model)
+    assert [int(i) for i in own.encode(text)] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert own.decode(torch_tokens) == tokenizer.decode(torch_tokens)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
+    assert exported.decode(torch_tokens + ids[0].tolist()) == tokenizer.decode(torch_tokens + ids[0].tolist())

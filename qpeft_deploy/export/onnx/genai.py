@@ -9,6 +9,9 @@ outputs and the folder's Hugging Face ``config.json`` / ``generation_config.json
 shared between past and present (``past_present_share_buffer`` false): our graphs concatenate past and new keys,
 as optimum's do, rather than writing into a preallocated buffer (GroupQueryAttention).
 
+A byte-level BPE ``tokenizer.json`` whose decoder chain also lists SentencePiece steps gets its ByteLevel decoder
+alone (:func:`byte_level_decoder`), so that ``og.Tokenizer`` encodes and decodes like transformers.
+
 The schema is onnxruntime-genai's (``docs/genai/reference/config``; its model builder's ``make_genai_config``).
 """
 
@@ -129,8 +132,35 @@ def genai_config(folder: Path, filename: str = MODEL_FILE, threads: int | None =
     }
 
 
+def byte_level_decoder(spec: dict) -> dict | None:
+    """The ByteLevel step of a byte-level BPE ``tokenizer.json`` whose decoder chain also lists SentencePiece
+    steps (ByteFallback, Replace ▁, Fuse: the GGUF conversion of SmolLM2 writes them), when the vocabulary has
+    no token those steps act on (no ``▁``, no ``<0x..>``); None otherwise. og's tokenizer (onnxruntime-extensions)
+    reads such a chain as SentencePiece and encodes most words as -1; the ByteLevel step alone decodes the
+    same text in transformers and in og."""
+    decoder, vocab = spec.get("decoder") or {}, (spec.get("model") or {}).get("vocab") or {}
+    steps = decoder.get("decoders") or [] if decoder.get("type") == "Sequence" else []
+    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+    if (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel" or len(byte_level) != 1 or len(steps) < 2:
+        return None
+    if any(token.startswith("<0x") or "▁" in token for token in vocab):
+        return None
+    return byte_level[0]
+
+
+def _og_tokenizer(folder: Path) -> None:
+    """Rewrite ``folder/tokenizer.json``'s decoder as :func:`byte_level_decoder` says (when it says so)."""
+    path = folder / "tokenizer.json"
+    spec = _read_json(path)
+    if (decoder := byte_level_decoder(spec)) is not None:
+        spec["decoder"] = decoder
+        atomic_file(path, json.dumps(spec, ensure_ascii=False, indent=2).encode(), overwrite=True)
+
+
 def write_genai_config(folder: str | Path, filename: str = MODEL_FILE, threads: int | None = None) -> Path:
-    """Write ``folder/genai_config.json`` for the decoder graph ``folder/filename`` (replacing one there)."""
+    """Write ``folder/genai_config.json`` for the decoder graph ``folder/filename`` (replacing one there), and
+    make the folder's tokenizer readable by og's (:func:`byte_level_decoder`)."""
     folder = Path(folder)
     text = json.dumps(genai_config(folder, filename, threads), indent=2) + "\n"
+    _og_tokenizer(folder)
     return atomic_file(folder / GENAI_CONFIG, text.encode(), overwrite=True)
