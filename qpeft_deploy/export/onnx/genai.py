@@ -25,22 +25,27 @@ import onnx
 from qpeft_deploy.atomic import atomic_file
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.onnx_adapter import MODEL_FILE
+from qpeft_deploy.io.onnx_decoder import INPUTS as DECODER_INPUTS
+from qpeft_deploy.io.onnx_decoder import LOGITS, past_names, present_names
 
 GENAI_CONFIG = "genai_config.json"
 # Hugging Face model types onnxruntime-genai 0.18 knows by name; any other decoder runs as its generic "decoder"
 OG_TYPES = ("gemma", "gpt2", "granite", "llama", "mistral", "olmo", "phi3", "qwen2", "smollm3")
-INPUTS = {  # og's key -> our graph's name (optimum's and the model builder's names)
-    "input_ids": "input_ids",
-    "attention_mask": "attention_mask",
-    "position_ids": "position_ids",
-    "past_key_names": "past_key_values.%d.key",
-    "past_value_names": "past_key_values.%d.value",
-}
-OUTPUTS = {
-    "logits": "logits",
-    "present_key_names": "present.%d.key",
-    "present_value_names": "present.%d.value",
-}
+
+
+def _templates(names_of) -> tuple[str, str]:
+    """The key and value names of layer ``%d`` (og's name templates) from a function of the layer count."""
+    key, value = names_of(1)
+    return key.replace(".0.", ".%d."), value.replace(".0.", ".%d.")
+
+
+# og's key -> our graph's name (io/onnx_decoder.py's names: optimum's and GenAI's model builder's)
+INPUTS = {name: name for name in DECODER_INPUTS} | dict(
+    zip(("past_key_names", "past_value_names"), _templates(past_names))
+)
+OUTPUTS = {"logits": LOGITS} | dict(
+    zip(("present_key_names", "present_value_names"), _templates(present_names))
+)
 REQUIRED = ("input_ids", "past_key_names", "past_value_names")
 
 
