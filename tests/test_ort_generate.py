@@ -144,3 +144,21 @@ def test_bad_generation_arguments_are_refused():
     ]:
         with pytest.raises(ConfigError, match=words):
             session.generate(**kwargs)
+
+
+def test_generate_on_a_model_without_past_key_values_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["logits"])],
+        "encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "sequence"])],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+        tmp_path / "m.onnx",
+    )
+    with pytest.raises(ConfigError, match="not a decoder with past key/values"):
+        OrtAdapterSession(tmp_path / "m.onnx").generate("hi")

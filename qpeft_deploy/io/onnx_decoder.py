@@ -12,7 +12,7 @@ row's cache carried from run to run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +123,7 @@ def decode(
     choose: Chooser,
     *,
     pad: int = 0,
-    eos: Sequence[int] = (),
+    eos: Collection[int] = (),
 ) -> list[list[int]]:
     """Up to ``max_new_tokens`` new tokens per row (``choose`` picks each from the last position's logits):
     the left-padded prompts in one run, then one run per token for the whole batch; a row that produced an

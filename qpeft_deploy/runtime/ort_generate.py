@@ -88,13 +88,13 @@ def _context(folder: Path) -> int | None:
 
 def check_prompts(
     decoder: Decoder, prompts: object, max_new_tokens: object, temperature: object, top_p: object
-) -> tuple[list[str], list[list[int]]]:
-    """(prompts, their token ids), or ConfigError for any bad argument."""
+) -> list[list[int]]:
+    """Each prompt's token ids, or ConfigError for any bad argument."""
     prompts = check_request(prompts, max_new_tokens, temperature, top_p)
     with decoder.lock:
         ids = [prompt_ids(decoder.tokenizer, p) for p in prompts]
     check_context(ids, max_new_tokens, decoder.context)
-    return prompts, ids
+    return ids
 
 
 def generate(

@@ -206,7 +206,7 @@ class OrtAdapterSession:
         sampled (``temperature``, ``top_p``, ``seed``), with ``adapter`` (a name, None for the exported default,
         or one entry per row: a mixed batch runs per adapter). Every input is checked first."""
         decoder = self._decoder()
-        prompts, ids = check_prompts(decoder, prompts, max_new_tokens, temperature, top_p)
+        ids = check_prompts(decoder, prompts, max_new_tokens, temperature, top_p)
         names = self._row_names(self.default_adapter if adapter is _DEFAULT else adapter, len(ids))
         loaded = self._lookup([a for a in dict.fromkeys(names) if a is not None])
         options = {name: _run_options(loaded.get(name)) for name in dict.fromkeys(names)}

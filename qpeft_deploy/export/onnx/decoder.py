@@ -120,13 +120,12 @@ def export_decoder(model: nn.Module, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ check
 
 
-def torch_runner(model: nn.Module) -> Runner:
+def _torch_runner(model: nn.Module) -> Runner:
     """A :data:`~qpeft_deploy.io.onnx_decoder.Runner` over the torch model (what the graph was exported from)."""
-    graph, names = DecoderGraph(model), None
+    graph = DecoderGraph(model)
+    names = [*INPUTS, *past_names(graph.layers)]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        nonlocal names
-        names = names or [*INPUTS, *past_names(graph.layers)]
         with torch.no_grad():
             return [t.numpy() for t in graph(*(torch.from_numpy(feeds[n]) for n in names))]
 
@@ -154,7 +153,7 @@ class DecoderReference:
 def decoder_reference(model: nn.Module, tokenizer) -> DecoderReference:
     """Run the (adapted) torch model on the probes: a left-padded prompt batch, then two of its rows with
     three new tokens on their cache; and greedy generation of :data:`CHECK_TOKENS` tokens."""
-    layout, run = cache_layout(model), torch_runner(model)
+    layout, run = cache_layout(model), _torch_runner(model)
     rows = probe_rows(model, tokenizer)
     first = prefill_feeds(layout, *left_pad(rows, 0))
     out = run(first)
@@ -168,7 +167,8 @@ def decoder_reference(model: nn.Module, tokenizer) -> DecoderReference:
 def _continued(
     layout: CacheLayout, first: dict[str, np.ndarray], out: list[np.ndarray], tokens: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The feeds of ``tokens`` (rows × new) after the first rows of the run ``first`` -> ``out``."""
+    """The feeds of ``tokens`` (rows × new) continuing the first rows of the run ``first`` (which gave
+    ``out``) on their cache."""
     rows, new = tokens.shape
     mask = first["attention_mask"][:rows]
     return {

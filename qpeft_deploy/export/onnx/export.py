@@ -62,7 +62,7 @@ from qpeft_deploy.io.onnx_adapter import (
 )
 from qpeft_deploy.io.ort import cpu_session
 from qpeft_deploy.io.qpeft_file import read_adapter
-from qpeft_deploy.models import is_image_base, load_tokenizer, resolve_base
+from qpeft_deploy.models import is_image_base, load_causal_lm, load_tokenizer, resolve_base
 
 MODES = ("merged", "runtime", "swappable")
 APPLIES = ("auto", "circuit", "dense")
@@ -152,12 +152,7 @@ def _adapted_model(base: str, path: Path, task: Task, force: bool) -> nn.Module:
     """The torch model the export starts from, with the adapter attached (base fingerprint checked)."""
     if task.name != "text-generation":
         return load_adapted_model(base, path, force=force)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(resolve_base(base)), torch_dtype=torch.float32, local_files_only=True
-    ).eval()
-    return load_adapter(model, path, base=base, force=force)
+    return load_adapter(load_causal_lm(base), path, base=base, force=force)
 
 
 def _tokenizer(base: str):

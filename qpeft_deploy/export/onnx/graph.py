@@ -34,17 +34,18 @@ Calls = dict[str, tuple[Signature, list[str]]]  # target key -> (signature, para
 
 
 def _digest(array: np.ndarray) -> tuple:
-    return array.shape, hashlib.blake2b(
-        np.ascontiguousarray(array, np.float32).tobytes(), digest_size=16
-    ).digest()
+    return array.shape, hashlib.blake2b(np.ascontiguousarray(array, np.float32).data, digest_size=16).digest()
 
 
-def initializers_by_value(graph: onnx.GraphProto) -> dict[tuple, str]:
-    """(shape, digest) of every float initialiser up to 2-D, or 4-D (conv kernels) -> its name."""
+def initializers_by_value(graph: onnx.GraphProto, shapes: set[tuple] | None = None) -> dict[tuple, str]:
+    """(shape, digest) of every float initialiser up to 2-D, or 4-D (conv kernels) -> its name (only those of
+    ``shapes``, when given: hashing a large model's every tensor takes seconds)."""
     return {
         _digest(numpy_helper.to_array(init)): init.name
         for init in graph.initializer
-        if init.data_type == TensorProto.FLOAT and (len(init.dims) <= 2 or len(init.dims) == 4)
+        if init.data_type == TensorProto.FLOAT
+        and (len(init.dims) <= 2 or len(init.dims) == 4)
+        and (shapes is None or tuple(init.dims) in shapes)
     }
 
 
@@ -90,6 +91,11 @@ def find_site(graph: onnx.GraphProto, by_value: dict[tuple, str], layer: nn.Modu
     return find(graph, by_value, _base_weight(layer))
 
 
+def _shapes(weight: np.ndarray) -> tuple[tuple, ...]:
+    """The shapes a weight may be stored in: as it is, and a matrix also transposed."""
+    return (weight.shape, weight.T.shape) if weight.ndim == 2 else (weight.shape,)
+
+
 def _base_weight(layer: nn.Module) -> np.ndarray:
     """W (out×in) of an nn.Linear or Conv1D, or the kernel (out, in, kh, kw) of an nn.Conv2d, fp32."""
     weight = layer.weight.detach().float()
@@ -100,7 +106,7 @@ def share_transposed(model: onnx.ModelProto, weight: np.ndarray) -> bool:
     """Where the graph holds both ``weight`` and a copy of its transpose (a tied LM head: the embedding's
     Gather and the head's MatMul), feed the copy's users ``Transpose(weight)`` instead and drop the copy
     (onnxruntime folds it when the session starts); returns whether it did."""
-    graph, by_value = model.graph, initializers_by_value(model.graph)
+    graph, by_value = model.graph, initializers_by_value(model.graph, {weight.shape, weight.T.shape})
     name, copy = by_value.get(_digest(weight)), by_value.get(_digest(weight.T))
     if name is None or copy is None or name == copy:
         return False
@@ -241,7 +247,8 @@ def adapter_graph(
     """The exported base graph at ``model_path`` with a CircuitApply per adapted layer (``layers``: base layer
     by target key); returns it and the kind per target ('unused' where the output does not depend on it)."""
     model = onnx.load(str(model_path))
-    by_value, sites, calls, kinds, unused = initializers_by_value(model.graph), {}, {}, {}, {}
+    shapes = {shape for layer in layers.values() for shape in _shapes(_base_weight(layer))}
+    by_value, sites, calls, kinds, unused = initializers_by_value(model.graph, shapes), {}, {}, {}, {}
     for key, layer in layers.items():
         n, m, k = adapter.dims(key)
         kind = layer_kind(adapter, key, mode, swap, apply)
