@@ -9,7 +9,7 @@ One run, on this machine, SmolLM2-135M-Instruct with all 210 linear layers adapt
                   an adapter file active
 timed as prefill latency (1×128 tokens) and decode tokens/s (batch 1 and 8, 16 steps after a 16-token prompt;
 medians of interleaved rounds); model and adapter file sizes. Then edge precision: the runtime export of a K=8
-adapter trained on ``sms`` (one epoch) in fp32 / fp16 / int8 / int4 (MatMulNBits, block 32; the adapter path
+adapter trained on ``sms`` (one epoch) in fp32 / fp16 / int8 / int4 (MatMulNBits, block 16; the adapter path
 fp32 in all of them): file size, held-out answer loss and exact match on the ``sms`` test examples (the
 exported graph evaluated through ``training.causal.evaluate_causal``; torch's fp32 row beside it), decode
 tokens/s at batch 1.
