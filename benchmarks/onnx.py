@@ -28,17 +28,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
-from onnx import helper, numpy_helper
 
 from benchmarks.common import interleaved_times, machine_info, markdown_table, write_results
+from benchmarks.ort_lora import add_lora
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.export.onnx.compare import probe_inputs
 from qpeft_deploy.export.onnx.export import TASKS, export_onnx, export_onnx_adapter, export_torch
-from qpeft_deploy.export.onnx.graph import find_linear, initializers_by_value
 from qpeft_deploy.io.model_io import save_adapter
 from qpeft_deploy.io.onnx_adapter import MODEL_FILE, write_ort_adapter
 from qpeft_deploy.io.ort import session_options
@@ -90,30 +88,7 @@ def lora_peer(folder: Path, rank: int = 8) -> tuple[Path, Path]:
     folder.mkdir()
     path = folder / MODEL_FILE
     export_torch(model, path, TASKS["text-classification"], probe_inputs(model, load_tokenizer("minilm")))
-    proto = onnx.load(str(path))
-    by_value, rng, params, extra = initializers_by_value(proto.graph), np.random.default_rng(0), {}, {}
-    for i, weight in enumerate(weights.values()):
-        node = find_linear(proto.graph, by_value, weight)
-        n, m = weight.shape
-        a, b = f"lora.{i}.A", f"lora.{i}.B"
-        params[a] = (rng.standard_normal((m, rank)) * 0.02).astype(np.float32)
-        params[b] = (rng.standard_normal((rank, n)) * 0.02).astype(np.float32)
-        out = node.output[0]
-        node.output[0] = f"{out}/base"
-        extra[node.output[0]] = [
-            helper.make_node("MatMul", [node.input[0], a], [f"{out}/lora_a"]),
-            helper.make_node("MatMul", [f"{out}/lora_a", b], [f"{out}/lora"]),
-            helper.make_node("Add", [node.output[0], f"{out}/lora"], [out]),
-        ]
-    nodes = [new for node in proto.graph.node for new in [node, *extra.get(node.output[0], [])]]
-    proto.graph.ClearField("node")
-    proto.graph.node.extend(nodes)
-    proto.graph.initializer.extend(numpy_helper.from_array(v * 0.5, k) for k, v in params.items())
-    proto.graph.input.extend(
-        helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, v.shape) for k, v in params.items()
-    )
-    proto.ir_version = 10
-    onnx.save(proto, str(path))
+    params = add_lora(path, weights.values(), rank)
     write_ort_adapter(folder / "lora.onnx_adapter", params, 1, 1)
     return path, folder / "lora.onnx_adapter"
 

@@ -61,6 +61,11 @@ SECTIONS = [
         "Quantum-PEFT vs PEFT LoRA r=8 and the untuned model on instruction tasks; bank generation vs merged.",
     ),
     ("onnx", "ONNX Runtime latency", "Export modes vs merged weights and ORT's own LoRA adapters."),
+    (
+        "onnx_llm",
+        "Edge LLM: ONNX decoders (SmolLM2)",
+        "Prefill and decode speed of the decoder export modes vs merged and ORT's LoRA; quality per precision.",
+    ),
     ("merge", "Merge", "`qpeft merge` vs copying the checkpoint and PEFT merge + save."),
     (
         "scale",

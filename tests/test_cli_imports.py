@@ -76,6 +76,7 @@ def test_cli_choices_match_the_library():
     from qpeft_deploy.core.quantize import ANGLE_BITS, LAMBDA_BITS
     from qpeft_deploy.export.lora import export as lora
     from qpeft_deploy.export.onnx import export as onnx
+    from qpeft_deploy.export.onnx import precision
     from qpeft_deploy.io import file_tools, onnx_adapter
     from qpeft_deploy.merge import checkpoint
 
@@ -85,6 +86,7 @@ def test_cli_choices_match_the_library():
     assert choices.ONNX_MODES == onnx.MODES and choices.ONNX_DTYPES == onnx.DTYPES
     assert choices.ONNX_SWAPS == onnx_adapter.SWAPS and choices.ONNX_APPLIES == onnx.APPLIES
     assert choices.ONNX_VIAS == onnx.VIAS and choices.ONNX_TASKS == tuple(onnx.TASKS)
+    assert choices.ONNX_QUANTIZE == precision.QUANTIZE
     assert choices.PEFT_TASK_TYPES == tuple(lora.TASK_MODELS) and choices.LORA_DTYPES == tuple(lora.DTYPES)
 
 

@@ -35,7 +35,8 @@ from qpeft_deploy.export.onnx.circuit import (
     circuit_apply_function,
     circuit_columns,
 )
-from qpeft_deploy.export.onnx.export import convert_precision, export_onnx
+from qpeft_deploy.export.onnx.export import export_onnx
+from qpeft_deploy.export.onnx.precision import convert_precision
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.io.onnx_adapter import MODEL_FILE
 from qpeft_deploy.io.ort import session_options
@@ -358,7 +359,7 @@ def test_merged_int8_reports_accuracy_change(exports):
 def test_fp16_conversion_halves_the_model_and_keeps_io(exports, batches, tmp_path):
     fp32, _ = exports("two", "merged")
     shutil.copytree(fp32, tmp_path / "fp16")
-    convert_precision(tmp_path / "fp16" / MODEL_FILE, "fp16", None)
+    onnx.save(convert_precision(tmp_path / "fp16" / MODEL_FILE, "fp16", None), tmp_path / "fp16" / MODEL_FILE)
     assert (fp32 / MODEL_FILE).stat().st_size > 1.8 * (tmp_path / "fp16" / MODEL_FILE).stat().st_size
     for i, inputs in enumerate(batches):
         got = ort_logits(tmp_path / "fp16", inputs)
@@ -492,9 +493,9 @@ def test_adapter_for_another_base_is_refused(adapters, tmp_path):
 
 
 def test_bad_options_are_refused(adapters, tmp_path):
-    with pytest.raises(QpeftError, match="merged"):
-        export_onnx("minilm", adapters["two"], tmp_path / "o", mode="runtime", quantize="int8", quiet=True)
-    with pytest.raises(QpeftError, match="decoders|optimum|mode"):
+    with pytest.raises(QpeftError, match="fp32"):
+        export_onnx("minilm", adapters["two"], tmp_path / "o", dtype="fp16", quantize="int8", quiet=True)
+    with pytest.raises(QpeftError, match="decoders|optimum|mode|matches this base"):
         export_onnx("minilm", adapters["two"], tmp_path / "o", task="text-generation", quiet=True)
     assert list(tmp_path.iterdir()) == []
 

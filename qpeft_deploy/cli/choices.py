@@ -12,6 +12,7 @@ DEFAULT_MAX_SHARD_SIZE = "2GB"  # qpeft_deploy.merge.checkpoint.DEFAULT_MAX_SHAR
 # qpeft_deploy.export.onnx.export: MODES, DTYPES, APPLIES, VIAS, TASKS (its keys); io.onnx_adapter: SWAPS
 ONNX_MODES = ("merged", "runtime", "swappable")
 ONNX_DTYPES = ("fp32", "fp16")
+ONNX_QUANTIZE = ("int8", "int4")  # qpeft_deploy.export.onnx.precision.QUANTIZE
 ONNX_SWAPS = ("factors", "angles")
 ONNX_APPLIES = ("auto", "circuit", "dense", "fold")
 ONNX_VIAS = ("torch", "optimum")

@@ -10,6 +10,7 @@ import click
 from qpeft_deploy.cli.choices import ONNX_APPLIES as APPLIES
 from qpeft_deploy.cli.choices import ONNX_DTYPES as DTYPES
 from qpeft_deploy.cli.choices import ONNX_MODES as MODES
+from qpeft_deploy.cli.choices import ONNX_QUANTIZE as QUANTIZE
 from qpeft_deploy.cli.choices import ONNX_SWAPS as SWAPS
 from qpeft_deploy.cli.choices import ONNX_TASKS as TASKS
 from qpeft_deploy.cli.choices import ONNX_VIAS as VIAS
@@ -34,10 +35,17 @@ SWAP_HELP = (
     "(causal LMs: every mode, with past key/values)",
 )
 @click.option(
-    "--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True, help="weights (merged)"
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="fp32",
+    show_default=True,
+    help="weights (adapter path fp32)",
 )
 @click.option(
-    "--quantize", type=click.Choice(["int8"]), default=None, help="onnxruntime dynamic int8 (merged)"
+    "--quantize",
+    type=click.Choice(QUANTIZE),
+    default=None,
+    help="base weights: onnxruntime dynamic int8, or 4-bit MatMulNBits (adapter path fp32)",
 )
 @click.option("--swap", type=click.Choice(SWAPS), default="factors", show_default=True, help=SWAP_HELP)
 @click.option(

@@ -29,11 +29,8 @@ The exported model is then run with onnxruntime and compared with torch
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +47,9 @@ from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.export.onnx.circuit import OPSET
 from qpeft_deploy.export.onnx.compare import compare, probes, reference
 from qpeft_deploy.export.onnx.decoder import check_decoder, decoder_reference, export_decoder
+from qpeft_deploy.export.onnx.genai import write_genai_config
 from qpeft_deploy.export.onnx.graph import adapter_graph, make_head_overridable
+from qpeft_deploy.export.onnx.precision import QUANTIZE, convert_precision
 from qpeft_deploy.io.fingerprint import base_fingerprint
 from qpeft_deploy.io.model_io import load_adapted_model, load_adapter
 from qpeft_deploy.io.onnx_adapter import (
@@ -125,23 +124,23 @@ class Options:
             ("dtype", DTYPES),
             ("swap", SWAPS),
             ("via", VIAS),
-            ("quantize", (None, "int8")),
+            ("quantize", (None, *QUANTIZE)),
             ("apply", APPLIES),
         ):
             if getattr(self, what) not in allowed:
                 raise ConfigError(
                     f"unknown {what} {getattr(self, what)!r}; choose one of {', '.join(map(str, allowed))}"
                 )
-        if self.mode != "merged" and (self.dtype != "fp32" or self.quantize):
-            raise ConfigError(
-                "--dtype fp16 and --quantize int8 apply to --mode merged (circuits run in fp32)"
-            )
         if self.apply == "fold" and self.mode != "runtime":
             raise ConfigError(
                 "--apply fold needs --mode runtime (it folds constant angles into W at session start)"
             )
+        if self.apply == "fold" and (self.dtype != "fp32" or self.quantize):
+            raise ConfigError(
+                "--apply fold folds ΔW into an fp32 W: use --apply auto with --dtype / --quantize"
+            )
         if self.dtype == "fp16" and self.quantize:
-            raise ConfigError("--quantize int8 quantises an fp32 model: use it with --dtype fp32")
+            raise ConfigError(f"--quantize {self.quantize} quantises an fp32 model: use it with --dtype fp32")
 
 
 # --------------------------------------------------------------------------------------------- model build
@@ -277,47 +276,6 @@ def _metadata(model: onnx.ModelProto, values: dict[str, object]) -> None:
         )
 
 
-class _PreprocessingAdvice(logging.Filter):
-    """Drops onnxruntime quantisation's 'Please consider (to run) pre-processing' (static quantisation advice)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Please consider")
-
-
-@contextmanager
-def _without_preprocessing_advice() -> Iterator[None]:
-    """quantize_dynamic without its advice on the root logger; a NullHandler meanwhile, so that its
-    ``logging.warning()`` does not install a stderr handler on the root logger for good (``basicConfig``)."""
-    root, null, advice = logging.getLogger(), logging.NullHandler(), _PreprocessingAdvice()
-    root.addHandler(null)
-    root.addFilter(advice)
-    try:
-        yield
-    finally:
-        root.removeFilter(advice)
-        root.removeHandler(null)
-
-
-def convert_precision(path: Path, dtype: str, quantize: str | None) -> None:
-    """fp16 weights and compute (inputs/outputs stay as exported) or onnxruntime's dynamic int8, in place."""
-    if dtype == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
-        _save_checked(model, path)
-    if quantize == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantized = path.with_name("quantized.onnx")
-        with _without_preprocessing_advice():
-            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
-        model = onnx.load(str(quantized))
-        quantized.unlink()
-        _save_checked(model, path)
-
-
 def _finish_mode(
     path: Path, adapter: AdapterFile, layers: dict[str, nn.Module], base: str, options: Options, task: Task
 ) -> dict:
@@ -334,7 +292,8 @@ def _finish_mode(
     if mode == "merged":
         model, kinds = onnx.load(str(path)), {}
     else:
-        model, kinds = adapter_graph(path, adapter, layers, mode, swap, options.apply)
+        fuse = options.dtype == "fp32" and not options.quantize  # a reduced base MatMul stays apart
+        model, kinds = adapter_graph(path, adapter, layers, mode, swap, options.apply, fuse=fuse)
         meta |= {
             "apply": kinds,
             "targets": {k: list(adapter.dims(k)) for k in config.targets},
@@ -351,7 +310,8 @@ def _finish_mode(
         }
     _metadata(model, meta)
     _save_checked(model, path)
-    convert_precision(path, options.dtype, options.quantize)
+    if (converted := convert_precision(path, options.dtype, options.quantize)) is not None:
+        _save_checked(converted, path)
     counts = {kind: list(kinds.values()).count(kind) for kind in sorted(set(kinds.values()))}
     return {"mode": mode, "task": task.name, "apply": counts, "swap": swap if mode == "swappable" else None}
 
@@ -414,6 +374,8 @@ def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqd
         )
         steps.update()
         report = _finish_mode(path, info, layers, base, options, task)
+        if task.name == "text-generation":  # onnxruntime-genai's og.Model(folder) loads it (genai.py)
+            write_genai_config(folder)
         steps.update()
         if decoder:
             report |= check_decoder(cpu_session(path), generated)

@@ -248,17 +248,26 @@ def layer_kind(
 
 
 def adapter_graph(
-    model_path: Path, adapter: AdapterFile, layers: dict[str, nn.Module], mode: str, swap: str, apply: str
+    model_path: Path,
+    adapter: AdapterFile,
+    layers: dict[str, nn.Module],
+    mode: str,
+    swap: str,
+    apply: str,
+    fuse: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The exported base graph at ``model_path`` with a CircuitApply per adapted layer (``layers``: base layer
-    by target key); returns it and the kind per target ('unused' where the output does not depend on it)."""
+    by target key); returns it and the kind per target ('unused' where the output does not depend on it).
+    Without ``fuse`` (reduced precision) a base MatMul stays apart from its CircuitApply: never fused, never
+    folded, so the quantiser reaches its weight."""
     model = onnx.load(str(model_path))
     shapes = {shape for layer in layers.values() for shape in _shapes(_base_weight(layer))}
     by_value, sites, calls, kinds, unused = initializers_by_value(model.graph, shapes), {}, {}, {}, {}
     for key, layer in layers.items():
         n, m, k = adapter.dims(key)
         node = find_site(model.graph, by_value, layer)
-        kind = layer_kind(adapter, key, mode, swap, apply, node.op_type if node is not None else "")
+        site = node.op_type if node is not None and fuse else ""  # a reduced base MatMul is no fold site
+        kind = layer_kind(adapter, key, mode, swap, apply, site)
         if isinstance(layer, nn.Conv2d) and kind == "circuit":
             kind = "dense"  # ΔW is built once per run as a kernel: circuits on I_M gain nothing
         params = target_parameters(adapter, key, kind)
@@ -267,7 +276,7 @@ def adapter_graph(
             kinds[key] = "unused"
             continue
         sites[key], kinds[key] = node, kind
-        fused = mode == "runtime" and kind in ("dense", "fold") and node.op_type == "MatMul"
+        fused = fuse and mode == "runtime" and kind in ("dense", "fold") and node.op_type == "MatMul"
         calls[key] = (Signature(kind, n, m, k, adapter.config.layers, fused), list(params))
         add_parameters(model.graph, params, overridable=mode == "swappable")
     add_parameters(model.graph, unused, overridable=True)
