@@ -30,7 +30,12 @@ with signals_unwind():
 @pytest.mark.parametrize("kind", ["file", "folder"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_a_write_leaves_no_temporary(tmp_path, signum, kind):
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), kind])
+    # SIGINT as a terminal delivers it: a shell starts background jobs with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored (no KeyboardInterrupt), so the child gets the default disposition back first
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path), kind],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while not any(p.is_file() and p.stat().st_size for p in tmp_path.rglob("*")):
         assert process.poll() is None and time.monotonic() < deadline
