@@ -788,12 +788,16 @@ def main(argv: list[str] | None = None) -> dict:
             for r in records
         ],
     }
-    md = render(data)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out_dir / f"{args.name}.md").write_text(md)
-    print(md)
+    publish(args.out_dir, args.name, data, render(data))
     return data
+
+
+def publish(out_dir: Path, name: str, data: dict, markdown: str) -> None:
+    """Write <name>.json and <name>.md into ``out_dir`` and print the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

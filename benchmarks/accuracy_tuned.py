@@ -43,6 +43,7 @@ from benchmarks.accuracy import (
     aggregate,
     cache_path,
     parse_args,
+    publish,
     run_config,
     run_grid,
     run_workers,
@@ -339,11 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in records
         ],
     }
-    md = render(data)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out_dir / f"{args.name}.md").write_text(md)
-    print(md)
+    publish(args.out_dir, args.name, data, render(data))
     return data
 
 

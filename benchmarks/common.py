@@ -87,6 +87,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def latency_spread(ms: dict[str, float]) -> str:
+    """'p50 / p90 / p99 / max' of a latency summary in ms ('' when there is none)."""
+    return " / ".join(f"{ms[k]:.1f}" for k in ("p50", "p90", "p99", "max")) if ms else ""
+
+
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second: the run date a results JSON records as ``date_utc``."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.common import machine_info, markdown_table, write_results
+from benchmarks.common import latency_spread, machine_info, markdown_table, write_results
 from qpeft_deploy.core.attach import adapted_layers, attach
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.models import load_task_model, load_tokenizer, tokenize
@@ -305,10 +305,6 @@ def _of(result: dict, key: str) -> str:
     return f"{result[key]} / {sent}"
 
 
-def _spread(ms: dict[str, float]) -> str:
-    return " / ".join(f"{ms[k]:.1f}" for k in ("p50", "p90", "p99", "max")) if ms else ""
-
-
 def table(result: dict, machine: dict) -> str:
     """The markdown summary of a run."""
     load = machine["load_average_1_5_15min"]
@@ -326,8 +322,8 @@ def table(result: dict, machine: dict) -> str:
         ["poisoned requests answered their 4xx", _of(result, "poisoned_answered_expected_4xx"), "all"],
         ["transport errors", result["transport_errors"], "0"],
         ["adapter files skipped at start-up (logged)", skipped, "1 (yes)"],
-        ["valid latency ms p50 / p90 / p99 / max", _spread(result["valid_latency_ms"]), ""],
-        ["poisoned latency ms p50 / p90 / p99 / max", _spread(result["poisoned_latency_ms"]), ""],
+        ["valid latency ms p50 / p90 / p99 / max", latency_spread(result["valid_latency_ms"]), ""],
+        ["poisoned latency ms p50 / p90 / p99 / max", latency_spread(result["poisoned_latency_ms"]), ""],
         ["throughput, requests/s", f"{result['requests_per_s']:.0f}", ""],
         ["wall time, s", f"{result['wall_s']:.0f}", ""],
     ]

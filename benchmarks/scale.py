@@ -47,7 +47,7 @@ import ray
 import torch
 from ray import serve
 
-from benchmarks.common import machine_info, markdown_table, write_results
+from benchmarks.common import latency_spread, machine_info, markdown_table, write_results
 from benchmarks.robustness_serve import TEXTS, free_port, percentiles_ms
 from benchmarks.swap import qpeft_files
 from qpeft_deploy.runtime.bank import AdapterBank, Prediction
@@ -333,10 +333,6 @@ def wait_replicas(count: int, killed: dict, deadline: float) -> float | None:
     return None
 
 
-def _spread(ms: dict[str, float]) -> str:
-    return " / ".join(f"{ms[k]:.1f}" for k in ("p50", "p90", "p99", "max")) if ms else ""
-
-
 def table(result: dict, machine: dict) -> str:
     """The markdown summary of a run."""
     load = machine["load_average_1_5_15min"]
@@ -368,7 +364,7 @@ def table(result: dict, machine: dict) -> str:
                 s["wrong"],
                 s["lost"],
                 s["retried"],
-                _spread(s["latency_ms"]),
+                latency_spread(s["latency_ms"]),
                 ", ".join(f"{v}" for v in s["by_replica"].values()),
             ]
         )
