@@ -276,6 +276,12 @@ def render(data: dict) -> str:
     return (
         "# Accuracy per byte, learning rates tuned on validation\n\n"
         + ("**Smoke run (CI): tiny budget, numbers meaningless.**\n\n" if data["smoke"] else "")
+        + (
+            f"**Part of the study** (the full one: tasks {', '.join(TUNED['tasks'])}; methods "
+            f"{', '.join(TUNED['methods'])}; resumable, `python -m {STUDY.module} --workers 2`).\n\n"
+            if data["reduced"] and not data["smoke"]
+            else ""
+        )
         + f"Produced by `{data['command']}` ({data['date_utc']}) on {m['cpu_model']} ({m['cpu_count']} cores, "
         f"torch {m['torch_version']}; load average {load}); every run trained with one torch thread per worker. "
         f"Tasks {', '.join(s['tasks'])}: {s['train_examples']:,} train / {s['validation_examples']:,} validation "
