@@ -9,8 +9,11 @@ import time
 
 import pytest
 
+# The writer first takes back Python's KeyboardInterrupt handler: a shell starts background jobs with SIGINT
+# ignored and Python keeps an inherited ignored SIGINT ignored, which would hide the SIGINT case under such a shell.
 WRITER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from qpeft_deploy.cli.signals import signals_unwind
 from qpeft_deploy.atomic import atomic_file, atomic_folder
 
@@ -30,12 +33,7 @@ with signals_unwind():
 @pytest.mark.parametrize("kind", ["file", "folder"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_a_write_leaves_no_temporary(tmp_path, signum, kind):
-    # SIGINT as a terminal delivers it: a shell starts background jobs with SIGINT ignored, and Python keeps an
-    # ignored SIGINT ignored (no KeyboardInterrupt), so the child gets the default disposition back first
-    process = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path), kind],
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), kind])
     deadline = time.monotonic() + 60
     while not any(p.is_file() and p.stat().st_size for p in tmp_path.rglob("*")):
         assert process.poll() is None and time.monotonic() < deadline
