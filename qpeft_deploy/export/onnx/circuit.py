@@ -51,7 +51,6 @@ from qpeft_deploy.core.circuit import (
 DOMAIN = "qpeft"
 OP_TYPE = "CircuitApply"
 OPSET = 18
-KINDS = ("circuit", "dense", "fold", "factors")
 GEMM_OVERHEAD = (
     2048  # planner: fixed cost of one MatMul node, in multiply-adds per vector (~hundreds of tokens)
 )
