@@ -374,10 +374,9 @@ def _export(base: str, adapter: Path, output: Path, options: Options, steps: tqd
         )
         steps.update()
         report = _finish_mode(path, info, layers, base, options, task)
-        if task.name == "text-generation":  # onnxruntime-genai's og.Model(folder) loads it (genai.py)
-            write_genai_config(folder)
         steps.update()
         if decoder:
+            write_genai_config(folder)  # onnxruntime-genai's og.Model(folder) loads it (genai.py)
             report |= check_decoder(cpu_session(path), generated)
         else:
             report |= compare(cpu_session(path), batches, references, task.classifier)
