@@ -92,7 +92,14 @@ from qpeft_deploy.data.tasks import load_data
 from qpeft_deploy.data.text import TASKS
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
 from qpeft_deploy.models import LORA_PEER_LR, LORA_PEER_RANK, load_task_model, lora_peer
-from qpeft_deploy.training.train import evaluate, fit, lambda_aware, load_preprocessor, quantization_aware
+from qpeft_deploy.training.train import (
+    evaluate,
+    fit,
+    head_aware,
+    lambda_aware,
+    load_preprocessor,
+    quantization_aware,
+)
 
 BASE = "minilm"
 VIT_BASE = str(Path(__file__).resolve().parents[1] / "samples" / "vit-fmnist5")
@@ -121,11 +128,12 @@ class Method:
     qat: bool = False  # train on the compact file's grids (its angle bits, and λ codes with lambda_bits)
     lambda_bits: int | None = None  # the compact file stores λ as b-bit codes (format version 3)
     angle_bits: int | None = None  # the compact file's angle bits (None: COMPACT_ANGLE_BITS)
+    head_bits: int | None = None  # the compact file stores the head's weights as b-bit row codes (version 5)
 
     def key(self) -> dict:
         """The method's part of a run's cache key: the fields added later enter it only when set, so runs
         cached before they existed stay valid."""
-        later = ("qat", "lambda_bits", "angle_bits")
+        later = ("qat", "lambda_bits", "angle_bits", "head_bits")
         return {k: v for k, v in asdict(self).items() if k not in later or v}
 
     def bits(self) -> int | None:
@@ -165,6 +173,20 @@ METHODS = {
             qat=True,
             lambda_bits=3,
             angle_bits=6,
+        ),
+        Method(
+            "qpeft-full-L1-a6l3h8",
+            "qpeft",
+            2e-2,
+            2e-2,
+            "full",
+            1,
+            "pauli",
+            "Q-PEFT full rank, 6-bit angles, 3-bit λ, 8-bit head (QAT)",
+            qat=True,
+            lambda_bits=3,
+            angle_bits=6,
+            head_bits=8,
         ),
         Method("taylor-K8", "qpeft", 2e-2, 2e-2, 8, 1, "taylor", "Q-PEFT Taylor K=8"),
         Method("lora-r8", "lora", LORA_PEER_LR, 2e-2, label="PEFT LoRA r=8 (peer)"),
@@ -265,6 +287,7 @@ def build(method: Method, base: str, id2label: dict[int, str], seed: int) -> tup
         if method.qat:
             quantization_aware(model, method.bits())
             lambda_aware(model, method.lambda_bits)
+            head_aware(model, method.head_bits)
     elif method.kind == "lora":
         model = lora_peer(model, seed, rank=method.rank or LORA_PEER_RANK)
     elif method.kind == "head":
@@ -285,6 +308,7 @@ def file_bytes(method: Method, model: torch.nn.Module, folder: Path, base: str) 
             bits=bits,
             lambda_dtype="fp16",
             lambda_bits=method.lambda_bits,
+            head_bits=method.head_bits,
             base=base,
         )
         full = save_adapter(model, folder / "f.qpeft", bits=None, lambda_dtype="fp32", base=base)
@@ -308,8 +332,8 @@ def file_bytes(method: Method, model: torch.nn.Module, folder: Path, base: str) 
 
 
 def compact_file_accuracy(path: Path, base: str, tokenizer, test: list, max_length: int) -> float:
-    """Test accuracy of the shipped compact .qpeft (4-bit angles, fp16 head, λ in fp16 or b-bit codes) loaded
-    onto a fresh base."""
+    """Test accuracy of the shipped compact .qpeft (b-bit angles, λ in fp16 or b-bit codes, the head in fp16 or
+    b-bit codes) loaded onto a fresh base."""
     return evaluate(load_adapted_model(base, path), tokenizer, test, max_length=max_length, quiet=True)[
         "accuracy"
     ]

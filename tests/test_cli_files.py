@@ -269,3 +269,29 @@ def test_pack_lambda_bits_and_back(qpeft, adapter, tmp_path):
     assert all(torch.equal(restored.state[k], t) for k, t in source.state.items() if k.endswith("lam"))
     result = run(qpeft, "pack", adapter, "-o", tmp_path / "x.qpeft", "--lambda-bits", "16")
     assert result.exit_code == 2 and "16" in result.stderr and not (tmp_path / "x.qpeft").exists()
+
+
+def test_pack_head_bits_inspect_and_back(qpeft, adapter, tmp_path):
+    coded = tmp_path / "h8.qpeft"
+    assert (
+        run(qpeft, "pack", adapter, "-o", coded, "--head-bits", "8", "--lambda-dtype", "fp16").exit_code == 0
+    )
+    text = run(qpeft, "inspect", coded).output
+    assert "qpeft version 5" in text and "head 8-bit weight codes + fp32 scale per row" in text
+    data = json.loads(run(qpeft, "inspect", coded, "--json").output)
+    assert data["head_bits"] == 8 and data["bytes"]["head_codes"] == 2 * 384
+    assert data["bytes"]["head_scales"] == 2 * 4 and data["bytes"]["head"] == 2 * 2  # the fp16 bias
+    assert run(qpeft, "verify", coded, "--base", "minilm").exit_code == 0
+    source, coded_head = read_adapter(adapter), read_adapter(coded)
+    weight, back = source.state["classifier.weight"], coded_head.state["classifier.weight"]
+    assert (weight - back).abs().max() <= weight.abs().amax() / 127 / 2 + 1e-7  # half a step of the row grid
+    plain = tmp_path / "plain.qpeft"
+    assert run(qpeft, "pack", coded, "-o", plain, "--head-bits", "32", "--quiet").exit_code == 0
+    assert read_adapter(plain).stored.head_bits is None
+    assert torch.equal(read_adapter(plain).state["classifier.weight"], back.half().float())
+    dropped = tmp_path / "dropped.qpeft"
+    assert (
+        run(qpeft, "pack", coded, "-o", dropped, "--drop-head", "--quiet").exit_code == 0
+    )  # kept bits: no head
+    result = run(qpeft, "pack", dropped, "-o", tmp_path / "x.qpeft", "--head-bits", "4")
+    assert result.exit_code == 2 and "no head" in result.stderr and not (tmp_path / "x.qpeft").exists()

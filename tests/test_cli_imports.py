@@ -73,7 +73,7 @@ def test_help_lists_every_command():
 
 
 def test_cli_choices_match_the_library():
-    from qpeft_deploy.core.quantize import ANGLE_BITS, LAMBDA_BITS
+    from qpeft_deploy.core.quantize import ANGLE_BITS, HEAD_BITS, LAMBDA_BITS
     from qpeft_deploy.export.lora import export as lora
     from qpeft_deploy.export.onnx import export as onnx
     from qpeft_deploy.export.onnx import precision
@@ -81,6 +81,7 @@ def test_cli_choices_match_the_library():
     from qpeft_deploy.merge import checkpoint
 
     assert choices.ANGLE_BITS == ANGLE_BITS and choices.LAMBDA_BITS == LAMBDA_BITS
+    assert choices.HEAD_BITS == HEAD_BITS
     assert choices.KEEP == file_tools.KEEP == checkpoint.KEEP
     assert choices.DEFAULT_MAX_SHARD_SIZE == checkpoint.DEFAULT_MAX_SHARD_SIZE
     assert choices.ONNX_MODES == onnx.MODES and choices.ONNX_DTYPES == onnx.DTYPES

@@ -37,7 +37,16 @@ TINY = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "sms.qpeft"
-    options = ["--bits", "4", "--lambda-bits", "3", "--threads", "1"]  # the file's grids, trained on (QAT)
+    options = [
+        "--bits",
+        "4",
+        "--lambda-bits",
+        "3",
+        "--head-bits",
+        "6",
+        "--threads",
+        "1",
+    ]  # the file's grids (QAT)
     result = CliRunner().invoke(cli, ["train", "--base", "minilm", *TINY, *options, "-o", str(out)])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.output)
@@ -49,7 +58,8 @@ def test_train_writes_an_adapter_and_reports(trained):
     assert report["trainable_parameters"] == 12 * (42 + 42 + 4) + 2 * 384 + 2
     assert 0.0 <= report["test_accuracy"] <= 1.0 and report["test_examples"] == 16
     stored = read_adapter(path).stored
-    assert (stored.format_version, stored.bits, stored.lambda_bits) == (4, 4, 3)  # unpruned: no mask
+    assert (stored.format_version, stored.bits, stored.lambda_bits, stored.head_bits) == (5, 4, 3, 6)
+    assert "mask" not in stored.nbytes  # unpruned: no mask
     assert report["torch_threads"] == 1
 
 

@@ -30,7 +30,7 @@ from qpeft_deploy.core.attach import (
 )
 from qpeft_deploy.core.circuit import parameter_count
 from qpeft_deploy.core.factors import target_params
-from qpeft_deploy.core.quantize import angle_step
+from qpeft_deploy.core.quantize import angle_step, fake_quantize_scaled
 from qpeft_deploy.errors import BaseMismatchError, ConfigError, FormatError
 from qpeft_deploy.io.file_tools import inspect_adapter, pack_adapter, verify_adapter
 from qpeft_deploy.io.model_io import load_adapted_model, load_adapter, save_adapter
@@ -453,7 +453,14 @@ V4_SMALL = {  # version 4: λ codes, nothing masked (no keep-mask stored)
     "pauli32-l2": encode_adapter(small_adapter(), lambda_bits=2),
     "pauli6-l3": encode_adapter(small_adapter(), bits=6, lambda_dtype="fp16", lambda_bits=3),
 }
-SMALL = V2_SMALL | V3_SMALL | V4_SMALL
+V5_SMALL = {  # version 5: head weight codes, a keep-mask only where some λ is masked
+    "pauli6-l3-h8": encode_adapter(small_adapter(), bits=6, lambda_dtype="fp16", lambda_bits=3, head_bits=8),
+    "pauli4-l4-h3-pruned": encode_adapter(
+        small_adapter(pruned=True), bits=4, lambda_dtype="fp16", lambda_bits=4, head_bits=3
+    ),
+}
+CODED_SMALL = V3_SMALL | V4_SMALL | V5_SMALL
+SMALL = V2_SMALL | CODED_SMALL
 
 
 def write(tmp_path, data: bytes, name: str = "x.qpeft"):
@@ -637,7 +644,12 @@ def check_consistent(adapter: AdapterFile, path) -> None:
     assert adapter.fingerprint is None or set(adapter.fingerprint) == set(config.targets)
     stored = adapter.stored
     write_adapter(
-        path, adapter, bits=stored.bits, lambda_dtype=stored.lambda_dtype, lambda_bits=stored.lambda_bits
+        path,
+        adapter,
+        bits=stored.bits,
+        lambda_dtype=stored.lambda_dtype,
+        lambda_bits=stored.lambda_bits,
+        head_bits=stored.head_bits,
     )
     again = read_adapter(path)
     assert again.state.keys() == adapter.state.keys()
@@ -1092,14 +1104,15 @@ def test_a_pruned_spectrum_stores_only_the_kept_lambda(tmp_path):
         assert torch.equal(kept[key], masked.half().float()), key  # the kept λ in fp16, the others 0
 
 
-@pytest.mark.parametrize("kind", sorted(V3_SMALL | V4_SMALL))
-def test_every_bit_flip_in_a_version_3_or_4_file_is_refused(kind, tmp_path):
-    data, path = (V3_SMALL | V4_SMALL)[kind], tmp_path / "x.qpeft"
-    version = 3 if "pruned" in kind else 4
+@pytest.mark.parametrize("kind", sorted(CODED_SMALL))
+def test_every_bit_flip_in_a_version_3_4_or_5_file_is_refused(kind, tmp_path):
+    data, path = CODED_SMALL[kind], tmp_path / "x.qpeft"
+    version = 5 if kind in V5_SMALL else 3 if "pruned" in kind else 4
     assert read_adapter(write(tmp_path, data, "original.qpeft")).stored.format_version == version
     header, _ = split(data)
     names = sorted(k for k in header if k != "__metadata__")
-    assert ("s" in names) == any(f"-l{b}" in kind for b in (2, 3, 4)) and ("m" in names) == (version == 3)
+    assert ("s" in names) == any(f"-l{b}" in kind for b in (2, 3, 4)) and ("m" in names) == ("pruned" in kind)
+    assert ("hc" in names) == ("hs" in names) == (version == 5)
     for bit in [b for name in names for b in tensor_bits(data, name)]:
         path.write_bytes(flip_bit(data, bit))
         with pytest.raises(FormatError, match="integrity digest mismatch") as error:
@@ -1130,6 +1143,7 @@ def with_tensor(data: bytes, name: str, tensor: torch.Tensor) -> bytes:
 CODED = (
     "pauli4-l4-pruned"  # λ codes: 2 active λ (one byte: 2 codes of 4 bits), pool.weight all masked (s = 0)
 )
+HEAD_CODED = "pauli6-l3-h8"  # a 2×5 head weight as 10 codes of 8 bits, 2 row scales; the bias fp16
 BAD_V3 = {
     "nan scale": (CODED, lambda d: set_value(d, "s", 0, math.nan), "λ scales contains NaN"),
     "negative scale": (
@@ -1192,10 +1206,51 @@ BAD_V3 = {
         lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].pop("lambda_bits"))),
         "tensors .* do not match the config",
     ),
-    "version 5": (
+    "head scale negative": (
+        HEAD_CODED,
+        lambda d: set_value(d, "hs", 1, -0.5),
+        "head scale of classifier.weight row 1: -0.5 is negative",
+    ),
+    "head scale too large": (
+        HEAD_CODED,
+        lambda d: set_value(d, "hs", 0, 1e3),
+        "head scale of classifier.weight row 0: 1e\\+03 .* exceed",
+    ),
+    "head scale without its code": (
+        HEAD_CODED,
+        lambda d: with_tensor(d, "hc", torch.full((10,), 127, dtype=torch.uint8)),  # every code 0
+        "head scale of classifier.weight row 0: .* is not max\\|head\\|/q",
+    ),
+    "head code out of range": (
+        HEAD_CODED,
+        lambda d: set_byte(d, "hc", 0, lambda b: 0xFF),
+        "head codes must lie in \\[0, 254\\]",
+    ),
+    "head codes too short": (
+        HEAD_CODED,
+        lambda d: with_tensor(d, "hc", torch.zeros(3, dtype=torch.uint8)),
+        "tensor 'hc' is U8\\[3\\], the config implies U8\\[10\\]",
+    ),
+    "head_bits in version 4": (
+        HEAD_CODED,
+        lambda d: set_meta(d, format_version="4"),
+        "unknown keys \\['head_bits'\\]",
+    ),
+    "head_bits without a head": (
+        HEAD_CODED,
+        lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].pop("head"))),
+        "head_bits without a head",
+    ),
+    "head_bits 1": (HEAD_CODED, lambda d: set_meta(d, head_bits="1"), "head_bits='1' is not an integer in"),
+    "head codes without head_bits": (
+        HEAD_CODED,
+        lambda d: redigest(edited(d, lambda h, b: h["__metadata__"].pop("head_bits"))),
+        "tensors .* do not match the config",
+    ),
+    "version 6": (
         CODED,
-        lambda d: set_meta(d, format_version="5"),
-        "format version 5 is newer than this reader supports \\(4\\); upgrade qpeft-deploy",
+        lambda d: set_meta(d, format_version="6"),
+        "format version 6 is newer than this reader supports \\(5\\); upgrade qpeft-deploy",
     ),
 }
 
@@ -1203,7 +1258,7 @@ BAD_V3 = {
 @pytest.mark.parametrize("case", sorted(BAD_V3))
 def test_bad_version_3_files_raise_one_clear_format_error(case, tmp_path):
     kind, mutate, match = BAD_V3[case]
-    path = write(tmp_path, mutate((V3_SMALL | V4_SMALL)[kind]))
+    path = write(tmp_path, mutate(CODED_SMALL[kind]))
     with pytest.raises(FormatError, match=match) as error:
         read_adapter(path)
     assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
@@ -1215,7 +1270,7 @@ def test_the_writer_writes_the_lowest_version_and_refuses_bad_lambda_bits(tmp_pa
     }
     assert versions == {kind: 2 for kind in V2_SMALL} | {kind: 3 for kind in V3_SMALL} | {
         kind: 4 for kind in V4_SMALL
-    }
+    } | {kind: 5 for kind in V5_SMALL}
     adapter = small_adapter()
     assert split(encode_adapter(adapter, lambda_bits=32)) == split(encode_adapter(adapter))  # 32: float λ
     for bad in (1, 9, 16, True, "4"):
@@ -1223,6 +1278,28 @@ def test_the_writer_writes_the_lowest_version_and_refuses_bad_lambda_bits(tmp_pa
             encode_adapter(adapter, lambda_bits=bad)
     pruned = read_adapter(write(tmp_path, V3_SMALL["taylor16-pruned"], "p.qpeft"))
     assert pruned.state["pool.spectrum.lam"].tolist() == [0.0]  # masked λ read back as 0
+
+
+def test_head_codes_store_a_quantisation_aware_head_exactly_and_rewrite_to_the_same_bytes(tmp_path):
+    adapter = small_adapter()
+    weight = adapter.state["classifier.weight"]
+    adapter.state["classifier.weight"] = fake_quantize_scaled(weight, 8)  # what head QAT trains on
+    path = write(tmp_path, encode_adapter(adapter, lambda_dtype="fp16", head_bits=8), "h8.qpeft")
+    back = read_adapter(path)
+    assert torch.equal(back.state["classifier.weight"], adapter.state["classifier.weight"])  # bit for bit
+    assert torch.equal(back.state["classifier.bias"], adapter.state["classifier.bias"].half().float())
+    assert back.stored.head_bits == 8 and back.stored.format_version == 5
+    assert back.stored.nbytes["head_codes"] == 10 and back.stored.nbytes["head_scales"] == 8
+    assert back.stored.nbytes["head"] == 4  # the fp16 bias alone
+    assert split(encode_adapter(back, lambda_dtype="fp16", head_bits=8)) == split(path.read_bytes())
+    parts = ("head", "head_codes", "head_scales")
+    assert sum(back.stored.nbytes[k] for k in parts) == 22 < 2 * 12  # fp16 would take 24 bytes for 12 values
+    for bad in (1, 9, True):
+        with pytest.raises(ConfigError, match="head bits must be one of 2, 3, 4, 5, 6, 7, 8 or 32"):
+            encode_adapter(adapter, head_bits=bad)
+    with pytest.raises(ConfigError, match="head bits given, but the file stores no head"):
+        encode_adapter(adapter, head_bits=8, drop_head=True)
+    assert split(encode_adapter(adapter, head_bits=32)) == split(encode_adapter(adapter))  # 32: float head
 
 
 def test_a_version_4_file_with_a_keep_mask_or_a_version_3_file_without_one_is_refused(tmp_path):

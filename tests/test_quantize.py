@@ -13,13 +13,13 @@ from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
     angle_step,
     dequantize_angles,
-    dequantize_lambda,
+    dequantize_scaled,
     fake_quantize_angles,
-    fake_quantize_lambda,
+    fake_quantize_scaled,
     pack_bits,
     packed_size,
     quantize_angles,
-    quantize_lambda,
+    quantize_scaled,
     unpack_bits,
 )
 from qpeft_deploy.errors import ConfigError
@@ -130,22 +130,38 @@ def test_unpack_refuses_wrong_size_and_padding_bits():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_lambda_codes_round_trip_and_training_sees_the_stored_values(bits):
     lam = torch.randn(37, generator=torch.Generator().manual_seed(bits)) * 0.3
-    codes, scale = quantize_lambda(lam, bits)
+    codes, scale = quantize_scaled(lam, bits)
     assert codes.min() >= 0 and codes.max() <= 2 * (2 ** (bits - 1) - 1)
-    decoded = dequantize_lambda(codes, scale, bits)
+    decoded = dequantize_scaled(codes, scale, bits)
     assert (decoded - lam).abs().max() <= scale / 2 + 1e-7
     assert decoded.abs().max() == lam.abs().max().float()  # the largest |λ| is exact
-    trained = fake_quantize_lambda(lam.clone().requires_grad_(), bits)
+    trained = fake_quantize_scaled(lam.clone().requires_grad_(), bits)
     assert torch.equal(trained.detach(), decoded)  # bit for bit: a λ-coded file reproduces QAT
     trained.sum().backward()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_head_rows_get_one_scale_each_and_training_sees_the_stored_values(bits):
+    weight = torch.randn(5, 33, generator=torch.Generator().manual_seed(bits))
+    weight[2] = 0.0  # a zero row keeps scale 0 and decodes to zeros
+    codes, scales = quantize_scaled(weight, bits)
+    assert scales.shape == (5,) and scales[2] == 0
+    decoded = dequantize_scaled(codes, scales[:, None], bits)
+    for row in range(5):  # row by row, exactly the codes and scale of that row alone
+        row_codes, row_scale = quantize_scaled(weight[row], bits)
+        assert torch.equal(codes[row], row_codes) and torch.equal(scales[row], row_scale)
+    assert torch.equal(decoded.abs().amax(dim=1), weight.abs().amax(dim=1))
+    trained = fake_quantize_scaled(weight.clone().requires_grad_(), bits)
+    assert torch.equal(trained.detach(), decoded)
+    trained.sum().backward()
+
+
 def test_lambda_codes_of_zero_and_bad_input():
-    codes, scale = quantize_lambda(torch.zeros(4), 4)
-    assert scale == 0 and torch.equal(dequantize_lambda(codes, scale, 4), torch.zeros(4))
-    with pytest.raises(ConfigError, match="lambda bits"):
-        quantize_lambda(torch.ones(3), 16)
+    codes, scale = quantize_scaled(torch.zeros(4), 4)
+    assert scale == 0 and torch.equal(dequantize_scaled(codes, scale, 4), torch.zeros(4))
+    with pytest.raises(ConfigError, match="code bits"):
+        quantize_scaled(torch.ones(3), 16)
     with pytest.raises(ConfigError, match="NaN"):
-        quantize_lambda(torch.tensor([1.0, float("nan")]), 4)
+        quantize_scaled(torch.tensor([1.0, float("nan")]), 4)
     with pytest.raises(ConfigError, match="codes must lie"):
-        dequantize_lambda(torch.tensor([15]), torch.tensor(1.0), 4)
+        dequantize_scaled(torch.tensor([15]), torch.tensor(1.0), 4)

@@ -10,6 +10,7 @@ from qpeft_deploy.core.threads import free_cores
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.errors import ConfigError
 from qpeft_deploy.io.model_io import load_adapted_model, save_adapter
+from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_tokenizer
 from qpeft_deploy.training.train import (
     TrainSpec,
@@ -132,13 +133,21 @@ def test_unknown_task_is_refused():
 
 
 @pytest.mark.parametrize(
-    "qat,save_bits,lambda_bits", [(True, 4, None), (True, None, None), (False, 4, None), (True, 4, 3)]
+    "qat,save_bits,lambda_bits,head_bits",
+    [
+        (True, 4, None, None),
+        (True, None, None, None),
+        (False, 4, None, None),
+        (True, 4, 3, 4),
+        (False, 32, 3, 4),
+    ],
 )
 def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
-    data, tokenizer, tmp_path, qat, save_bits, lambda_bits
+    data, tokenizer, tmp_path, qat, save_bits, lambda_bits, head_bits
 ):
     """A QAT model saved with 4-bit codes or with fp32 angles (the snapped ones it computes with), and with
-    3-bit λ codes when trained on them, reloads to the same logits; without QAT the 4-bit file differs."""
+    3-bit λ codes and 4-bit head codes when trained on them, reloads to the same logits; without QAT the coded
+    file differs."""
     spec = TrainSpec(
         task="rt",
         rank=8,
@@ -149,6 +158,7 @@ def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
         max_length=32,
         bits=4,
         lambda_bits=lambda_bits,
+        head_bits=head_bits,
         qat=qat,
     )
     model, _ = run_spec(spec, quiet=True)
@@ -156,7 +166,15 @@ def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
     assert all(c.angle_bits == (4 if qat else None) for c in circuits)
     texts = [text for text, _ in data.test]
     trained = predict(model, tokenizer, texts, max_length=32)
-    path = save_adapter(model, tmp_path / "a.qpeft", bits=save_bits, lambda_bits=lambda_bits, base="minilm")
+    path = save_adapter(
+        model,
+        tmp_path / "a.qpeft",
+        bits=save_bits,
+        lambda_bits=lambda_bits,
+        head_bits=head_bits,
+        base="minilm",
+    )
+    assert read_adapter(path).stored.head_bits == head_bits
     packed = predict(load_adapted_model("minilm", path), tokenizer, texts, max_length=32)
     gap = (trained - packed).abs().max().item()
     assert gap < 1e-4 if qat else gap > 1e-3, gap

@@ -7,6 +7,7 @@ tests/test_cli_imports.py checks that the two stay equal.
 KEEP = "keep"  # qpeft_deploy.io.file_tools.KEEP, qpeft_deploy.merge.checkpoint.KEEP
 ANGLE_BITS = (2, 3, 4, 5, 6, 7, 8, 16)  # qpeft_deploy.core.quantize.ANGLE_BITS
 LAMBDA_BITS = (2, 3, 4, 5, 6, 7, 8)  # qpeft_deploy.core.quantize.LAMBDA_BITS
+HEAD_BITS = (2, 3, 4, 5, 6, 7, 8)  # qpeft_deploy.core.quantize.HEAD_BITS
 DEFAULT_MAX_SHARD_SIZE = "2GB"  # qpeft_deploy.merge.checkpoint.DEFAULT_MAX_SHARD_SIZE
 
 # qpeft_deploy.export.onnx.export: MODES, DTYPES, APPLIES, VIAS, TASKS (its keys); io.onnx_adapter: SWAPS

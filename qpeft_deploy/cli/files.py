@@ -10,12 +10,13 @@ from pathlib import Path
 
 import click
 
-from qpeft_deploy.cli.choices import ANGLE_BITS, KEEP, LAMBDA_BITS
+from qpeft_deploy.cli.choices import ANGLE_BITS, HEAD_BITS, KEEP, LAMBDA_BITS
 from qpeft_deploy.cli.options import ADAPTER, overwrite_option, qpeft_output_option
 from qpeft_deploy.cli.signals import unwinds
 
 BITS_CHOICES = [str(b) for b in ANGLE_BITS] + ["32"]
 LAMBDA_BITS_CHOICES = [str(b) for b in LAMBDA_BITS] + ["32"]
+HEAD_BITS_CHOICES = [str(b) for b in HEAD_BITS] + ["32"]
 
 
 @click.command("pack")
@@ -39,6 +40,13 @@ LAMBDA_BITS_CHOICES = [str(b) for b in LAMBDA_BITS] + ["32"]
     default=None,
     help="Bits per λ code, one fp32 scale per target (32: λ as --lambda-dtype). Default: as in ADAPTER.",
 )
+@click.option(
+    "--head-bits",
+    type=click.Choice(HEAD_BITS_CHOICES),
+    default=None,
+    help="Bits per head weight code, one fp32 scale per row (32: the head as --lambda-dtype). Default: as in "
+    "ADAPTER.",
+)
 @click.option("--drop-head", is_flag=True, help="Leave the classification head out.")
 @click.option(
     "--base", default=None, help="Store this base's fingerprint (HF folder, cached repo id or 'minilm')."
@@ -52,6 +60,7 @@ def pack_command(
     bits: str | None,
     lambda_dtype: str | None,
     lambda_bits: str | None,
+    head_bits: str | None,
     drop_head: bool,
     base: str | None,
     overwrite: bool,
@@ -66,6 +75,7 @@ def pack_command(
         bits=KEEP if bits is None else int(bits),
         lambda_dtype=lambda_dtype or KEEP,
         lambda_bits=KEEP if lambda_bits is None else int(lambda_bits),
+        head_bits=KEEP if head_bits is None else int(head_bits),
         drop_head=drop_head,
         base=base,
         overwrite=overwrite,
@@ -83,9 +93,12 @@ def _size(adapter: Path) -> int:
 
 def _lambda_storage(summary: dict) -> str:
     """How λ and the head are stored, for ``inspect``."""
-    if summary["lambda_bits"] is None:
+    lam, head = summary["lambda_bits"], summary["head_bits"]
+    if lam is None and head is None:
         return f"λ/head {summary['lambda_dtype']}"
-    return f"λ {summary['lambda_bits']}-bit codes + fp32 scale per target, head {summary['lambda_dtype']}"
+    lam_text = summary["lambda_dtype"] if lam is None else f"{lam}-bit codes + fp32 scale per target"
+    head_text = summary["lambda_dtype"] if head is None else f"{head}-bit weight codes + fp32 scale per row"
+    return f"λ {lam_text}, head {head_text}"
 
 
 def _human(summary: dict) -> str:

@@ -64,10 +64,17 @@ def parse_rank(value: str) -> int | str:
     help="store λ as b-bit codes with one scale per target (format version 3)",
 )
 @click.option(
+    "--head-bits",
+    default=None,
+    type=click.IntRange(2, 8),
+    help="store the head's weights as b-bit codes with one scale per row (format version 5)",
+)
+@click.option(
     "--qat/--no-qat",
     default=True,
     show_default=True,
-    help="with --bits / --lambda-bits: train on those grids (straight-through) so the file reproduces the model",
+    help="with --bits / --lambda-bits / --head-bits: train on those grids (straight-through) so the file reproduces "
+    "the model",
 )
 @click.option(
     "--threads",

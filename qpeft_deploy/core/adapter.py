@@ -51,12 +51,13 @@ class StoredInfo:
     tool: str
     construction: str
     bits: int | None  # angle bits (None: float32 angles, or a Taylor adapter)
-    lambda_dtype: str  # fp16 | fp32 (λ without lambda_bits, the head, Taylor parameters)
+    lambda_dtype: str  # fp16 | fp32 (λ without lambda_bits, the head without head_bits, Taylor parameters)
     lambda_bits: int | None  # b-bit λ codes with one fp32 scale per target (None: λ as lambda_dtype)
     groups: tuple[str, ...]  # the target patterns as stored
     parameters: dict[str, int]  # angles, lambda, head, total
     nbytes: dict[str, int]  # header, angles, lambda, scales, mask, head, fingerprint, total
     fingerprint_algorithm: str | None
+    head_bits: int | None = None  # b-bit head weight codes, one fp32 scale per row (None: as lambda_dtype)
     container: str = "qpeft"  # qpeft: a .qpeft file; peft: a PEFT-native folder (io/peft_native.py)
 
 

@@ -332,8 +332,20 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             state[lambda_key(key)] = layer.spectrum.values().detach().clone()
     head = adapter_config(model).head
     if head is not None:
-        for name, tensor in model.get_submodule(head).state_dict().items():
-            state[f"{head}.{name}"] = tensor.detach().clone()
+        state |= {f"{head}.{name}": tensor for name, tensor in _head_state(model.get_submodule(head)).items()}
+    return state
+
+
+def _head_state(head: nn.Module) -> dict[str, torch.Tensor]:
+    """The head's tensors by name; a parametrised one (head codes while training quantisation-aware, see
+    ``training.train.head_aware``) under its plain name, with the value the forward pass uses."""
+    state = {}
+    for name, tensor in head.state_dict().items():
+        owner, found, rest = name.partition("parametrizations.")
+        if found:
+            name = owner + rest.removesuffix(".original")
+            tensor = getattr(head.get_submodule(owner.removesuffix(".")), rest.removesuffix(".original"))
+        state[name] = tensor.detach().clone()
     return state
 
 

@@ -6,10 +6,11 @@ The code decodes to θ̂ = Δ·c for c < 2^(b−1) and Δ·(c − 2^b) otherwise
 |θ̂ − θ| ≤ Δ/2 modulo 2π. Only circuit angles may be quantised this way: Taylor parameters, λ and heads are not
 periodic.
 
-λ (not periodic) gets symmetric b-bit codes with one fp32 scale per target: s = max|λ| / q with
-q = 2^(b−1) − 1, code = round(λ / s) + q ∈ [0, 2q], λ̂ = (code − q)·s, so |λ̂ − λ| ≤ s/2 and the largest |λ| is
-exact. Training on λ̂ (``fake_quantize_lambda``) computes round(λ/s)·s with the very fp32 operations the
-reader uses, so a file with λ codes reproduces a quantisation-aware model bit for bit.
+λ and the head's weights (not periodic) get *scaled* codes: symmetric b-bit codes with one fp32 scale per row
+(λ: one row per target; a head weight: one scale per output row): s = max|x| / q with q = 2^(b−1) − 1,
+code = round(x / s) + q ∈ [0, 2q], x̂ = (code − q)·s, so |x̂ − x| ≤ s/2 and the largest |x| of a row is exact.
+Training on x̂ (``fake_quantize_scaled``) computes round(x/s)·s with the very fp32 operations the reader uses,
+so a file with scaled codes reproduces a quantisation-aware model bit for bit.
 
 Bit packing is little-endian at the bit level: code i occupies bits i·b .. i·b + b − 1 of the stream, bit j
 is bit (j mod 8) of byte j // 8, and the unused high bits of the last byte are zero.
@@ -24,7 +25,9 @@ import torch
 from qpeft_deploy.errors import ConfigError
 
 ANGLE_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-LAMBDA_BITS = (2, 3, 4, 5, 6, 7, 8)
+SCALED_BITS = (2, 3, 4, 5, 6, 7, 8)
+LAMBDA_BITS = SCALED_BITS  # λ codes: one scale per target
+HEAD_BITS = SCALED_BITS  # head weight codes: one scale per row
 
 
 def _check_angle_bits(bits: int) -> None:
@@ -68,47 +71,47 @@ def dequantize_angles(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (signed.to(torch.float64) * step).to(torch.float32)
 
 
-def lambda_levels(bits: int) -> int:
-    """q = 2^(bits−1) − 1: λ codes run over [−q, q] (stored shifted to [0, 2q])."""
-    if isinstance(bits, bool) or bits not in LAMBDA_BITS:
-        raise ConfigError(f"lambda bits must be one of {', '.join(map(str, LAMBDA_BITS))}, got {bits!r}")
+def scaled_levels(bits: int) -> int:
+    """q = 2^(bits−1) − 1: scaled codes run over [−q, q] (stored shifted to [0, 2q])."""
+    if isinstance(bits, bool) or bits not in SCALED_BITS:
+        raise ConfigError(f"code bits must be one of {', '.join(map(str, SCALED_BITS))}, got {bits!r}")
     return (1 << (bits - 1)) - 1
 
 
-def lambda_scale(lam: torch.Tensor, bits: int) -> torch.Tensor:
-    """The fp32 scale s = max|λ| / q of one target's λ (0 when λ is all zero)."""
-    return lam.detach().to(torch.float32).abs().max() / lambda_levels(bits)
+def scaled_scale(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp32 scale s = max|x| / q of every row (the last axis) of ``values``; 0 for an all-zero row."""
+    return values.detach().to(torch.float32).abs().amax(dim=-1) / scaled_levels(bits)
 
 
-def _snap(lam: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """round(λ/s) clamped to [−q, q] (fp32); all zero when s is 0."""
-    if not scale > 0:
-        return torch.zeros_like(lam, dtype=torch.float32)
-    q = lambda_levels(bits)
-    return torch.round(lam.detach().to(torch.float32) / scale).clamp(-q, q)
+def _snap(values: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """round(x/s) clamped to [−q, q] (fp32), row by row; all zero in a row whose s is 0."""
+    q, scale = scaled_levels(bits), scale[..., None]
+    snapped = torch.round(values.detach().to(torch.float32) / scale).clamp(-q, q)
+    return torch.where(scale > 0, snapped, 0.0)
 
 
-def quantize_lambda(lam: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes in [0, 2q] as int64, fp32 scale) of one target's λ."""
-    if not torch.isfinite(lam).all():
-        raise ConfigError("cannot quantise NaN or infinite λ")
-    scale = lambda_scale(lam, bits)
-    return (_snap(lam, scale, bits) + lambda_levels(bits)).to(torch.int64), scale
+def quantize_scaled(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes in [0, 2q] as int64, fp32 scale per row) of ``values`` (one target's λ, or a head weight)."""
+    if not torch.isfinite(values).all():
+        raise ConfigError("cannot quantise NaN or infinite values")
+    scale = scaled_scale(values, bits)
+    return (_snap(values, scale, bits) + scaled_levels(bits)).to(torch.int64), scale
 
 
-def dequantize_lambda(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """λ̂ = (code − q)·s in fp32; ConfigError for codes outside [0, 2q]."""
-    q = lambda_levels(bits)
+def dequantize_scaled(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ = (code − q)·s in fp32 (``scale`` broadcast against ``codes``); ConfigError for codes outside [0, 2q]."""
+    q = scaled_levels(bits)
     codes = codes.to(torch.int64)
     if codes.numel() and (codes.min() < 0 or codes.max() > 2 * q):
-        raise ConfigError(f"λ codes must lie in [0, {2 * q}] for {bits} bits")
+        raise ConfigError(f"codes must lie in [0, {2 * q}] for {bits} bits")
     return (codes - q).to(torch.float32) * scale.to(torch.float32)
 
 
-def fake_quantize_lambda(lam: torch.Tensor, bits: int) -> torch.Tensor:
-    """λ̂ in the forward pass (exactly what a ``bits``-bit file stores), identity gradient (straight-through)."""
-    scale = lambda_scale(lam, bits)
-    return _snap(lam, scale, bits) * scale + (lam - lam.detach())
+def fake_quantize_scaled(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ in the forward pass (exactly what a ``bits``-bit file stores, row by row), identity gradient
+    (straight-through)."""
+    scale = scaled_scale(values, bits)
+    return _snap(values, scale, bits) * scale[..., None] + (values - values.detach())
 
 
 def packed_size(count: int, bits: int) -> int:

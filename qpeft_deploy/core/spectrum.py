@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qpeft_deploy.core.quantize import fake_quantize_lambda
+from qpeft_deploy.core.quantize import fake_quantize_scaled
 from qpeft_deploy.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ class Spectrum(nn.Module):
     def values(self) -> torch.Tensor:
         """λ with the pruned directions set to zero, on the ``lambda_bits`` grid when that is set."""
         values = self.lam * self.mask
-        return values if self.lambda_bits is None else fake_quantize_lambda(values, self.lambda_bits)
+        return values if self.lambda_bits is None else fake_quantize_scaled(values, self.lambda_bits)
 
     def active_rank(self) -> int:
         """Number of directions the mask keeps."""

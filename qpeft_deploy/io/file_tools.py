@@ -32,12 +32,13 @@ def pack_adapter(
     bits: int | None | str = KEEP,
     lambda_dtype: str = KEEP,
     lambda_bits: int | None | str = KEEP,
+    head_bits: int | None | str = KEEP,
     drop_head: bool = False,
     base: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Re-pack a .qpeft file (or convert a PEFT-native folder) with other options (``KEEP``: as in ``src``;
-    ``lambda_bits`` 32 or None: float λ); ``base`` stores its fingerprint.
+    ``lambda_bits`` / ``head_bits`` 32 or None: float λ / head); ``base`` stores its fingerprint.
     An existing ``out`` is replaced only with ``overwrite``; ``out`` may never be ``src`` or in the base."""
     inputs = [src] if base is None else [src, resolve_base(base)]
     prepare_output(out, overwrite=overwrite, protect=inputs)
@@ -47,12 +48,14 @@ def pack_adapter(
     bits = adapter.stored.bits if bits == KEEP else bits
     lambda_dtype = adapter.stored.lambda_dtype if lambda_dtype == KEEP else lambda_dtype
     lambda_bits = adapter.stored.lambda_bits if lambda_bits == KEEP else lambda_bits
+    head_bits = (None if drop_head else adapter.stored.head_bits) if head_bits == KEEP else head_bits
     return write_adapter(
         out,
         adapter,
         bits=bits,
         lambda_dtype=lambda_dtype,
         lambda_bits=lambda_bits,
+        head_bits=head_bits,
         drop_head=drop_head,
         overwrite=overwrite,
         protect=inputs,
@@ -79,6 +82,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "bits": info.bits,
         "lambda_dtype": info.lambda_dtype,
         "lambda_bits": info.lambda_bits,
+        "head_bits": info.head_bits,
         "active_rank": int(sum(int(adapter.state[mask_key(k)].sum()) for k in config.targets)),
         "head": config.head,
         "labels": config.labels(),

@@ -58,6 +58,7 @@ def save_adapter(
     bits: int | None = None,
     lambda_dtype: str = "fp32",
     lambda_bits: int | None = None,
+    head_bits: int | None = None,
     drop_head: bool = False,
     base: str | None = None,
 ) -> Path:
@@ -69,6 +70,7 @@ def save_adapter(
         bits=bits,
         lambda_dtype=lambda_dtype,
         lambda_bits=lambda_bits,
+        head_bits=head_bits,
         drop_head=drop_head,
     )
 

@@ -38,7 +38,7 @@ from qpeft_deploy.core.keys import (
     weight_key_under,
 )
 from qpeft_deploy.core.packing import pack_target, unpack_target
-from qpeft_deploy.core.quantize import ANGLE_BITS, LAMBDA_BITS, fake_quantize_angles, fake_quantize_lambda
+from qpeft_deploy.core.quantize import ANGLE_BITS, LAMBDA_BITS, fake_quantize_angles, fake_quantize_scaled
 from qpeft_deploy.errors import ConfigError, FormatError
 from qpeft_deploy.io.fingerprint import check_base
 from qpeft_deploy.io.peft_folder import (
@@ -206,7 +206,7 @@ def _target_state(
             for n, t in parts.items()
         }
     if method.lambda_bits is not None:  # as Spectrum.values computes it
-        parts[LAMBDA] = fake_quantize_lambda(parts[LAMBDA] * parts[MASK], method.lambda_bits)
+        parts[LAMBDA] = fake_quantize_scaled(parts[LAMBDA] * parts[MASK], method.lambda_bits)
     return {state_key(key, n): t for n, t in parts.items()}
 
 

@@ -1,13 +1,15 @@
-"""The .qpeft adapter file (format version 4, see docs/FORMAT.md): encode, decode and validate.
+"""The .qpeft adapter file (format version 5, see docs/FORMAT.md): encode, decode and validate.
 
-A .qpeft file is a plain safetensors file with at most six tensors and a string-only ``__metadata__``:
+A .qpeft file is a plain safetensors file with at most eight tensors and a string-only ``__metadata__``:
 
 - ``a``: every factor parameter, target after target (U's then V's): circuit angles as b-bit codes packed
   tightly (uint8), or float32; Taylor parameters as float16/float32 (never angle-coded).
-- ``m``: the λ keep-masks, one bit each (uint8; absent in version 4, where every λ is active); ``l``: the
+- ``m``: the λ keep-masks, one bit each (uint8; absent in version 4, and in version 5 when every λ is active); ``l``: the
   active λ (from version 3; every λ before), as float16/float32 or, with ``lambda_bits``, as packed b-bit codes
   with one float32 scale per target in ``s``.
-- ``h``: the classification head's tensors, flattened and concatenated (optional).
+- ``h``: the classification head's tensors, flattened and concatenated (optional); with ``head_bits``
+  (version 5) only those not coded (biases), the weights being packed b-bit codes in ``hc`` with one float32
+  scale per weight row in ``hs``.
 - ``f``: an 8-byte base digest per target (uint8, T×8, optional).
 
 The targets are written as a few patterns with one (N, M, K) each (``encoder.layer.{0-5}.output.dense.weight
@@ -17,8 +19,8 @@ tensor's bytes) makes any changed bit a refusal; the values are bounded so that 
 non-finite outputs. The reader checks the header length before reading it, every tensor's dtype, shape and
 offsets against the config before using it, then the digest, padding bits, finiteness and bounds, and raises
 :class:`FormatError` ("<path>: <problem>") for anything wrong. A writer writes the lowest version that holds the
-adapter (version 2 unless λ is coded or masked; 4 for coded λ with none masked; 3 for masked λ); version-1 (no
-digest), 2 and 3 files are still read.
+adapter (version 2 unless λ is coded or masked; 4 for coded λ with none masked; 3 for masked λ; 5 for a coded
+head); version-1 (no digest), 2, 3 and 4 files are still read.
 """
 
 from __future__ import annotations
@@ -45,14 +47,15 @@ from qpeft_deploy.core.factors import circuit_angles, factor_params, target_para
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, SIDES
 from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
+    HEAD_BITS,
     LAMBDA_BITS,
     dequantize_angles,
-    dequantize_lambda,
-    lambda_levels,
+    dequantize_scaled,
     pack_bits,
     packed_size,
     quantize_angles,
-    quantize_lambda,
+    quantize_scaled,
+    scaled_levels,
     unpack_bits,
 )
 from qpeft_deploy.errors import ConfigError, FormatError
@@ -62,10 +65,13 @@ from qpeft_deploy.io.safetensors import read_header, tensor_entry
 from qpeft_deploy.io.strict_json import strict_json
 
 FORMAT = "qpeft"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 DIGEST_VERSION = 2  # the first format version with the integrity digest
 COMPACT_VERSION = 3  # the first with only the active λ in ``l``, and λ codes (``lambda_bits``, ``s``)
 MASKLESS_VERSION = 4  # a version-4 file stores no keep-mask ``m``: every λ is active
+HEAD_CODES_VERSION = (
+    5  # the first with head weight codes (``head_bits``, ``hc``, ``hs``); ``m`` only if needed
+)
 DIGEST_KEY = "digest"
 DIGEST_ALGORITHM = "blake2b-16"
 DIGEST_BYTES = 16
@@ -97,6 +103,7 @@ _REQUIRED = (
 )
 _OPTIONAL = ("bits", "head", "head_shapes", "labels", "fingerprint", "extra")
 _COMPACT_OPTIONAL = ("lambda_bits",)  # from version 3
+_HEAD_CODES_OPTIONAL = ("head_bits",)  # from version 5
 _ST_DTYPES = {"F16": ("<f2", 2), "F32": ("<f4", 4), "U8": ("u1", 1)}
 _TORCH_TO_ST = {torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
 _FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
@@ -127,6 +134,18 @@ class _Layout:
     has_fingerprint: bool
     version: int
     lambda_bits: int | None
+    head_bits: int | None
+    has_mask: bool
+
+    def coded_head(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The head tensors stored as codes (every 2-D weight, with ``head_bits``), in head order."""
+        if self.head_bits is None:
+            return []
+        return [(n, s) for n, s in self.head_shapes if n.endswith("weight") and len(s) == 2]
+
+    def coded_rows(self) -> int:
+        """How many head weight rows carry a scale in ``hs``."""
+        return sum(shape[0] for _, shape in self.coded_head())
 
     def angle_count(self) -> int:
         return sum(
@@ -159,10 +178,14 @@ class _Layout:
         spec["l"] = self.lambda_tensor(self.lambda_count())
         if self.lambda_bits is not None:
             spec["s"] = ("F32", [len(self.targets)])
-        if self.version != MASKLESS_VERSION:
+        if self.has_mask:
             spec["m"] = ("U8", [packed_size(self.lambda_count(), 1)])
         if self.head is not None:
-            spec["h"] = (fdt, [self.head_count()])
+            coded = sum(math.prod(shape) for _, shape in self.coded_head())
+            spec["h"] = (fdt, [self.head_count() - coded])
+        if self.head_bits is not None:
+            spec["hc"] = ("U8", [packed_size(coded, self.head_bits)])
+            spec["hs"] = ("F32", [self.coded_rows()])
         if self.has_fingerprint:
             spec["f"] = ("U8", [len(self.targets), DIGEST_SIZE])
         return spec
@@ -308,28 +331,35 @@ def _all_lambdas(active: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _check_scales(
-    layout: _Layout, alpha: float, scales: torch.Tensor, active: torch.Tensor, owners: torch.Tensor
+    what: str,
+    names: list[str],
+    bits: int,
+    scales: torch.Tensor,
+    values: torch.Tensor,
+    owners: torch.Tensor,
+    *,
+    alpha: float = 1.0,
 ) -> None:
-    """λ scales: not negative, q·s (the largest |λ| a code gives) within the λ bounds, and s = max|λ̂|/q
-    exactly (a code at ±q, or s = 0), so that re-writing a file gives the same λ."""
-    names = list(layout.targets)
+    """Scales of scaled codes (``what``: λ per target, or head per weight row, named by ``names``): not negative,
+    q·s (the largest |x| a code gives; for λ also |α·λ|) within SCALE_MAX, and s = max|x̂|/q exactly (a code at
+    ±q, or s = 0), so that re-writing a file gives the same values; ``owners`` maps each value to its scale."""
     negative = torch.signbit(scales).nonzero()
     if len(negative):
         index = int(negative[0, 0])
-        raise _Invalid(f"λ scale of {names[index]}: {float(scales[index]):.3g} is negative")
-    top = scales * lambda_levels(layout.lambda_bits)  # q·s: the largest |λ| a code decodes to
+        raise _Invalid(f"{what} scale of {names[index]}: {float(scales[index]):.3g} is negative")
+    top = scales * scaled_levels(bits)  # q·s: the largest |x| a code decodes to
     index = _first_over(top.double() * max(1.0, abs(alpha)), SCALE_MAX)
     if index is not None:
         raise _Invalid(
-            f"λ scale of {names[index]}: {float(scales[index]):.3g} (α = {alpha:g}) lets |λ| or |α·λ| "
-            f"exceed {SCALE_MAX:g}"
+            f"{what} scale of {names[index]}: {float(scales[index]):.3g} (α = {alpha:g}) lets |{what}| or "
+            f"|α·{what}| exceed {SCALE_MAX:g}"
         )
-    largest = torch.zeros(len(scales)).scatter_reduce(0, owners, active.abs(), "amax")
+    largest = torch.zeros(len(scales)).scatter_reduce(0, owners, values.abs(), "amax")
     off = (largest != top).nonzero()
     if len(off):
         index = int(off[0, 0])
         raise _Invalid(
-            f"λ scale of {names[index]}: {float(scales[index]):.3g} is not max|λ|/q of its codes "
+            f"{what} scale of {names[index]}: {float(scales[index]):.3g} is not max|{what}|/q of its codes "
             "(no code reaches ±q)"
         )
 
@@ -381,12 +411,13 @@ def _check_lambda_bits(lambda_bits: int | None) -> int | None:
     return lambda_bits
 
 
-def _lambda_codes(lam: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_lambda`` of one target's λ, its scale moved by one fp32 step where that decodes λ exactly:
-    max|λ̂|/q can miss s by a step, and λ already on a b-bit grid (a λ-aware model's, a file's) stays exact."""
-    codes, scale = quantize_lambda(lam, bits)
+def _scaled_codes(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_scaled`` of one row (a target's λ, a head weight row), its scale moved by one fp32 step where
+    that decodes the row exactly: max|x̂|/q can miss s by a step, and values already on a b-bit grid (a
+    quantisation-aware model's, a file's) stay exact."""
+    codes, scale = quantize_scaled(values, bits)
     for candidate in (scale, torch.nextafter(scale, _INF), torch.nextafter(scale, -_INF)):
-        if torch.equal(dequantize_lambda(codes, candidate, bits), lam):
+        if torch.equal(dequantize_scaled(codes, candidate, bits), values):
             return codes, candidate
     return codes, scale
 
@@ -401,13 +432,76 @@ def _encode_lambdas(
         stored = _float_tensor([lam[m] for lam, m in zip(lams, masks, strict=True)], layout.float_dtype, "λ")
         return {"l": stored}, stored.float(), owners
     coded = [
-        _lambda_codes(torch.where(m, lam.float(), 0.0), layout.lambda_bits)
+        _scaled_codes(torch.where(m, lam.float(), 0.0), layout.lambda_bits)
         for lam, m in zip(lams, masks, strict=True)
     ]
     codes = torch.cat([c[m] for (c, _), m in zip(coded, masks, strict=True)])
     scales = torch.stack([scale for _, scale in coded])
-    active = dequantize_lambda(codes, scales[owners], layout.lambda_bits)
+    active = dequantize_scaled(codes, scales[owners], layout.lambda_bits)
     return {"l": pack_bits(codes, layout.lambda_bits), "s": scales}, active, owners
+
+
+def _head_row_names(layout: _Layout) -> list[str]:
+    """'<head>.<weight> row <r>' of every coded head weight row (the owners of ``hs``)."""
+    return [f"{layout.head}.{name} row {r}" for name, shape in layout.coded_head() for r in range(shape[0])]
+
+
+def _head_owners(layout: _Layout) -> torch.Tensor:
+    """The row (index into ``hs``) of every coded head value."""
+    widths = torch.tensor([shape[1] for _, shape in layout.coded_head() for _ in range(shape[0])])
+    return torch.repeat_interleave(torch.arange(len(widths)), widths)
+
+
+def _encode_head(
+    layout: _Layout, values: list[torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Tensors ``h`` (the head tensors not coded, as lambda_dtype) and, with ``head_bits``, ``hc`` and ``hs`` (the
+    weights' packed codes and row scales); and those codes unpacked (None without ``head_bits``)."""
+    coded = {name for name, _ in layout.coded_head()}
+    named = list(zip((name for name, _ in layout.head_shapes), values, strict=True))
+    tensors = {"h": _float_tensor([v for n, v in named if n not in coded], layout.float_dtype, "head")}
+    if layout.head_bits is None:
+        return tensors, None
+    rows = [
+        _scaled_codes(row, layout.head_bits) for n, v in named if n in coded for row in v.detach().float()
+    ]
+    codes = torch.cat([c for c, _ in rows])
+    tensors |= {"hc": pack_bits(codes, layout.head_bits), "hs": torch.stack([scale for _, scale in rows])}
+    return tensors, codes
+
+
+def _head_from_codes(
+    layout: _Layout, plain: torch.Tensor, codes: torch.Tensor | None, scales: torch.Tensor | None
+) -> torch.Tensor:
+    """The whole head, flat in head order, from its uncoded tensors and (with ``head_bits``) the weights' codes
+    and row scales, whose scales are checked; writer and reader both decode through here."""
+    if layout.head_bits is None:
+        return plain
+    owners = _head_owners(layout)
+    try:
+        coded_values = dequantize_scaled(codes, scales[owners], layout.head_bits)
+    except ConfigError as e:
+        raise _Invalid(f"head {e}") from None
+    _check_scales("head", _head_row_names(layout), layout.head_bits, scales, coded_values, owners)
+    coded, parts, taken = dict(layout.coded_head()), [], {True: 0, False: 0}
+    for name, shape in layout.head_shapes:
+        source, size = (coded_values if name in coded else plain), math.prod(shape)
+        parts.append(source[taken[name in coded] : taken[name in coded] + size])
+        taken[name in coded] += size
+    return torch.cat(parts)
+
+
+def _check_head_bits(head_bits: int | None, head: str | None) -> int | None:
+    """None for a float head (``FP32_BITS`` means that too), else one of HEAD_BITS, and only with a head."""
+    if head_bits is None or (head_bits == FP32_BITS and not isinstance(head_bits, bool)):
+        return None
+    if isinstance(head_bits, bool) or head_bits not in HEAD_BITS:
+        raise ConfigError(
+            f"head bits must be one of {', '.join(map(str, HEAD_BITS))} or 32, got {head_bits!r}"
+        )
+    if head is None:
+        raise ConfigError("head bits given, but the file stores no head")
+    return head_bits
 
 
 def _check_options(variant: str, bits: int | None, lambda_dtype: str) -> int | None:
@@ -450,6 +544,8 @@ def _metadata(config: AdapterConfig, layout: _Layout) -> dict[str, str]:
         meta["bits"] = str(layout.bits or FP32_BITS)
     if layout.lambda_bits is not None:
         meta["lambda_bits"] = str(layout.lambda_bits)
+    if layout.head_bits is not None:
+        meta["head_bits"] = str(layout.head_bits)
     if layout.head is not None:
         meta["head"] = layout.head
         meta["head_shapes"] = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in layout.head_shapes)
@@ -507,6 +603,7 @@ def encode_adapter(
     bits: int | None = None,
     lambda_dtype: str = "fp32",
     lambda_bits: int | None = None,
+    head_bits: int | None = None,
     drop_head: bool = False,
 ) -> bytes:
     """The bytes of the .qpeft file of ``adapter`` (see :func:`write_adapter`)."""
@@ -514,6 +611,7 @@ def encode_adapter(
     bits = _check_options(config.variant, bits, lambda_dtype)
     lambda_bits = _check_lambda_bits(lambda_bits)
     head = _check_config(config, drop_head)
+    head_bits = _check_head_bits(head_bits, head)
     groups, targets = _compress_targets(adapter.check())
     params, lams, masks, used = [], [], [], set()
     for key, dims in targets.items():
@@ -535,6 +633,7 @@ def encode_adapter(
     # the lowest version that holds the adapter
     version = DIGEST_VERSION if lambda_bits is None and every_active else COMPACT_VERSION
     version = MASKLESS_VERSION if version == COMPACT_VERSION and every_active else version
+    version = HEAD_CODES_VERSION if head_bits is not None else version
     layout = _Layout(
         config.variant,
         config.layers,
@@ -547,6 +646,8 @@ def encode_adapter(
         has_fp,
         version,
         lambda_bits,
+        head_bits,
+        has_mask=version < MASKLESS_VERSION or (version >= HEAD_CODES_VERSION and not every_active),
     )
     if state.keys() - used:
         raise ConfigError(
@@ -554,7 +655,7 @@ def encode_adapter(
         )
 
     tensors, active, owners = _encode_lambdas(layout, lams, masks)
-    if version != MASKLESS_VERSION:
+    if layout.has_mask:
         tensors["m"] = pack_bits(torch.cat(masks).long(), 1)
     if bits is not None:
         tensors["a"] = pack_bits(
@@ -563,8 +664,10 @@ def encode_adapter(
     else:
         dtype = lambda_dtype if config.variant == "taylor" else "fp32"
         tensors["a"] = _float_tensor(params, dtype, "factor parameters")
+    head_codes = None
     if head:
-        tensors["h"] = _float_tensor([state[k] for k in head_keys], lambda_dtype, "head")
+        head_tensors, head_codes = _encode_head(layout, [state[k] for k in head_keys])
+        tensors |= head_tensors
     if has_fp:
         if set(adapter.fingerprint) != set(targets):
             raise ConfigError("the fingerprint must have one digest per target")
@@ -577,11 +680,16 @@ def encode_adapter(
     try:
         if head:
             _check_head_shapes(head_shapes, len(config.labels()), FORMAT_VERSION)
+        decoded_head = (
+            _head_from_codes(layout, tensors["h"].float(), head_codes, tensors.get("hs")) if head else None
+        )
         if lambda_bits is not None:
-            _check_scales(layout, float(config.alpha), tensors["s"], active, owners)
+            _check_scales(
+                "λ", list(targets), lambda_bits, tensors["s"], active, owners, alpha=float(config.alpha)
+            )
         floats = tensors["a"] if bits is None else None
         full = _all_lambdas(active, torch.cat(masks))
-        _check_magnitudes(layout, float(config.alpha), floats, full, tensors.get("h"))
+        _check_magnitudes(layout, float(config.alpha), floats, full, decoded_head)
     except _Invalid as e:
         raise ConfigError(str(e)) from None
     data = _serialise(tensors, _metadata(config, layout))
@@ -599,16 +707,23 @@ def write_adapter(
     bits: int | None = None,
     lambda_dtype: str = "fp32",
     lambda_bits: int | None = None,
+    head_bits: int | None = None,
     drop_head: bool = False,
     overwrite: bool = True,
     protect: Sequence[str | Path] = (),
 ) -> Path:
     """Write ``adapter`` to a .qpeft file atomically: b-bit angles (None: fp32), λ as b-bit codes with one
-    scale per target (``lambda_bits``; None: as lambda_dtype), the head and Taylor parameters as lambda_dtype.
+    scale per target (``lambda_bits``; None: as lambda_dtype), the head's weights as b-bit codes with one scale
+    per row (``head_bits``; None: as lambda_dtype), biases and Taylor parameters as lambda_dtype.
     An existing file is replaced unless ``overwrite`` is False (the CLI's choice); ``protect`` names inputs
     the file may never be, contain or lie in."""
     data = encode_adapter(
-        adapter, bits=bits, lambda_dtype=lambda_dtype, lambda_bits=lambda_bits, drop_head=drop_head
+        adapter,
+        bits=bits,
+        lambda_dtype=lambda_dtype,
+        lambda_bits=lambda_bits,
+        head_bits=head_bits,
+        drop_head=drop_head,
     )
     return atomic_file(path, data, overwrite=overwrite, protect=protect)
 
@@ -642,6 +757,7 @@ def _check_identity(meta: object, header: dict) -> dict[str, str]:
         )
     required = _REQUIRED + ((DIGEST_KEY,) if int(version) >= DIGEST_VERSION else ())
     optional = _OPTIONAL + (_COMPACT_OPTIONAL if int(version) >= COMPACT_VERSION else ())
+    optional += _HEAD_CODES_OPTIONAL if int(version) >= HEAD_CODES_VERSION else ()
     missing = [k for k in required if k not in meta]
     unknown = [k for k in meta if k not in required + optional]
     if missing or unknown:
@@ -728,7 +844,11 @@ def _parse_head(meta: dict[str, str]) -> tuple[str | None, list[tuple[str, tuple
     return head, shapes, dict(enumerate(labels))
 
 
-def _parse_config(meta: dict[str, str], data_bytes: int) -> tuple[AdapterConfig, _Layout]:
+def _parse_config(
+    meta: dict[str, str], data_bytes: int, has_mask_tensor: bool
+) -> tuple[AdapterConfig, _Layout]:
+    """The config and layout the metadata describe (``has_mask_tensor``: the file holds ``m``, which a
+    version-5 file does only when some λ is masked)."""
     variant = meta["variant"]
     if CONSTRUCTIONS.get(variant) != meta["construction"]:
         raise _Invalid(f"unknown variant/construction {variant[:20]!r}/{meta['construction'][:40]!r}")
@@ -750,6 +870,11 @@ def _parse_config(meta: dict[str, str], data_bytes: int) -> tuple[AdapterConfig,
     lambda_bits = None
     if "lambda_bits" in meta:
         lambda_bits = _int(meta, "lambda_bits", min(LAMBDA_BITS), max(LAMBDA_BITS))
+    head_bits = None
+    if "head_bits" in meta:
+        head_bits = _int(meta, "head_bits", min(HEAD_BITS), max(HEAD_BITS))
+        if "head" not in meta:
+            raise _Invalid("head_bits without a head")
     version = int(meta["format_version"])
     groups, targets = _parse_targets(
         meta["targets"], variant, layers, data_bytes, (version, lambda_bits is not None)
@@ -787,6 +912,8 @@ def _parse_config(meta: dict[str, str], data_bytes: int) -> tuple[AdapterConfig,
         "fingerprint" in meta,
         version,
         lambda_bits,
+        head_bits,
+        has_mask=version < MASKLESS_VERSION or (version >= HEAD_CODES_VERSION and has_mask_tensor),
     )
     return config, layout
 
@@ -874,10 +1001,10 @@ def _lambdas(data: bytes, spans: dict, layout: _Layout, masks: torch.Tensor, alp
         codes = unpack_bits(_array(data, spans["l"], "U8", "λ codes"), layout.lambda_bits, stored)
         scales = _array(data, spans["s"], "F32", "λ scales")
         owners = _active_targets(layout, masks)
-        active = dequantize_lambda(codes, scales[owners], layout.lambda_bits)
+        active = dequantize_scaled(codes, scales[owners], layout.lambda_bits)
     except ConfigError as e:
-        raise _Invalid(str(e)) from None
-    _check_scales(layout, alpha, scales, active, owners)
+        raise _Invalid(f"λ {e}" if str(e).startswith("codes must") else str(e)) from None
+    _check_scales("λ", list(layout.targets), layout.lambda_bits, scales, active, owners, alpha=alpha)
     return _all_lambdas(active, masks)
 
 
@@ -890,15 +1017,29 @@ def _values(data: bytes, spans: dict, layout: _Layout, alpha: float) -> tuple[to
         else:
             codes = unpack_bits(_array(data, spans["a"], "U8", "angles"), layout.bits, layout.angle_count())
             angles = dequantize_angles(codes, layout.bits)
-        if layout.version == MASKLESS_VERSION:
+        if not layout.has_mask:
             masks = torch.ones(layout.lambda_count(), dtype=torch.bool)
         else:
             masks = unpack_bits(_array(data, spans["m"], "U8", "mask"), 1, layout.lambda_count()).bool()
     except ConfigError as e:
         raise _Invalid(str(e)) from None
     lams = _lambdas(data, spans, layout, masks, alpha)
-    head = _array(data, spans["h"], specs["h"][0], "head") if layout.head is not None else None
-    return angles, lams, masks, head
+    return angles, lams, masks, _head(data, spans, layout)
+
+
+def _head(data: bytes, spans: dict, layout: _Layout) -> torch.Tensor | None:
+    """The whole head, flat in head order (None without one), from ``h`` and, with ``head_bits``, ``hc``/``hs``."""
+    if layout.head is None:
+        return None
+    plain = _array(data, spans["h"], layout.tensors()["h"][0], "head")
+    if layout.head_bits is None:
+        return plain
+    count = sum(math.prod(shape) for _, shape in layout.coded_head())
+    try:
+        codes = unpack_bits(_array(data, spans["hc"], "U8", "head codes"), layout.head_bits, count)
+    except ConfigError as e:
+        raise _Invalid(f"head codes: {e}") from None
+    return _head_from_codes(layout, plain, codes, _array(data, spans["hs"], "F32", "head scales"))
 
 
 def _state(
@@ -925,7 +1066,7 @@ def _state(
 
 def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
     meta = _check_identity(header.get("__metadata__"), header)
-    config, layout = _parse_config(meta, size - start)
+    config, layout = _parse_config(meta, size - start, "m" in header)
     spans = _check_tensors(header, layout, size - start, path)
     data = _read_data(path, start, size)
     if int(meta["format_version"]) >= DIGEST_VERSION:
@@ -942,7 +1083,16 @@ def _decode(path: Path, header: dict, start: int, size: int) -> AdapterFile:
 
 
 def _stored(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size: int) -> StoredInfo:
-    part = {"a": "angles", "l": "lambda", "s": "scales", "m": "mask", "h": "head", "f": "fingerprint"}
+    part = {
+        "a": "angles",
+        "l": "lambda",
+        "s": "scales",
+        "m": "mask",
+        "h": "head",
+        "hc": "head_codes",
+        "hs": "head_scales",
+        "f": "fingerprint",
+    }
     nbytes = {"header": start} | {part[n]: e - b for n, (b, e) in spans.items()} | {"total": size}
     parameters = {
         "angles": layout.angle_count(),
@@ -957,6 +1107,7 @@ def _stored(meta: dict[str, str], layout: _Layout, spans: dict, start: int, size
         bits=layout.bits,
         lambda_dtype=layout.float_dtype,
         lambda_bits=layout.lambda_bits,
+        head_bits=layout.head_bits,
         groups=tuple(layout.groups),
         parameters=parameters,
         nbytes=nbytes,

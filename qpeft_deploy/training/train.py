@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from qpeft_deploy.atomic import prepare_output
@@ -36,7 +37,7 @@ from qpeft_deploy.core.attach import (
     trainable_parameters,
 )
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES
-from qpeft_deploy.core.quantize import angle_step
+from qpeft_deploy.core.quantize import HEAD_BITS, angle_step, fake_quantize_scaled
 from qpeft_deploy.core.spectrum import scheduled_rank
 from qpeft_deploy.core.threads import free_cores, torch_threads
 from qpeft_deploy.data.images import is_image_task
@@ -144,6 +145,33 @@ def lambda_aware(model: nn.Module, bits: int | None) -> None:
     None goes back to full precision."""
     for layer in adapted_layers(model).values():
         layer.spectrum.lambda_bits = bits
+
+
+class _OnHeadGrid(nn.Module):
+    """A head weight as its ``bits``-bit row codes decode it (a torch parametrisation, straight-through)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_scaled(weight, self.bits)
+
+
+def head_aware(model: nn.Module, bits: int | None) -> None:
+    """Run every weight of the adapter's head on its ``bits``-bit row codes (straight-through), as a file with
+    head codes stores it; None goes back to the full-precision weights."""
+    if bits is not None and (isinstance(bits, bool) or bits not in HEAD_BITS):
+        raise ConfigError(f"head bits must be one of {', '.join(map(str, HEAD_BITS))}, got {bits!r}")
+    head = adapter_config(model).head
+    linears = [m for m in model.get_submodule(head).modules() if isinstance(m, nn.Linear)] if head else []
+    if bits is not None and not linears:
+        raise ConfigError("head bits given, but the model has no head to train on codes")
+    for linear in linears:
+        if parametrize.is_parametrized(linear, "weight"):
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+        if bits is not None:
+            parametrize.register_parametrization(linear, "weight", _OnHeadGrid(bits))
 
 
 def fit(
@@ -264,7 +292,10 @@ class TrainSpec:
     seed: int = 0
     bits: int | None = None
     lambda_bits: int | None = None
-    qat: bool = True  # with bits / lambda_bits: train on the file's grids so it reproduces the trained model
+    head_bits: int | None = None
+    qat: bool = (
+        True  # with bits / lambda_bits / head_bits: train on the file's grids (it reproduces the model)
+    )
     threads: int | None = None  # torch intra-op threads; None: the machine's free cores (core/threads.py)
 
 
@@ -282,11 +313,12 @@ def attach_spec(model: nn.Module, spec: TrainSpec) -> nn.Module:
 
 
 def train_on_grids(model: nn.Module, spec: TrainSpec) -> None:
-    """With ``spec.qat``, train on the grids ``spec``'s file stores (angle bits, λ bits), so it reproduces."""
+    """With ``spec.qat``, train on the grids ``spec``'s file stores (angle, λ and head bits), so it reproduces."""
     if spec.qat:
         if spec.bits is not None:
             quantization_aware(model, spec.bits)
         lambda_aware(model, spec.lambda_bits)
+        head_aware(model, spec.head_bits)
 
 
 def run_report(spec: TrainSpec, model: nn.Module, result: TrainResult, examples: int, threads: int) -> dict:
@@ -366,6 +398,7 @@ def save_trained(
         adapter_from_model(model, spec.base),
         bits=spec.bits,
         lambda_bits=spec.lambda_bits,
+        head_bits=spec.head_bits,
         overwrite=overwrite,
         protect=input_paths(spec),
     )
