@@ -1,11 +1,12 @@
 """End-to-end demo on the shipped all-MiniLM-L6-v2 and the shipped data: the whole product in one run.
 
 1. trains three task adapters (Rotten Tomatoes sentiment, TREC-6 question type, SMS spam) in the setting the
-   accuracy study recommends (BENCHMARKS.md, Accuracy: ``qpeft-full-L1-a6l3``): full rank, L=1, trained
-   quantisation-aware on 6-bit angles and 3-bit λ codes, so the packed file is the trained model; and, on the
+   accuracy study recommends (BENCHMARKS.md, Accuracy: ``qpeft-full-L1-a6l3h8``): full rank, L=1, trained
+   quantisation-aware on 6-bit angles, 3-bit λ codes and 8-bit head codes, so the packed file is the trained
+   model; and, on the
    same budget, data and seed, the PEFT LoRA r=8 peer (all-linear + head, ``qpeft_deploy.models.lora_peer``) and
    the head-only baseline of each;
-2. packs them (6-bit angles, 3-bit λ codes, fp16 head) and inspects one; saves each LoRA with ``save_pretrained``;
+2. packs them (6-bit angles, 3-bit λ codes, 8-bit head weight codes) and inspects one; saves each LoRA with ``save_pretrained``;
 3. merges the RT adapter into a plain transformers checkpoint;
 4. exports one swappable ONNX model and runs all three tasks through ONE onnxruntime session by swapping adapters;
 5. prints one table, a row per task: accuracy (Q-PEFT in torch and through ORT, LoRA r=8, head-only), trainable
@@ -41,7 +42,7 @@ from qpeft_deploy.training.train import TrainSpec, evaluate, fit, run_spec
 
 TASKS = ("rt", "trec6", "sms")
 # The study's recommended setting (benchmarks/accuracy.py, qpeft-full-L1-a6l3), as `qpeft train` options.
-RECOMMENDED = {"rank": "full", "layers": 1, "bits": 6, "lambda_bits": 3}
+RECOMMENDED = {"rank": "full", "layers": 1, "bits": 6, "lambda_bits": 3, "head_bits": 8}
 LORA_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -90,8 +91,8 @@ def train_all(args: argparse.Namespace) -> dict[str, dict]:
             threads=args.threads,
         )
         print(
-            f"\n[{task}] training a Quantum-PEFT adapter (all-linear, full rank, L=1, on 6-bit angles and "
-            "3-bit λ codes) ...",
+            f"\n[{task}] training a Quantum-PEFT adapter (all-linear, full rank, L=1, on 6-bit angles, "
+            "3-bit λ codes and 8-bit head codes) ...",
             flush=True,
         )
         model, adapter = run_spec(spec, adapter=True, quiet=args.quiet)
@@ -101,6 +102,7 @@ def train_all(args: argparse.Namespace) -> dict[str, dict]:
             args.out / f"{task}.qpeft",
             bits=spec.bits,
             lambda_bits=spec.lambda_bits,
+            head_bits=spec.head_bits,
             lambda_dtype="fp16",
             base=spec.base,
         )
@@ -140,7 +142,17 @@ def ort_accuracy(session: OrtAdapterSession, task: str, args: argparse.Namespace
 def deploy(results: dict[str, dict], args: argparse.Namespace) -> dict[str, float]:
     """Inspect, merge, export one swappable ONNX model and run every task through it; returns ORT accuracy."""
     print("\n`qpeft inspect demo-out/rt.qpeft`:")
-    shown = ("variant", "targets", "ranks", "bits", "lambda_bits", "layers", "bytes", "parameters")
+    shown = (
+        "variant",
+        "targets",
+        "ranks",
+        "bits",
+        "lambda_bits",
+        "head_bits",
+        "layers",
+        "bytes",
+        "parameters",
+    )
     print(
         json.dumps({k: v for k, v in inspect_adapter(results["rt"]["path"]).items() if k in shown}, indent=1)
     )
@@ -188,8 +200,9 @@ def print_table(results: dict[str, dict], ort: dict[str, float]) -> None:
             f"{qpeft_bytes:8,} {lora_cells[2]:>10} {lora_cells[3]:>12}"
         )
     print(
-        "\nQ-PEFT: the trained model in torch (full rank, L=1, trained on 6-bit angles and 3-bit λ codes); ORT: its "
-        ".qpeft file (6-bit angles, 3-bit λ codes, fp16 head, base fingerprint) through the shared ONNX session, "
+        "\nQ-PEFT: the trained model in torch (full rank, L=1, trained on 6-bit angles, 3-bit λ and 8-bit head "
+        "codes); ORT: its "
+        ".qpeft file (6-bit angles, 3-bit λ codes, 8-bit head codes, base fingerprint) through the shared ONNX session, "
         "same test split. LoRA r=8: PEFT LoRA on the same 37 layers + head, same data, budget and seed. Bytes "
         "are the saved files' sizes; ratio = LoRA's fp32 adapter_model.safetensors / the .qpeft. One seed of a "
         "small budget (LoRA's own spread over seeds reaches ±7 points on TREC-6): the means over 3 seeds are in "

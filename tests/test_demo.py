@@ -48,16 +48,16 @@ def test_demo_runs_end_to_end_beside_lora_r8_and_the_packed_files_score_like_the
         qpeft_params, lora_params, head_params, qpeft_bytes, lora_bytes = (
             int(c.replace(",", "")) for c in row[5:10]
         )
-        # quantisation-aware training: the packed file is the trained model (fp16 head may flip one example)
+        # quantisation-aware training: the packed file is the trained model (its fp16 bias may flip one example)
         assert abs(torch_acc - ort_acc) <= 1 / TEST_EXAMPLES + 1e-9, (task, row)
         # LoRA r=8 trained in the same run: a real accuracy, PEFT's own trainable count, its saved file's bytes
         assert 0 <= lora_acc <= 1 and 0 <= head_acc <= 1, (task, row)
         assert abs(lora_acc * TEST_EXAMPLES - round(lora_acc * TEST_EXAMPLES)) < 1e-6, (task, row)
         assert lora_params == 337_920 + head_params, (task, row)  # r=8 on 37 layers + the head copy
         assert qpeft_params == 17_460 + head_params, (task, row)  # full rank, L=1: 3,252 angles + 14,208 λ
-        assert qpeft_bytes == (out / f"{task}.qpeft").stat().st_size < 16_000, (task, row)
+        assert qpeft_bytes == (out / f"{task}.qpeft").stat().st_size < 12_000, (task, row)  # 8-bit head codes
         assert lora_bytes == (out / f"{task}-lora" / "adapter_model.safetensors").stat().st_size, (task, row)
-        assert row[10] == f"{lora_bytes / qpeft_bytes:.0f}×" and lora_bytes / qpeft_bytes > 80, (task, row)
+        assert row[10] == f"{lora_bytes / qpeft_bytes:.0f}×" and lora_bytes / qpeft_bytes > 100, (task, row)
 
 
 def test_llm_demo_trains_two_adapters_beside_lora_and_serves_both_from_one_base(tmp_path):

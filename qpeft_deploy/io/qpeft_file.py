@@ -47,8 +47,7 @@ from qpeft_deploy.core.factors import circuit_angles, factor_params, target_para
 from qpeft_deploy.core.keys import HEAD_MODULE_NAMES, SIDES
 from qpeft_deploy.core.quantize import (
     ANGLE_BITS,
-    HEAD_BITS,
-    LAMBDA_BITS,
+    SCALED_BITS,
     dequantize_angles,
     dequantize_scaled,
     pack_bits,
@@ -69,9 +68,7 @@ FORMAT_VERSION = 5
 DIGEST_VERSION = 2  # the first format version with the integrity digest
 COMPACT_VERSION = 3  # the first with only the active λ in ``l``, and λ codes (``lambda_bits``, ``s``)
 MASKLESS_VERSION = 4  # a version-4 file stores no keep-mask ``m``: every λ is active
-HEAD_CODES_VERSION = (
-    5  # the first with head weight codes (``head_bits``, ``hc``, ``hs``); ``m`` only if needed
-)
+HEAD_CODES_VERSION = 5  # the first with head codes (``head_bits``, ``hc``, ``hs``); ``m`` only if needed
 DIGEST_KEY = "digest"
 DIGEST_ALGORITHM = "blake2b-16"
 DIGEST_BYTES = 16
@@ -400,15 +397,15 @@ def _float_tensor(values: list[torch.Tensor], dtype: str, what: str) -> torch.Te
     return out
 
 
-def _check_lambda_bits(lambda_bits: int | None) -> int | None:
-    """None for float λ (``FP32_BITS`` means that too), else one of LAMBDA_BITS."""
-    if lambda_bits is None or (lambda_bits == FP32_BITS and not isinstance(lambda_bits, bool)):
+def _check_code_bits(bits: int | None, what: str) -> int | None:
+    """None for float values (``FP32_BITS`` means that too), else one of SCALED_BITS (``what``: lambda, head)."""
+    if bits is None or (bits == FP32_BITS and not isinstance(bits, bool)):
         return None
-    if isinstance(lambda_bits, bool) or lambda_bits not in LAMBDA_BITS:
+    if isinstance(bits, bool) or bits not in SCALED_BITS:
         raise ConfigError(
-            f"lambda bits must be one of {', '.join(map(str, LAMBDA_BITS))} or 32, got {lambda_bits!r}"
+            f"{what} bits must be one of {', '.join(map(str, SCALED_BITS))} or 32, got {bits!r}"
         )
-    return lambda_bits
+    return bits
 
 
 def _scaled_codes(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -483,25 +480,11 @@ def _head_from_codes(
     except ConfigError as e:
         raise _Invalid(f"head {e}") from None
     _check_scales("head", _head_row_names(layout), layout.head_bits, scales, coded_values, owners)
-    coded, parts, taken = dict(layout.coded_head()), [], {True: 0, False: 0}
-    for name, shape in layout.head_shapes:
-        source, size = (coded_values if name in coded else plain), math.prod(shape)
-        parts.append(source[taken[name in coded] : taken[name in coded] + size])
-        taken[name in coded] += size
-    return torch.cat(parts)
-
-
-def _check_head_bits(head_bits: int | None, head: str | None) -> int | None:
-    """None for a float head (``FP32_BITS`` means that too), else one of HEAD_BITS, and only with a head."""
-    if head_bits is None or (head_bits == FP32_BITS and not isinstance(head_bits, bool)):
-        return None
-    if isinstance(head_bits, bool) or head_bits not in HEAD_BITS:
-        raise ConfigError(
-            f"head bits must be one of {', '.join(map(str, HEAD_BITS))} or 32, got {head_bits!r}"
-        )
-    if head is None:
-        raise ConfigError("head bits given, but the file stores no head")
-    return head_bits
+    coded = {name for name, _ in layout.coded_head()}
+    sizes = [(name in coded, math.prod(shape)) for name, shape in layout.head_shapes]
+    coded_parts = iter(coded_values.split([size for is_coded, size in sizes if is_coded]))
+    plain_parts = iter(plain.split([size for is_coded, size in sizes if not is_coded]))
+    return torch.cat([next(coded_parts if is_coded else plain_parts) for is_coded, _ in sizes])
 
 
 def _check_options(variant: str, bits: int | None, lambda_dtype: str) -> int | None:
@@ -609,9 +592,11 @@ def encode_adapter(
     """The bytes of the .qpeft file of ``adapter`` (see :func:`write_adapter`)."""
     config, state = adapter.config, adapter.state
     bits = _check_options(config.variant, bits, lambda_dtype)
-    lambda_bits = _check_lambda_bits(lambda_bits)
+    lambda_bits = _check_code_bits(lambda_bits, "lambda")
     head = _check_config(config, drop_head)
-    head_bits = _check_head_bits(head_bits, head)
+    head_bits = _check_code_bits(head_bits, "head")
+    if head_bits is not None and head is None:
+        raise ConfigError("head bits given, but the file stores no head")
     groups, targets = _compress_targets(adapter.check())
     params, lams, masks, used = [], [], [], set()
     for key, dims in targets.items():
@@ -869,10 +854,10 @@ def _parse_config(
         raise _Invalid("Taylor parameters cannot be angle-quantised (bits given)")
     lambda_bits = None
     if "lambda_bits" in meta:
-        lambda_bits = _int(meta, "lambda_bits", min(LAMBDA_BITS), max(LAMBDA_BITS))
+        lambda_bits = _int(meta, "lambda_bits", min(SCALED_BITS), max(SCALED_BITS))
     head_bits = None
     if "head_bits" in meta:
-        head_bits = _int(meta, "head_bits", min(HEAD_BITS), max(HEAD_BITS))
+        head_bits = _int(meta, "head_bits", min(SCALED_BITS), max(SCALED_BITS))
         if "head" not in meta:
             raise _Invalid("head_bits without a head")
     version = int(meta["format_version"])
