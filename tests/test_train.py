@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from qpeft_deploy.core.attach import adapted_layers
+from qpeft_deploy.core.attach import adapted_layers, adapter_state
+from qpeft_deploy.core.quantize import fake_quantize_scaled
 from qpeft_deploy.core.threads import free_cores
 from qpeft_deploy.data.text import load_task
 from qpeft_deploy.errors import ConfigError
@@ -18,6 +19,7 @@ from qpeft_deploy.training.train import (
     build_model,
     evaluate,
     fit,
+    head_aware,
     predict,
     quantization_aware,
     run_spec,
@@ -178,6 +180,24 @@ def test_quantisation_aware_training_makes_the_file_reproduce_the_model(
     packed = predict(load_adapted_model("minilm", path), tokenizer, texts, max_length=32)
     gap = (trained - packed).abs().max().item()
     assert gap < 1e-4 if qat else gap > 1e-3, gap
+
+
+def test_head_aware_training_runs_the_head_on_its_row_codes_and_trains_the_latent_weight(data, tokenizer):
+    model = build_model(SPEC, data.id2label)
+    plain = adapter_state(model)
+    head_aware(model, 4)
+    coded = adapter_state(model)
+    assert coded.keys() == plain.keys()  # the parametrisation keeps the state's names
+    weight = coded["classifier.weight"]
+    assert torch.equal(weight, fake_quantize_scaled(plain["classifier.weight"], 4))
+    assert all(len(row.unique()) <= 15 for row in weight)  # 2·7 + 1 levels per row
+    fit(model, tokenizer, data.train[:32], batch_size=16, max_length=32, quiet=True)
+    latent = model.classifier.parametrizations.weight.original
+    assert not torch.equal(latent, plain["classifier.weight"])  # straight-through gradients reach it
+    head_aware(model, None)
+    assert torch.equal(model.classifier.weight, latent)  # back to the full-precision weight
+    with pytest.raises(ConfigError, match="head bits must be one of"):
+        head_aware(model, 9)
 
 
 def test_quantisation_aware_training_still_trains_the_angles(data, tokenizer):
