@@ -74,7 +74,7 @@ TUNED = {
 }
 SMOKE = {
     "tasks": ["rt"],
-    "methods": ["head-only", "lora-r8", "qpeft-K8-L1"],
+    "methods": ["head-only", "lora-r8", "qpeft-full-L1-a6l3h8"],
     "seeds": [0, 1],
     "train_examples": 32,
     "validation_examples": 16,
@@ -224,6 +224,25 @@ def goals(cells: list[dict], tasks: list[str]) -> dict[str, dict]:
     return out
 
 
+def reproduction(records: list[dict]) -> list[dict]:
+    """Per (task, quantisation-aware method): in how many runs the shipped file scored exactly what the trained
+    model did, and the largest gap (points)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r["config"]["method"].get("qat") and r.get("compact_file_accuracy") is not None:
+            groups.setdefault((r["config"]["task"], r["config"]["method"]["name"]), []).append(r)
+    return [
+        {
+            "task": task,
+            "method": method,
+            "runs": len(runs),
+            "exact": sum(r["compact_file_accuracy"] == r["test_accuracy"] for r in runs),
+            "max_gap_points": max(100 * abs(r["compact_file_accuracy"] - r["test_accuracy"]) for r in runs),
+        }
+        for (task, method), runs in groups.items()
+    ]
+
+
 def goal_lines(result: dict[str, dict]) -> list[str]:
     """The goals per task in plain words."""
     lines = []
@@ -293,7 +312,17 @@ def render(data: dict) -> str:
         + table(data["cells"])
         + "\n## Goals\n\n"
         + "\n".join(goal_lines(data["goals"]))
-        + "\n\n## Learning-rate picks (validation accuracy %, seed 0)\n\n"
+        + "\n\n## Quantisation-aware files reproduce the trained model\n\n"
+        + "Every run of a quantisation-aware method (phases 2 and 3), the shipped file's test accuracy loaded onto a "
+        "fresh base against the trained model's:\n\n"
+        + markdown_table(
+            ["task", "method", "runs", "file = trained", "largest gap (points)"],
+            [
+                [r["task"], r["method"], r["runs"], r["exact"], r["max_gap_points"]]
+                for r in data["reproduction"]
+            ],
+        )
+        + "\n## Learning-rate picks (validation accuracy %, seed 0)\n\n"
         + markdown_table(["task", "method", "rate", "validation %", ""], sweep)
         + f"\nRuns trained by this invocation: {data['runs_trained']} (cache: `{data['name']}_runs/`).\n"
     )
@@ -307,13 +336,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.shard:
         run_grid(PHASES[args.phase](args.settings, cache_dir), cache_dir, quiet=quiet, shard=args.shard)
         return {}
-    start, trained = time.perf_counter(), 0
+    start, trained, every_run = time.perf_counter(), 0, {}
     for phase, configs_of in PHASES.items():
         configs = configs_of(args.settings, cache_dir)
         missing = sum(not cache_path(cache_dir, c).is_file() for c in configs)
         if args.workers > 1 and missing:
             run_workers([*shown, "--phase", phase], args.workers, STUDY.module)
         records, _, _ = run_grid(configs, cache_dir, quiet=quiet)
+        every_run |= {r["hash"]: r for r in records}
         trained += missing
     cells = aggregate(records, args.settings)
     chosen = picks(args.settings, cache_dir)
@@ -331,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         "validation": _validation_table(args.settings, cache_dir, chosen),
         "cells": cells,
         "goals": goals(cells, args.settings["tasks"]),
+        "reproduction": reproduction(list(every_run.values())),
         "runs": [
             {
                 "task": r["config"]["task"],

@@ -53,8 +53,10 @@ SECTIONS = [
     (
         "train_speed",
         "Training step time",
-        "Quantum-PEFT (K=8, full rank) vs PEFT LoRA r=8 per training step, MiniLM (1,024 and 4,096 token rows per "
-        "step) and the ViT, 1 and 2 threads.",
+        (
+            "Quantum-PEFT (K=8, full rank) vs PEFT LoRA r=8 per training step, MiniLM (1,024 and 4,096 token rows "
+            "per step) and the ViT, 1 and 2 threads."
+        ),
     ),
     (
         "llm",

@@ -66,3 +66,10 @@ def test_runs_report_held_out_validation_and_the_goals(smoke):
     assert goal["met"] is False or goal["smallest_within_1_point"]["ratio"] >= accuracy_tuned.GOAL_BYTES_RATIO
     text = (out / "accuracy_tuned_smoke.md").read_text()
     assert "Smoke run" in text and "picked" in text and "## Goals" in text
+
+
+def test_quantisation_aware_files_score_exactly_what_training_did(smoke):
+    _, data, _ = smoke
+    (row,) = data["reproduction"]  # the one QAT method of the smoke run, 3 sweep runs + seed 1
+    assert row["method"] == "qpeft-full-L1-a6l3h8" and row["runs"] == len(accuracy_tuned.GRIDS["qpeft"]) + 1
+    assert row["exact"] == row["runs"] and row["max_gap_points"] == 0
