@@ -3,7 +3,7 @@
 Peer: real ``peft`` LoRA (r = 8 and r = 2, ``target_modules="all-linear"``, ``task_type="SEQ_CLS"``, so the
 same 37 MiniLM linear layers plus the classifier head) saved with ``save_pretrained``; we count the bytes of
 ``adapter_model.safetensors``. Ours: ``save_adapter`` on MiniLM with all-linear targets for several
-(K, L, bits, λ/head dtype, λ codes, head, fingerprint), with the bytes split into header / angles / λ / scales /
+(K, L, bits, λ/head dtype, λ codes, head codes, head, fingerprint), with the bytes split into header / angles / λ / scales /
 mask / head / fingerprint as ``read_adapter`` reports them.
 
     python -m benchmarks.filesize [--ranks 1 4 8 16 full] [--layers 1 2 4]
@@ -25,19 +25,26 @@ from qpeft_deploy.io.qpeft_file import read_adapter
 from qpeft_deploy.models import load_task_model
 
 LABELS = {0: "rotten", 1: "fresh"}
-# (bits, λ/head dtype, head, fingerprint, λ bits) saved from each (K, L) model; bits None = fp32 angles,
-# λ bits None = λ in the λ/head dtype (format version 2), else b-bit λ codes (version 3)
+# (bits, λ/head dtype, head, fingerprint, λ bits, head bits) saved from each (K, L) model; bits None = fp32
+# angles, λ bits None = λ in the λ/head dtype (format version 2), else b-bit λ codes (version 4); head bits: the
+# head's weights as b-bit row codes (version 5)
 VARIANTS = [
-    (4, "fp16", True, True, None),
-    (4, "fp16", False, True, None),
-    (4, "fp16", True, False, None),
-    (2, "fp16", True, True, None),
-    (8, "fp16", True, True, None),
-    (16, "fp16", True, True, None),
-    (None, "fp32", True, True, None),
+    (4, "fp16", True, True, None, None),
+    (4, "fp16", False, True, None, None),
+    (4, "fp16", True, False, None, None),
+    (2, "fp16", True, True, None, None),
+    (8, "fp16", True, True, None, None),
+    (16, "fp16", True, True, None, None),
+    (None, "fp32", True, True, None, None),
 ]
-# λ codes: what makes full rank small (the study's compact settings: 4-bit angles + 4-bit λ, 6 + 3)
-LAMBDA_CODES = [(4, "fp16", True, True, 4), (6, "fp16", True, True, 3), (4, "fp16", True, True, 2)]
+# λ and head codes: what makes full rank small (the studies' compact settings: 4-bit angles + 4-bit λ, 6 + 3,
+# and 6 + 3 with an 8-bit head, the recommended one)
+LAMBDA_CODES = [
+    (4, "fp16", True, True, 4, None),
+    (6, "fp16", True, True, 3, None),
+    (6, "fp16", True, True, 3, 8),
+    (4, "fp16", True, True, 2, None),
+]
 
 
 def lora_bytes(rank: int, folder: Path) -> int:
@@ -72,13 +79,14 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
         variants = VARIANTS if (rank, depth) == (8, 1) else VARIANTS[:2]
         if depth == 1 and rank in (8, "full"):
             variants = variants + LAMBDA_CODES
-        for bits, dtype, head, fingerprint, lambda_bits in variants:
+        for bits, dtype, head, fingerprint, lambda_bits, head_bits in variants:
             path = save_adapter(
                 model,
                 folder / "a.qpeft",
                 bits=bits,
                 lambda_dtype=dtype,
                 lambda_bits=lambda_bits,
+                head_bits=head_bits,
                 drop_head=not head,
                 base="minilm" if fingerprint else None,
             )
@@ -91,6 +99,7 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
                     "bits": bits or 32,
                     "lambda_dtype": dtype,
                     "lambda_bits": lambda_bits,
+                    "head_bits": head_bits,
                     "head": head,
                     "fingerprint": fingerprint,
                     "parameters": info.parameters["total"],
@@ -106,7 +115,8 @@ def measure(ranks: list[int | str], layers: list[int], folder: Path) -> tuple[di
 
 def table(lora: dict, rows: list[dict]) -> str:
     """Markdown table of the rows, with the LoRA peer in the title."""
-    headers = ["K", "L", "bits", "λ/head", "λ bits", "head", "fp", "params", "bytes", "header %", "angles"]
+    headers = ["K", "L", "bits", "λ/head", "λ bits", "head bits", "head", "fp", "params", "bytes", "header %"]
+    headers += ["angles"]
     headers += ["λ+scales+mask"]
     headers += ["head B", "× LoRA r8", "× LoRA r2"]
     body = [
@@ -116,14 +126,15 @@ def table(lora: dict, rows: list[dict]) -> str:
             r["bits"],
             r["lambda_dtype"],
             r.get("lambda_bits") or "-",
+            r.get("head_bits") or "-",
             "yes" if r["head"] else "no",
             "yes" if r["fingerprint"] else "no",
             r["parameters"],
             r["bytes"],
             round(100 * r["header_share"], 1),
             r["parts"]["angles"],
-            r["parts"]["lambda"] + r["parts"].get("scales", 0) + r["parts"]["mask"],
-            r["parts"].get("head", 0),
+            r["parts"]["lambda"] + r["parts"].get("scales", 0) + r["parts"].get("mask", 0),
+            sum(r["parts"].get(k, 0) for k in ("head", "head_codes", "head_scales")),
             round(r["ratio_vs_lora_r8"], 1),
             round(r["ratio_vs_lora_r2"], 1),
         ]
@@ -149,8 +160,8 @@ def main() -> None:
         (
             r
             for r in rows
-            if (r["K"], r["L"], r["bits"], r["head"], r["fingerprint"], r["lambda_bits"])
-            == (8, 1, 4, True, True, None)
+            if (r["K"], r["L"], r["bits"], r["head"], r["fingerprint"], r["lambda_bits"], r["head_bits"])
+            == (8, 1, 4, True, True, None, None)
         ),
         None,
     )

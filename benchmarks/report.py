@@ -160,9 +160,10 @@ def _finish(fig, path: Path, title: str, data: dict) -> None:
 
 
 def _file_precision(row: dict) -> str:
-    """How a file-size row stores angles and λ: 'fp32', '4-bit', or '6-bit + 3-bit λ'."""
+    """How a file-size row stores angles, λ and head: 'fp32', '4-bit', '6-bit + 3-bit λ + 8-bit head'."""
     angles = "fp32" if row["bits"] == 32 else f"{row['bits']}-bit"
-    return angles + (f" + {row['lambda_bits']}-bit λ" if row.get("lambda_bits") else "")
+    lam = f" + {row['lambda_bits']}-bit λ" if row.get("lambda_bits") else ""
+    return angles + lam + (f" + {row['head_bits']}-bit head" if row.get("head_bits") else "")
 
 
 def plot_filesize(data: dict, path: Path) -> str:
