@@ -63,6 +63,7 @@ TUNED = {
         "lora-r8",
         "lora-r2",
         "qpeft-K8-L1",
+        "qpeft-full-L1-a6l3",
         "qpeft-full-L1-a6l3h8",
     ],
     "seeds": [0, 1, 2],
