@@ -343,8 +343,8 @@ def _head_state(head: nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in head.state_dict().items():
         owner, found, rest = name.partition("parametrizations.")
         if found:
-            name = owner + rest.removesuffix(".original")
-            tensor = getattr(head.get_submodule(owner.removesuffix(".")), rest.removesuffix(".original"))
+            plain = rest.removesuffix(".original")
+            name, tensor = owner + plain, getattr(head.get_submodule(owner.removesuffix(".")), plain)
         state[name] = tensor.detach().clone()
     return state
 

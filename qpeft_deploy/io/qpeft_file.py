@@ -140,6 +140,10 @@ class _Layout:
             return []
         return [(n, s) for n, s in self.head_shapes if n.endswith("weight") and len(s) == 2]
 
+    def coded_count(self) -> int:
+        """How many head weight values ``hc`` holds codes of."""
+        return sum(math.prod(shape) for _, shape in self.coded_head())
+
     def coded_rows(self) -> int:
         """How many head weight rows carry a scale in ``hs``."""
         return sum(shape[0] for _, shape in self.coded_head())
@@ -178,14 +182,19 @@ class _Layout:
         if self.has_mask:
             spec["m"] = ("U8", [packed_size(self.lambda_count(), 1)])
         if self.head is not None:
-            coded = sum(math.prod(shape) for _, shape in self.coded_head())
-            spec["h"] = (fdt, [self.head_count() - coded])
+            spec["h"] = (fdt, [self.head_count() - self.coded_count()])
         if self.head_bits is not None:
-            spec["hc"] = ("U8", [packed_size(coded, self.head_bits)])
+            spec["hc"] = ("U8", [packed_size(self.coded_count(), self.head_bits)])
             spec["hs"] = ("F32", [self.coded_rows()])
         if self.has_fingerprint:
             spec["f"] = ("U8", [len(self.targets), DIGEST_SIZE])
         return spec
+
+
+def _stores_mask(version: int, needed: bool) -> bool:
+    """Whether a file of ``version`` holds the keep-mask ``m``: always before version 4, never in version 4,
+    and from version 5 only when ``needed`` (some λ masked)."""
+    return version < MASKLESS_VERSION or (version >= HEAD_CODES_VERSION and needed)
 
 
 def _group_string(pattern: str, dims: tuple[int, int, int]) -> str:
@@ -632,7 +641,7 @@ def encode_adapter(
         version,
         lambda_bits,
         head_bits,
-        has_mask=version < MASKLESS_VERSION or (version >= HEAD_CODES_VERSION and not every_active),
+        has_mask=_stores_mask(version, not every_active),
     )
     if state.keys() - used:
         raise ConfigError(
@@ -898,7 +907,7 @@ def _parse_config(
         version,
         lambda_bits,
         head_bits,
-        has_mask=version < MASKLESS_VERSION or (version >= HEAD_CODES_VERSION and has_mask_tensor),
+        has_mask=_stores_mask(version, has_mask_tensor),
     )
     return config, layout
 
@@ -984,11 +993,14 @@ def _lambdas(data: bytes, spans: dict, layout: _Layout, masks: torch.Tensor, alp
         return _all_lambdas(values if layout.version >= COMPACT_VERSION else values[masks], masks)
     try:
         codes = unpack_bits(_array(data, spans["l"], "U8", "λ codes"), layout.lambda_bits, stored)
-        scales = _array(data, spans["s"], "F32", "λ scales")
-        owners = _active_targets(layout, masks)
+    except ConfigError as e:
+        raise _Invalid(str(e)) from None
+    scales = _array(data, spans["s"], "F32", "λ scales")
+    owners = _active_targets(layout, masks)
+    try:
         active = dequantize_scaled(codes, scales[owners], layout.lambda_bits)
     except ConfigError as e:
-        raise _Invalid(f"λ {e}" if str(e).startswith("codes must") else str(e)) from None
+        raise _Invalid(f"λ {e}") from None
     _check_scales("λ", list(layout.targets), layout.lambda_bits, scales, active, owners, alpha=alpha)
     return _all_lambdas(active, masks)
 
@@ -1019,9 +1031,10 @@ def _head(data: bytes, spans: dict, layout: _Layout) -> torch.Tensor | None:
     plain = _array(data, spans["h"], layout.tensors()["h"][0], "head")
     if layout.head_bits is None:
         return plain
-    count = sum(math.prod(shape) for _, shape in layout.coded_head())
     try:
-        codes = unpack_bits(_array(data, spans["hc"], "U8", "head codes"), layout.head_bits, count)
+        codes = unpack_bits(
+            _array(data, spans["hc"], "U8", "head codes"), layout.head_bits, layout.coded_count()
+        )
     except ConfigError as e:
         raise _Invalid(f"head codes: {e}") from None
     return _head_from_codes(layout, plain, codes, _array(data, spans["hs"], "F32", "head scales"))

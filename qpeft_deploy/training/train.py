@@ -293,9 +293,7 @@ class TrainSpec:
     bits: int | None = None
     lambda_bits: int | None = None
     head_bits: int | None = None
-    qat: bool = (
-        True  # with bits / lambda_bits / head_bits: train on the file's grids (it reproduces the model)
-    )
+    qat: bool = True  # with bits, lambda_bits or head_bits: train on the file's grids
     threads: int | None = None  # torch intra-op threads; None: the machine's free cores (core/threads.py)
 
 
